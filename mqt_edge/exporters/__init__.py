@@ -1,0 +1,1 @@
+"""mqt_edge.exporters (filled in by later work)."""

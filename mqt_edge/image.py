@@ -1,0 +1,170 @@
+"""Image input and the release's preprocessing, in numpy and Pillow only.
+
+The runtime cannot import torch or transformers, so this module re-implements the two steps the
+release applies (`image_aspect_ratio = "pad"`):
+
+1. `expand2square`: pad to a square with the background colour `int(x * 255)` of the CLIP mean,
+   image centred (offset `(long - short) // 2`);
+2. `CLIPImageProcessor.preprocess`: shortest edge to `size` (PIL bicubic), centre crop, scale by
+   1/255 (in float64, then float32, as transformers does), normalise with the CLIP mean/std.
+
+tests/test_image.py holds it to transformers' CLIPImageProcessor bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image
+
+from .errors import ImageError
+
+# Datasheet value of OpenAI CLIP, used when a vision tower ships no preprocessor_config.json.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# 64 megapixels: far above any camera frame, far below what a decompression bomb unpacks to.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+ImageInput = Union[str, Path, Image.Image, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How an image becomes `pixel_values`; recorded in bundles so a device repeats it exactly."""
+
+    size: int  # shortest edge after resize
+    crop: tuple[int, int]  # (height, width) of the centre crop
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    pad_to_square: bool = True  # image_aspect_ratio == "pad"
+    rescale: float = 1 / 255
+
+    @property
+    def pad_color(self) -> tuple[int, int, int]:
+        return tuple(int(x * 255) for x in self.mean)  # the release's exact rounding (floor)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"pad_color": list(self.pad_color)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ImageSpec:
+        return cls(
+            size=int(d["size"]),
+            crop=tuple(d["crop"]),
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
+            pad_to_square=bool(d["pad_to_square"]),
+            rescale=float(d["rescale"]),
+        )
+
+    @classmethod
+    def from_processor_config(
+        cls, path: Path | None, image_size: int, pad_to_square: bool
+    ) -> ImageSpec:
+        """Read a CLIP `preprocessor_config.json`; fall back to OpenAI CLIP at `image_size`."""
+        if path is None or not path.is_file():
+            return cls(image_size, (image_size, image_size), CLIP_MEAN, CLIP_STD, pad_to_square)
+        cfg = json.loads(path.read_text())
+        size = cfg.get("size", image_size)
+        size = size.get("shortest_edge", image_size) if isinstance(size, dict) else int(size)
+        crop = cfg.get("crop_size", size)
+        crop = (crop["height"], crop["width"]) if isinstance(crop, dict) else (int(crop), int(crop))
+        if not cfg.get("do_center_crop", True):
+            crop = (size, size)
+        return cls(
+            size=int(size),
+            crop=crop,
+            mean=tuple(cfg.get("image_mean", CLIP_MEAN)),
+            std=tuple(cfg.get("image_std", CLIP_STD)),
+            pad_to_square=pad_to_square,
+            rescale=float(cfg.get("rescale_factor", 1 / 255)),
+        )
+
+
+def load_image(image: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Return an RGB PIL image from a path, a PIL image or an HxWx3 uint8 array (RGB order)."""
+    if isinstance(image, (str, Path)):
+        return _open(Path(image), max_pixels)
+    if isinstance(image, Image.Image):
+        _check_pixels(image.size, max_pixels, "image")
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ImageError(
+                f"image array has dtype {image.dtype} and shape {tuple(image.shape)}",
+                "pass an HxWx3 uint8 RGB array (OpenCV frames are BGR: use frame[..., ::-1])",
+            )
+        _check_pixels((image.shape[1], image.shape[0]), max_pixels, "image array")
+        return Image.fromarray(np.ascontiguousarray(image))  # (H, W, 3) uint8 -> RGB
+    raise ImageError(
+        f"cannot use an image of type {type(image).__name__}",
+        "pass a file path, a PIL.Image or an HxWx3 uint8 numpy array",
+    )
+
+
+def _check_pixels(wh: tuple[int, int], max_pixels: int, what: str) -> None:
+    w, h = wh
+    if w < 1 or h < 1:
+        raise ImageError(f"{what} is empty ({w}x{h})", "pass an image with at least one pixel")
+    if w * h > max_pixels:
+        raise ImageError(
+            f"{what} is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}",
+            "downscale it first, or raise max_pixels if the file is trusted",
+        )
+
+
+def _open(path: Path, max_pixels: int) -> Image.Image:
+    if not path.is_file():
+        raise ImageError(f"image not found: {path}", "check the path")
+    try:
+        with Image.open(path) as im:
+            # The header gives the size before any pixel is decoded: refuse bombs here.
+            _check_pixels(im.size, max_pixels, f"image {path.name}")
+            im.load()
+            return im.convert("RGB")
+    except ImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageError(
+            f"cannot read image {path}: {exc}", "pass a valid JPEG, PNG, BMP or WebP file"
+        ) from None
+
+
+def expand_to_square(image: Image.Image, color: tuple[int, int, int]) -> Image.Image:
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    out = Image.new(image.mode, (side, side), color)
+    out.paste(image, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def preprocess(image: ImageInput, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Image -> `pixel_values` float32 (1, 3, H, W), exactly as the release computes it."""
+    im = load_image(image, max_pixels)
+    if spec.pad_to_square:
+        im = expand_to_square(im, spec.pad_color)
+    w, h = im.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = spec.size, int(spec.size * long / short)
+    size = (new_short, new_long) if w <= h else (new_long, new_short)  # PIL wants (w, h)
+    if size != im.size:
+        im = im.resize(size, resample=Image.Resampling.BICUBIC)
+    arr = np.asarray(im)  # (H, W, 3) uint8
+    ch, cw = spec.crop
+    top, left = (arr.shape[0] - ch) // 2, (arr.shape[1] - cw) // 2
+    if top < 0 or left < 0:
+        raise ImageError(
+            f"crop {ch}x{cw} is larger than the resized image {arr.shape[0]}x{arr.shape[1]}",
+            "fix the vision tower's preprocessor_config.json (crop_size must not exceed size)",
+        )
+    arr = arr[top : top + ch, left : left + cw]
+    x = (arr.astype(np.float64) * spec.rescale).astype(np.float32)
+    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])  # (1, 3, H, W)

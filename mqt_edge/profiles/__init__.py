@@ -1,0 +1,1 @@
+"""mqt_edge.profiles (filled in by later work)."""

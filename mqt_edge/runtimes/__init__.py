@@ -1,0 +1,1 @@
+"""mqt_edge.runtimes (filled in by later work)."""
