@@ -1,0 +1,200 @@
+"""Loading checkpoints: layouts, the CLIP tower's location, and every way a checkpoint can be bad."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import scene
+from mqt_edge.errors import CheckpointError, TokensError
+from mqt_edge.model import MQTLlava
+
+
+@pytest.fixture
+def ckpt(tiny_ckpt, tmp_path):
+    """A private copy of the tiny checkpoint that a test may damage."""
+    return shutil.copytree(tiny_ckpt, tmp_path / "ckpt")
+
+
+def edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_tiny_preset_has_the_release_geometry(tiny_model):
+    c = tiny_model.mqt.config
+    assert (c.num_queries, c.key_grid, c.kv_dim, c.num_heads) == (256, (24, 24), 128, 2)
+    assert tiny_model.mqt.pos_embed.dtype == torch.float16
+    # select_layer -2 of a 3-layer tower: only 2 layers are loaded and run
+    assert len(tiny_model.vision.vision_model.encoder.layers) == 2
+
+
+def test_vision_features_are_the_penultimate_layer_without_cls(tiny_model, tiny_ckpt):
+    from transformers import CLIPVisionModel
+
+    full = CLIPVisionModel.from_pretrained(tiny_ckpt / "clip-vision").eval()
+    px = tiny_model.pixel_values(scene())
+    with torch.no_grad():
+        expected = full(px, output_hidden_states=True).hidden_states[-2][:, 1:]
+    assert torch.allclose(tiny_model.image_features(px), expected, atol=1e-6)
+
+
+def test_nesting_on_the_full_pipeline(tiny_model):
+    im = scene(seed=5)
+    full = tiny_model.encode_image(im, tokens=256)
+    for m in (1, 2, 16, 100, 255):
+        assert (tiny_model.encode_image(im, tokens=m) - full[:m]).abs().max().item() <= 1e-6
+    assert (tiny_model.encode_image(im, query_ids=range(16, 64)) - full[16:64]).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("m", [0, 257])
+def test_m_out_of_range(tiny_model, m):
+    with pytest.raises(TokensError, match=r"1\.\.256"):
+        tiny_model.encode_image(scene(), tokens=m)
+    with pytest.raises(TokensError):
+        tiny_model.generate(scene(), "What?", tokens=m)
+
+
+def test_generate_greedy_is_deterministic_and_sampling_differs(tiny_model):
+    a = tiny_model.generate(scene(), "What is this?", tokens=4, max_new_tokens=16)
+    b = tiny_model.generate(scene(), "What is this?", tokens=4, max_new_tokens=16)
+    assert a == b and len(a.token_ids) == 16
+    samples = {tuple(tiny_model.generate(scene(), "What is this?", tokens=4, max_new_tokens=16,
+                                         temperature=1.5, seed=s).token_ids) for s in range(3)}
+    assert len(samples) > 1
+
+
+def test_generate_stops_at_eos(tiny_model, monkeypatch):
+    # Make EOS the argmax at the first step: nothing is generated.
+    first = tiny_model.generate(scene(), "What is this?", tokens=4, max_new_tokens=3).token_ids[0]
+    monkeypatch.setattr(tiny_model, "eos_id", first)
+    assert tiny_model.generate(scene(), "What is this?", tokens=4, max_new_tokens=3).token_ids == []
+
+
+def test_context_overflow_is_refused(tiny_model):
+    from mqt_edge.errors import InputError
+
+    with pytest.raises(InputError, match="exceed the context"):
+        tiny_model.generate(scene(), "What?", tokens=256, max_new_tokens=1000)
+
+
+def test_vision_tower_override(ckpt, tmp_path):
+    moved = shutil.move(ckpt / "clip-vision", tmp_path / "elsewhere-clip")
+    with pytest.raises(CheckpointError, match="vision tower not found: clip-vision"):
+        MQTLlava.from_pretrained(ckpt)
+    model = MQTLlava.from_pretrained(ckpt, vision_tower=moved)
+    assert model.encode_image(scene(), tokens=3).shape == (3, 128)
+
+
+def test_hub_vision_tower_offline_names_the_fix(ckpt, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    edit_config(ckpt, mm_vision_tower="openai/clip-vit-large-patch14-336")
+    with pytest.raises(CheckpointError, match="openai/clip-vit-large-patch14-336.*--vision-tower"):
+        MQTLlava.from_pretrained(ckpt)
+
+
+def test_hub_model_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="gordonhu/MQT-LLaVA-7b.*local directory"):
+        MQTLlava.from_pretrained("gordonhu/MQT-LLaVA-7b")
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint at .*mqt-edge synth"):
+        MQTLlava.from_pretrained(tmp_path / "nope")
+
+
+def test_config_not_json(ckpt):
+    (ckpt / "config.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        MQTLlava.from_pretrained(ckpt)
+
+
+def test_plain_llama_is_not_mqt_llava(ckpt):
+    edit_config(ckpt, architectures=["LlamaForCausalLM"], model_type="llama", mm_vision_tower=None)
+    with pytest.raises(CheckpointError, match="not an MQT-LLaVA checkpoint"):
+        MQTLlava.from_pretrained(ckpt)
+
+
+def test_llava_without_query_transformer(ckpt):
+    from safetensors.torch import load_file, save_file
+
+    sd = {k: v for k, v in load_file(ckpt / "model.safetensors").items() if "query_abstractor" not in k}
+    save_file(sd, ckpt / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="no model.query_abstractor"):
+        MQTLlava.from_pretrained(ckpt)
+
+
+def test_missing_tokenizer(ckpt):
+    (ckpt / "tokenizer.model").unlink()
+    with pytest.raises(CheckpointError, match="no tokenizer.model"):
+        MQTLlava.from_pretrained(ckpt)
+
+
+def test_truncated_weights(ckpt):
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        MQTLlava.from_pretrained(ckpt)
+
+
+def test_config_that_does_not_match_the_weights(ckpt):
+    edit_config(ckpt, num_hidden_layers=3)
+    with pytest.raises(CheckpointError, match="incomplete"):
+        MQTLlava.from_pretrained(ckpt)
+    edit_config(ckpt, num_hidden_layers=2, intermediate_size=300)
+    with pytest.raises(CheckpointError, match="has shape"):
+        MQTLlava.from_pretrained(ckpt)
+
+
+def test_missing_shard_of_an_index(tmp_path):
+    from release_reference import write_release_checkpoint
+
+    d = write_release_checkpoint(tmp_path / "rel", weight_format="safetensors", num_shards=2)
+    (d / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing 1 weight shard"):
+        MQTLlava.from_pretrained(d)
+
+
+def test_bin_files_are_never_fully_unpickled(tmp_path):
+    """A pickle that would run code is refused (weights_only=True) and the code never runs."""
+    from release_reference import write_release_checkpoint
+
+    d = write_release_checkpoint(tmp_path / "rel", weight_format="bin", num_shards=1)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    sd = torch.load(d / "pytorch_model.bin", weights_only=True)
+    sd["model.norm.weight"] = Evil()
+    torch.save(sd, d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="cannot read weights"):
+        MQTLlava.from_pretrained(d)
+    assert not marker.exists()
+
+
+def test_cli_errors_are_one_line_without_traceback(ckpt, tmp_path):
+    scene().save(tmp_path / "img.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG garbage")
+    cases = {
+        "missing checkpoint": [str(tmp_path / "none"), str(tmp_path / "img.png"), "Q?"],
+        "bad image": [str(ckpt), str(tmp_path / "bad.png"), "Q?"],
+        "m out of range": [str(ckpt), str(tmp_path / "img.png"), "Q?", "--tokens", "999"],
+    }
+    for what, args in cases.items():
+        r = subprocess.run([sys.executable, "-m", "mqt_edge", "reference", *args], capture_output=True, text=True)
+        assert r.returncode != 0, what
+        lines = [l for l in r.stderr.splitlines() if l.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:"), (what, r.stderr)
+        assert "Traceback" not in r.stderr + r.stdout
