@@ -198,3 +198,19 @@ def test_cli_errors_are_one_line_without_traceback(ckpt, tmp_path):
         lines = [l for l in r.stderr.splitlines() if l.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:"), (what, r.stderr)
         assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_embedded_tower_without_its_config_is_read_off_the_weights(tmp_path):
+    """Weights under model.vision_tower.vision_tower.* and mm_vision_tower unreachable: shapes decide.
+
+    Head count is not in the weights; the fallback uses CLIP's 64-wide heads, so the tower here does too.
+    """
+    from release_reference import ReleaseReference, write_release_checkpoint
+
+    d = write_release_checkpoint(tmp_path / "rel", weight_format="safetensors", num_shards=1,
+                                 vision_in_checkpoint=True, clip_heads=2)
+    im = scene(seed=4)
+    expected = ReleaseReference(d).visual_tokens(im, 7)
+    shutil.rmtree(json.loads((d / "config.json").read_text())["mm_vision_tower"])
+    model = MQTLlava.from_pretrained(d, dtype=torch.float32)
+    assert (model.encode_image(im, tokens=7) - expected).abs().max().item() <= 1e-5

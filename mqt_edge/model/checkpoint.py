@@ -219,8 +219,11 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
     )
 
 
-def resolve_vision_dir(spec: str, ckpt_dir: Path) -> Path:
-    """Find the CLIP tower named by `mm_vision_tower` (or an override): a directory or a hub id."""
+def resolve_vision_dir(spec: str, ckpt_dir: Path, configs_only: bool = False) -> Path:
+    """Find the CLIP tower named by `mm_vision_tower` (or an override): a directory or a hub id.
+
+    configs_only: the weights are inside the checkpoint, so fetch only the JSON files from a hub.
+    """
     for candidate in (Path(spec).expanduser(), ckpt_dir / spec):
         if candidate.is_dir():
             return candidate
@@ -229,7 +232,7 @@ def resolve_vision_dir(spec: str, ckpt_dir: Path) -> Path:
             spec,
             "the CLIP vision tower",
             f"download {spec} elsewhere and pass its directory with --vision-tower (vision_tower=…)",
-            allow_patterns=["*.json", "*.safetensors", "pytorch_model.bin"],
+            allow_patterns=["*.json"] if configs_only else ["*.json", "*.safetensors", "pytorch_model.bin"],
         )
     raise CheckpointError(
         f"vision tower not found: {spec}",

@@ -165,13 +165,14 @@ class MQTLlava(nn.Module):
 
         # -- vision tower: override > weights inside the checkpoint > mm_vision_tower
         embedded = bool(weights.with_prefix(VISION_PREFIX)) and vision_tower is None
-        tower_dir = resolve_vision_dir(str(vision_tower or cfg.vision_tower), ckpt) if not embedded else None
         if embedded:
             # The config still comes from mm_vision_tower when that resolves; otherwise from shapes.
             try:
-                tower_dir = resolve_vision_dir(cfg.vision_tower, ckpt)
+                tower_dir = resolve_vision_dir(cfg.vision_tower, ckpt, configs_only=True)
             except CheckpointError:
                 tower_dir = None
+        else:
+            tower_dir = resolve_vision_dir(str(vision_tower or cfg.vision_tower), ckpt)
         vcfg = (
             _read_clip_config(tower_dir, CLIPVisionConfig)
             if tower_dir is not None
@@ -354,7 +355,8 @@ def _clip_config_from_shapes(weights: WeightReader, CLIPVisionConfig):
     patch = weights.get(p + "embeddings.patch_embedding.weight")  # (C, 3, k, k)
     positions = weights.get(p + "embeddings.position_embedding.weight").shape[0]  # 1 + grid²
     fc1 = weights.get(p + "encoder.layers.0.mlp.fc1.weight")
-    layers = {k.split(".")[5] for k in weights.with_prefix(p + "encoder.layers.")}
+    layer_prefix = p + "encoder.layers."
+    layers = {k[len(layer_prefix):].split(".")[0] for k in weights.with_prefix(layer_prefix)}
     hidden, k = patch.shape[0], patch.shape[-1]
     grid = round((positions - 1) ** 0.5)
     return CLIPVisionConfig(
