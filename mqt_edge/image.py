@@ -92,6 +92,7 @@ def load_image(image: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
         return _open(Path(image), max_pixels)
     if isinstance(image, Image.Image):
         _check_pixels(image.size, max_pixels, "image")
+        _check_mode(image, "image")
         return image if image.mode == "RGB" else image.convert("RGB")
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -105,6 +106,14 @@ def load_image(image: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
         f"cannot use an image of type {type(image).__name__}",
         "pass a file path, a PIL.Image or an HxWx3 uint8 numpy array",
     )
+
+
+def _check_mode(image: Image.Image, what: str) -> None:
+    # Pillow's RGB conversion clips 16-bit and float pixels (a white or black square), silently.
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        raise ImageError(
+            f"{what} has {image.mode} pixels (16-bit or float)", "convert it to 8-bit RGB first"
+        )
 
 
 def _check_pixels(wh: tuple[int, int], max_pixels: int, what: str) -> None:
@@ -125,6 +134,7 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         with Image.open(path) as im:
             # The header gives the size before any pixel is decoded: refuse bombs here.
             _check_pixels(im.size, max_pixels, f"image {path.name}")
+            _check_mode(im, path.name)
             im.load()
             return im.convert("RGB")
     except ImageError:

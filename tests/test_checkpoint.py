@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -73,11 +74,31 @@ def test_generate_greedy_is_deterministic_and_sampling_differs(tiny_model):
     assert len(samples) > 1
 
 
-def test_generate_stops_at_eos(tiny_model, monkeypatch):
-    # Make EOS the argmax at the first step: nothing is generated.
-    first = tiny_model.generate(scene(), "What is this?", tokens=4, max_new_tokens=3).token_ids[0]
-    monkeypatch.setattr(tiny_model, "eos_id", first)
-    assert tiny_model.generate(scene(), "What is this?", tokens=4, max_new_tokens=3).token_ids == []
+def test_generate_stops_at_eos_and_keeps_the_prefix(tiny_model, monkeypatch):
+    full = tiny_model.generate(scene(), "What is this?", tokens=4, max_new_tokens=8).token_ids
+    # The first position of a token that did not occur before it: stopping there keeps the prefix.
+    k = next(i for i in range(1, len(full)) if full[i] not in full[:i])
+    monkeypatch.setattr(tiny_model, "eos_ids", frozenset({full[k]}))
+    assert tiny_model.generate(scene(), "What is this?", tokens=4, max_new_tokens=8).token_ids == full[:k]
+    monkeypatch.setattr(tiny_model, "eos_ids", frozenset({full[0]}))
+    assert tiny_model.generate(scene(), "What is this?", tokens=4, max_new_tokens=8).token_ids == []
+
+
+def test_decoding_drops_special_ids_like_the_release(tiny_model):
+    tok = tiny_model.tokenizer
+    ids = tok.encode("red circle")
+    assert tok.decode([1, *ids, 0, 2], skip_special=True) == tok.decode(ids) == "red circle"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_pos_embed_keeps_its_stored_fp16_values_in_every_dtype(tiny_ckpt, dtype):
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_ckpt / "model.safetensors"), "pt") as f:
+        stored = f.get_tensor("model.query_abstractor.pos_embed")
+    model = MQTLlava.from_pretrained(tiny_ckpt, dtype=dtype)
+    assert model.mqt.query.dtype == dtype
+    assert model.mqt.pos_embed.dtype == torch.float16 and torch.equal(model.mqt.pos_embed, stored)
 
 
 def test_context_overflow_is_refused(tiny_model):
@@ -184,6 +205,47 @@ def test_bin_files_are_never_fully_unpickled(tmp_path):
     assert not marker.exists()
 
 
+def _cfg_edit(**changes):
+    return lambda d: edit_config(d, **changes)
+
+
+def _write(name, text):
+    return lambda d: (d / name).write_text(text)
+
+
+@pytest.mark.parametrize("damage", [
+    _cfg_edit(architectures=5, model_type=["llava"]),
+    _cfg_edit(mm_vision_select_layer="abc"),
+    _cfg_edit(mm_query_num_heads="x"),
+    _cfg_edit(eos_token_id=[]),
+    _cfg_edit(rope_scaling={"type": "bogus"}),
+    _cfg_edit(max_position_embeddings="long"),
+    _cfg_edit(mm_vision_select_feature="cls_patch"),
+    _write("model.safetensors.index.json", '{"weight_map": ["a"]}'),
+    _write("clip-vision/preprocessor_config.json", "[]"),
+    _write("clip-vision/preprocessor_config.json", '{"crop_size": 224}'),
+    lambda d: os.chmod(d / "config.json", 0),
+], ids=["types", "select-layer", "heads", "eos", "rope", "ctx", "cls_patch", "index", "proc-list",
+        "proc-crop", "unreadable"])
+def test_damaged_checkpoints_fail_with_one_line(ckpt, damage, request):
+    if request.node.callspec.id == "unreadable" and os.geteuid() == 0:
+        pytest.skip("root reads files whatever their permissions")
+    damage(ckpt)
+    with pytest.raises(CheckpointError) as info:
+        MQTLlava.from_pretrained(ckpt)
+    assert "\n" not in str(info.value)
+
+
+def test_16_bit_images_are_refused(tmp_path):
+    from mqt_edge.errors import ImageError
+    from mqt_edge.image import load_image
+    from PIL import Image
+
+    Image.fromarray(np.full((20, 30), 40000, np.uint16)).save(tmp_path / "deep.png")
+    with pytest.raises(ImageError, match="16-bit or float"):
+        load_image(tmp_path / "deep.png")
+
+
 def test_cli_errors_are_one_line_without_traceback(ckpt, tmp_path):
     scene().save(tmp_path / "img.png")
     (tmp_path / "bad.png").write_bytes(b"\x89PNG garbage")
@@ -191,6 +253,8 @@ def test_cli_errors_are_one_line_without_traceback(ckpt, tmp_path):
         "missing checkpoint": [str(tmp_path / "none"), str(tmp_path / "img.png"), "Q?"],
         "bad image": [str(ckpt), str(tmp_path / "bad.png"), "Q?"],
         "m out of range": [str(ckpt), str(tmp_path / "img.png"), "Q?", "--tokens", "999"],
+        "empty question": [str(ckpt), str(tmp_path / "img.png"), " "],
+        "not a directory": [str(tmp_path / "img.png"), str(tmp_path / "img.png"), "Q?"],
     }
     for what, args in cases.items():
         r = subprocess.run([sys.executable, "-m", "mqt_edge", "reference", *args], capture_output=True, text=True)

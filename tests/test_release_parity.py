@@ -23,14 +23,16 @@ QUESTION = "What color is the circle?"
 @pytest.fixture(scope="module", params=list(LAYOUTS))
 def pair(request, tmp_path_factory):
     ckpt = write_release_checkpoint(tmp_path_factory.mktemp(request.param) / "ckpt", **LAYOUTS[request.param])
-    return ReleaseReference(ckpt), MQTLlava.from_pretrained(ckpt, dtype=torch.float32)
+    ref = ReleaseReference(ckpt)
+    ref.ckpt_dir = ckpt
+    return ref, MQTLlava.from_pretrained(ckpt, dtype=torch.float32)
 
 
 def test_dimensions_are_read_from_the_weights(pair):
     ref, ours = pair
     c = ours.mqt.config
     assert c.num_queries == ref.num_queries
-    assert c.kv_dim == ref.config["mm_hidden_size"] and c.num_heads == c.kv_dim // 64
+    assert c.kv_dim == ref.config["mm_hidden_size"]
     assert c.key_grid == tuple(ref.grid)
     assert c.hidden_size == ref.config["hidden_size"]
 
@@ -58,6 +60,19 @@ def test_prompt_ids_match_the_release_tokenisation(pair):
     ref, ours = pair
     before, after = ours.prompt_ids(QUESTION)
     assert before + [-200] + after == ref.prompt_ids(QUESTION)
+
+
+@pytest.mark.parametrize("question", [QUESTION, "Describe  the\nscene, please: 3 cats?", "Qué color tiene?"])
+def test_prompt_ids_match_transformers_llama_tokenizer(pair, question):
+    """The release tokenises with the slow LlamaTokenizer (legacy) through tokenizer_image_token."""
+    from transformers import LlamaTokenizer
+
+    ref, ours = pair
+    tok = LlamaTokenizer(vocab_file=str(ref.ckpt_dir / "tokenizer.model"), legacy=True)
+    chunks = [tok(c).input_ids for c in ours.template.render(question).split("<image>")]
+    expected = chunks[0] + [-200] + chunks[1][1:]  # BOS kept on the first chunk only
+    before, after = ours.prompt_ids(question)
+    assert before + [-200] + after == expected
 
 
 def test_greedy_answer_matches(pair):

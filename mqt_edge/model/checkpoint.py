@@ -30,6 +30,31 @@ WEIGHT_LAYOUTS = (
 )
 
 
+def read_json(path: Path, fix: str = "re-download or re-create the checkpoint") -> object:
+    """A JSON file, or one line naming what is wrong with it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing", fix) from None
+    except PermissionError:
+        raise CheckpointError(f"{path} is not readable (permission denied)", "fix its permissions") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})", fix) from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path} ({exc.strerror})", fix) from None
+
+
+def _typed(raw: dict, key: str, kind: type, default, path: Path):
+    value = raw.get(key, default)
+    if value is None and default is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise CheckpointError(
+            f"{path}: '{key}' is {value!r}, expected {kind.__name__}", "fix config.json or re-download the checkpoint"
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class LlavaConfig:
     """The fields of an MQT-LLaVA config.json that the toolkit uses; `raw` keeps the rest."""
@@ -38,9 +63,9 @@ class LlavaConfig:
     raw: dict
     vision_tower: str
     select_layer: int
-    select_feature: str
     pad_to_square: bool
     mqt_num_heads: int | None  # optional override; default kv_dim // 64 as in the release
+    eos_ids: tuple[int, ...]
 
     @classmethod
     def read(cls, ckpt_dir: Path) -> LlavaConfig:
@@ -50,43 +75,46 @@ class LlavaConfig:
                 f"{ckpt_dir} has no config.json",
                 "point at an MQT-LLaVA checkpoint directory (or make one: mqt-edge synth --preset tiny --out DIR)",
             )
-        try:
-            raw = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(
-                f"{path} is not valid JSON ({exc})", "re-download or re-create the checkpoint"
-            ) from None
+        raw = read_json(path)
         if not isinstance(raw, dict):
             raise CheckpointError(f"{path} is not a JSON object", "re-download the checkpoint")
-        archs = set(raw.get("architectures") or [])
-        if not (archs & LLAVA_ARCHS or raw.get("model_type") in LLAVA_MODEL_TYPES) or not raw.get(
-            "mm_vision_tower"
-        ):
-            kind = raw.get("model_type") or ",".join(sorted(archs)) or "unknown"
+        archs = raw.get("architectures") or []
+        archs = set(archs) if isinstance(archs, list) and all(isinstance(a, str) for a in archs) else set()
+        model_type = raw.get("model_type") if isinstance(raw.get("model_type"), str) else None
+        tower = raw.get("mm_vision_tower")
+        if not (archs & LLAVA_ARCHS or model_type in LLAVA_MODEL_TYPES) or not isinstance(tower, str) or not tower:
+            kind = model_type if isinstance(model_type, str) else ",".join(sorted(archs)) or "unknown"
             raise CheckpointError(
                 f"{ckpt_dir} is not an MQT-LLaVA checkpoint (model type '{kind}', "
-                f"{'no mm_vision_tower' if not raw.get('mm_vision_tower') else 'not LlavaLlamaForCausalLM'})",
+                f"{'no mm_vision_tower' if not tower else 'not LlavaLlamaForCausalLM'})",
                 "point at an MQT-LLaVA checkpoint such as gordonhu/MQT-LLaVA-7b",
             )
         feature = raw.get("mm_vision_select_feature", "patch")
-        if feature not in ("patch", "cls_patch"):
+        if feature != "patch":
+            # The MQT's keys cover the patch grid only; the release runs only with "patch".
             raise CheckpointError(
-                f"unsupported mm_vision_select_feature '{feature}' in {path}",
-                "use 'patch' (the release) or 'cls_patch'",
+                f"unsupported mm_vision_select_feature {feature!r} in {path}", "MQT-LLaVA uses 'patch'"
             )
         aspect = raw.get("image_aspect_ratio", "square")
         if aspect not in ("pad", "square"):
             raise CheckpointError(
-                f"unsupported image_aspect_ratio '{aspect}' in {path}", "use 'pad' (the release) or 'square'"
+                f"unsupported image_aspect_ratio {aspect!r} in {path}", "use 'pad' (the release) or 'square'"
             )
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+            _typed(raw, key, int, None, path)
+        _typed(raw, "max_position_embeddings", int, 4096, path)
+        eos = raw.get("eos_token_id", 2)
+        eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
+        if not eos_ids or not all(isinstance(e, int) and not isinstance(e, bool) for e in eos_ids):
+            raise CheckpointError(f"{path}: eos_token_id is {eos!r}", "fix config.json (LLaMA uses 2)")
         return cls(
             path=ckpt_dir,
             raw=raw,
-            vision_tower=str(raw["mm_vision_tower"]),
-            select_layer=int(raw.get("mm_vision_select_layer", -2)),
-            select_feature=feature,
+            vision_tower=tower,
+            select_layer=_typed(raw, "mm_vision_select_layer", int, -2, path),
             pad_to_square=aspect == "pad",
-            mqt_num_heads=raw.get("mm_query_num_heads"),
+            mqt_num_heads=_typed(raw, "mm_query_num_heads", int, None, path),
+            eos_ids=eos_ids,
         )
 
 
@@ -102,12 +130,14 @@ class WeightReader:
     def _find(d: Path) -> dict[str, str]:
         for index, single in WEIGHT_LAYOUTS:
             if (d / index).is_file():
-                try:
-                    weight_map = json.loads((d / index).read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                index_json = read_json(d / index)
+                weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
+                if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+                ):
                     raise CheckpointError(
-                        f"{d / index} is corrupt ({exc})", "re-download the checkpoint"
-                    ) from None
+                        f"{d / index} has no valid weight_map", "re-download the checkpoint"
+                    )
                 missing = sorted({f for f in weight_map.values() if not (d / f).is_file()})
                 if missing:
                     raise CheckpointError(
@@ -144,6 +174,8 @@ class WeightReader:
                 return torch.load(path, map_location="cpu", weights_only=True)
         except CheckpointError:
             raise
+        except PermissionError:
+            raise CheckpointError(f"{path} is not readable (permission denied)", "fix its permissions") from None
         except Exception as exc:  # safetensors, zipfile and the unpickler each raise their own
             raise CheckpointError(
                 f"cannot read weights {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
@@ -157,6 +189,10 @@ class WeightReader:
         return [k for k in self.weight_map if k.startswith(prefix)]
 
     def get(self, key: str):
+        if key not in self.weight_map:
+            raise CheckpointError(
+                f"{self.dir} has no weight {key}", "the checkpoint is incomplete or of another model"
+            )
         name = self.weight_map[key]
         if name not in self._open:
             self._open[name] = self._load_file(self.dir / name)
@@ -173,9 +209,19 @@ class WeightReader:
                 "the file is corrupt or truncated; re-download it",
             ) from None
 
-    def items(
-        self, prefix: str = "", only: set[str] | None = None, strip: bool = True
-    ) -> Iterator[tuple[str, object]]:
+    def shape(self, key: str) -> tuple[int, ...]:
+        """A weight's shape without reading its data (safetensors) or with a lazy mmap (.bin)."""
+        if key not in self.weight_map:
+            return self.get(key).shape  # raises the one-line error
+        name = self.weight_map[key]
+        if name not in self._open:
+            self._open[name] = self._load_file(self.dir / name)
+        handle = self._open[name]
+        if isinstance(handle, _SafetensorsFile):
+            return tuple(handle.handle.get_slice(key).get_shape())
+        return tuple(self.get(key).shape)
+
+    def items(self, prefix: str = "", only: set[str] | None = None) -> Iterator[tuple[str, object]]:
         """(key, tensor) for keys under `prefix` (and in `only`), one shard open at a time."""
         keys = [k for k in self.with_prefix(prefix) if only is None or k in only]
         keys.sort(key=lambda k: (self.weight_map[k], k))
@@ -184,7 +230,7 @@ class WeightReader:
             if self.weight_map[key] != current:
                 self._open.clear()  # drop the previous shard's handle (and its mmap)
                 current = self.weight_map[key]
-            yield (key[len(prefix) :] if strip else key), self.get(key)
+            yield key[len(prefix) :], self.get(key)
 
     def close(self) -> None:
         self._open.clear()
@@ -193,12 +239,13 @@ class WeightReader:
 class _SafetensorsFile:
     def __init__(self, handle) -> None:
         self.handle = handle
+        self._keys = set(handle.keys())
 
     def keys(self):
-        return self.handle.keys()
+        return self._keys
 
     def __getitem__(self, key: str):
-        if key not in self.handle.keys():
+        if key not in self._keys:
             raise KeyError(key)
         return self.handle.get_tensor(key)
 
@@ -224,7 +271,8 @@ def resolve_vision_dir(spec: str, ckpt_dir: Path, configs_only: bool = False) ->
 
     configs_only: the weights are inside the checkpoint, so fetch only the JSON files from a hub.
     """
-    for candidate in (Path(spec).expanduser(), ckpt_dir / spec):
+    # A relative name means the checkpoint's own folder first (never a look-alike in the cwd).
+    for candidate in (ckpt_dir / spec, Path(spec).expanduser()):
         if candidate.is_dir():
             return candidate
     if _looks_like_hub_id(spec):

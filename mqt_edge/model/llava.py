@@ -60,7 +60,10 @@ class SentencePieceTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        """skip_special drops control and unknown ids, as batch_decode(skip_special_tokens=True)."""
+        if skip_special:
+            ids = [i for i in ids if not (self.sp.is_control(i) or self.sp.is_unknown(i))]
         return self.sp.decode(list(ids))
 
     def __len__(self) -> int:
@@ -70,14 +73,15 @@ class SentencePieceTokenizer:
 def _resolve_dtype(dtype: torch.dtype | str | None, raw: dict) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
+    source = "dtype"
     if dtype in (None, "auto"):
-        dtype = raw.get("torch_dtype") or "float32"
+        dtype, source = raw.get("torch_dtype") or "float32", "torch_dtype in config.json"
     try:
         out = getattr(torch, str(dtype).removeprefix("torch."))
     except AttributeError:
         out = None
     if not isinstance(out, torch.dtype) or not out.is_floating_point:
-        raise InputError(f"unknown dtype {dtype!r}", "use float32, float16 or bfloat16")
+        raise InputError(f"unknown {source} {dtype!r}", "use float32, float16 or bfloat16")
     return out
 
 
@@ -89,12 +93,15 @@ def _load_into(
     what: str,
     ckpt: Path,
     optional: frozenset[str] = frozenset(),
+    fixed_dtypes: dict[str, torch.dtype] | None = None,
 ) -> None:
     """Fill a meta-device module from `prefix + name` weights, one tensor at a time.
 
     Only the weights the module has are read (a truncated CLIP tower skips its unused layers), and
-    assign=True means no second copy of the model is ever made.
+    assign=True means no second copy of the model is ever made. `fixed_dtypes` keeps a weight at
+    its own dtype whatever the model's (the MQT's pos_embed stays fp16, as released).
     """
+    fixed_dtypes = fixed_dtypes or {}
     expected = module.state_dict()
     missing = [k for k in expected if prefix + k not in reader.weight_map and k not in optional]
     if missing:
@@ -109,7 +116,7 @@ def _load_into(
                 f"{what} weight {prefix}{key} has shape {tuple(tensor.shape)}, config says {tuple(expected[key].shape)}",
                 f"config.json in {ckpt} does not match its weights; re-download the checkpoint",
             )
-        state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        state[key] = tensor.to(fixed_dtypes.get(key, dtype)) if tensor.is_floating_point() else tensor
     module.load_state_dict(state, assign=True, strict=False)
 
 
@@ -129,8 +136,8 @@ class MQTLlava(nn.Module):
         self.config, self.vision, self.mqt, self.llm = config, vision, mqt, llm
         self.feature_layer = feature_layer  # index into CLIP's hidden_states (0 = embeddings)
         self.tokenizer, self.image_spec, self.template = tokenizer, image_spec, template
-        self.eos_id = int(config.raw.get("eos_token_id") or tokenizer.eos_id)
-        self.bos_id = int(config.raw.get("bos_token_id") or tokenizer.bos_id)
+        self.eos_ids = frozenset(config.eos_ids)
+        self.bos_id = tokenizer.bos_id if tokenizer.bos_id >= 0 else 1
 
     @property
     def num_queries(self) -> int:
@@ -148,12 +155,14 @@ class MQTLlava(nn.Module):
         vision_tower: str | os.PathLike | None = None,
         dtype: torch.dtype | str | None = "auto",
         device: str | torch.device = "cpu",
+        llm_dtype: torch.dtype | str | None = None,
     ) -> MQTLlava:
         """Load a checkpoint in the MQT-LLaVA layout.
 
         vision_tower: a CLIP directory or hub id that overrides both the weights inside the
             checkpoint and config.json's `mm_vision_tower`.
         dtype: "auto" keeps the checkpoint's `torch_dtype`; parity checks pass torch.float32.
+        llm_dtype: the LLM's dtype when it should differ (a 7B LLM does not fit in RAM at fp32).
         """
         from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
@@ -161,6 +170,7 @@ class MQTLlava(nn.Module):
         cfg = LlavaConfig.read(ckpt)
         tokenizer = SentencePieceTokenizer(ckpt / "tokenizer.model")
         dtype = _resolve_dtype(dtype, cfg.raw)
+        llm_dtype = dtype if llm_dtype is None else _resolve_dtype(llm_dtype, cfg.raw)
         weights = WeightReader(ckpt)
 
         # -- vision tower: override > weights inside the checkpoint > mm_vision_tower
@@ -194,11 +204,17 @@ class MQTLlava(nn.Module):
             _load_into(vision, WeightReader(tower_dir), "", dtype, "vision tower", tower_dir)
         emb = vision.vision_model.embeddings  # non-persistent buffer, still on the meta device
         emb.register_buffer("position_ids", torch.arange(emb.num_positions)[None], persistent=False)
-        image_spec = ImageSpec.from_processor_config(
-            tower_dir / "preprocessor_config.json" if tower_dir else None,
-            vcfg.image_size,
-            cfg.pad_to_square,
-        )
+        proc = tower_dir / "preprocessor_config.json" if tower_dir else None
+        try:
+            image_spec = ImageSpec.from_processor_config(proc, vcfg.image_size, cfg.pad_to_square)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise CheckpointError(f"{proc} is unusable ({type(exc).__name__}: {exc})",
+                                  "fix it or pass another --vision-tower") from None
+        if image_spec.crop != (vcfg.image_size, vcfg.image_size):
+            raise CheckpointError(
+                f"{proc} crops to {image_spec.crop} but the vision tower takes {vcfg.image_size} px",
+                "fix crop_size in preprocessor_config.json or pass the matching --vision-tower",
+            )
 
         # -- the Matryoshka Query Transformer, dimensions read from its weights
         mqt_keys = weights.with_prefix(MQT_PREFIX)
@@ -207,9 +223,12 @@ class MQTLlava(nn.Module):
                 f"{ckpt} has no {MQT_PREFIX}* weights (a LLaVA checkpoint without the Matryoshka Query Transformer?)",
                 "point at an MQT-LLaVA checkpoint",
             )
-        query = weights.get(MQT_PREFIX + "query")
-        proj = weights.get(MQT_PREFIX + "proj")
-        M, kv_dim = query.shape
+        q_shape, p_shape = weights.shape(MQT_PREFIX + "query"), weights.shape(MQT_PREFIX + "proj")
+        if len(q_shape) != 2 or len(p_shape) != 2:
+            raise CheckpointError(
+                f"query_abstractor.query {q_shape} / proj {p_shape} are not matrices", "re-download the checkpoint"
+            )
+        M, kv_dim = q_shape
         grid = vcfg.image_size // vcfg.patch_size
         if kv_dim != vcfg.hidden_size:
             raise CheckpointError(
@@ -219,7 +238,7 @@ class MQTLlava(nn.Module):
         mqt_cfg = MQTConfig(
             num_queries=M,
             kv_dim=kv_dim,
-            hidden_size=proj.shape[1],
+            hidden_size=p_shape[1],
             num_heads=int(cfg.mqt_num_heads or max(kv_dim // 64, 1)),
             key_grid=(grid, grid),
         )
@@ -228,25 +247,29 @@ class MQTLlava(nn.Module):
                 mqt = MatryoshkaQueryTransformer(mqt_cfg)
         except ValueError as exc:
             raise CheckpointError(f"unusable query_abstractor weights: {exc}", "re-download the checkpoint") from None
-        _load_into(mqt, weights, MQT_PREFIX, dtype, "query_abstractor", ckpt)
-        mqt.pos_embed.data = mqt.pos_embed.data.to(torch.float16)  # stays fp16, as released
+        _load_into(mqt, weights, MQT_PREFIX, dtype, "query_abstractor", ckpt,
+                   fixed_dtypes={"pos_embed": torch.float16})
         mqt.pos_embed.requires_grad_(False)
 
         # -- the LLM
         llm_fields = {k: v for k, v in cfg.raw.items() if not k.startswith("mm_")}
         llm_fields.pop("architectures", None)
         llm_fields["model_type"] = "llama"
-        lcfg = LlamaConfig(**llm_fields)
-        lcfg._attn_implementation = "sdpa"
+        try:
+            lcfg = LlamaConfig(**llm_fields)
+            lcfg._attn_implementation = "sdpa"
+            with torch.device("meta"):
+                llm = LlamaForCausalLM(lcfg)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"config.json in {ckpt} is not a valid LLaMA config ({type(exc).__name__}: {exc})",
+                                  "fix config.json or re-download the checkpoint") from None
         if mqt_cfg.hidden_size != lcfg.hidden_size:
             raise CheckpointError(
                 f"the MQT projects to {mqt_cfg.hidden_size} but the LLM is {lcfg.hidden_size} wide",
                 "the checkpoint mixes two models; re-download it",
             )
-        with torch.device("meta"):
-            llm = LlamaForCausalLM(lcfg)
         tied = frozenset({"lm_head.weight"} if lcfg.tie_word_embeddings else ())
-        _load_into(llm, weights, "", dtype, "LLM", ckpt, optional=tied)
+        _load_into(llm, weights, "", llm_dtype, "LLM", ckpt, optional=tied)
         if tied:
             llm.lm_head.weight = llm.model.embed_tokens.weight
         # Non-persistent buffers (rotary inv_freq) were created on the meta device: rebuild them.
@@ -267,7 +290,7 @@ class MQTLlava(nn.Module):
         """(B, 3, H, W) -> CLIP features at the selected layer, (B, P, C) (patches only)."""
         out = self.vision(pixel_values.to(self.device, self.mqt.query.dtype))
         feats = out.last_hidden_state  # = hidden_states[feature_layer] of the full tower
-        return feats[:, 1:] if self.config.select_feature == "patch" else feats
+        return feats[:, 1:]  # mm_vision_select_feature = "patch": CLS dropped
 
     @torch.no_grad()
     def encode_image(
@@ -321,11 +344,11 @@ class MQTLlava(nn.Module):
             out = self.llm(inputs_embeds=step_input, past_key_values=cache, use_cache=True)
             logits = out.logits[0, -1].float()
             next_id = _pick(logits, temperature, top_p, gen)
-            if next_id == self.eos_id:
+            if next_id in self.eos_ids:
                 break
             out_ids.append(next_id)
             step_input = embed(ids([next_id]))[None]
-        return Generation(self.tokenizer.decode(out_ids).strip(), out_ids)
+        return Generation(self.tokenizer.decode(out_ids, skip_special=True).strip(), out_ids)
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:

@@ -55,7 +55,8 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
     The first half of the channels encodes the width coordinate, the second the height (the
     release builds `np.meshgrid(w, h)` and encodes the first plane first).
     """
-    assert dim % 4 == 0, "sin-cos embedding needs a width divisible by 4"
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos embedding needs a width divisible by 4, not {dim}")
     omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float32) / (dim / 4.0))  # (dim/4,)
     ys, xs = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32),
                          indexing="ij")  # row-major over (h, w)

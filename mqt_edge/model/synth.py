@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -37,7 +37,6 @@ class Preset:
     num_queries: int = 256
     dtype: str = "float16"
     vocab_size: int = 32000  # rows of the embedding; the tokenizer is padded to it
-    extra: dict = field(default_factory=dict)
 
 
 _CLIP_L_336 = dict(
@@ -204,6 +203,7 @@ def _write_shards(
              for i in range(1, n + 1)}
     for i in names:
         os.replace(out / f"{stem}.part{i}", out / names[i])
+        os.chmod(out / names[i], 0o644)  # safetensors writes 0600; checkpoints are shared files
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in weight_map.items()}}
         (out / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
