@@ -84,6 +84,90 @@ def reference(
         print(out.text)
 
 
+@app.command("export")
+def export_cmd(
+    model: Optional[str] = typer.Argument(None, help="MQT-LLaVA checkpoint directory or hub id."),
+    out: Path = typer.Option(Path("mqt-edge-bundle"), "--out", "-o", help="Bundle directory to write."),
+    max_tokens: Optional[int] = typer.Option(None, help="Largest m the bundle serves (default: the model's M)."),
+    quant: str = typer.Option("q4_k_m", help="LLM weights: f32 | f16 | q8_0 | q5_k_m | q4_k_m."),
+    vision_tower: Optional[str] = typer.Option(None, help="CLIP directory overriding mm_vision_tower."),
+    tensorrt: bool = typer.Option(False, "--tensorrt", help="Also build TensorRT engines (on the target GPU)."),
+    optimize: int = typer.Option(0, help="ONNX Runtime optimisation of the vision graph: 0, 1, 2 or 99."),
+    opt_tokens: int = typer.Option(64, help="TensorRT profile's optimal m."),
+    max_batch: int = typer.Option(4, help="TensorRT profiles' largest batch."),
+    no_parity: bool = typer.Option(False, "--no-parity", help="Skip the parity checks (not recommended)."),
+) -> None:
+    """Export a checkpoint to a verified bundle: vision.onnx, mqt.onnx, llm-<quant>.gguf, manifest.json."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from .exporters import ExportOptions, export
+
+    if model is None:
+        raise MQTEdgeError(
+            "no MODEL given and no default model is shipped yet",
+            "pass a checkpoint directory (try: mqt-edge synth --preset tiny --out models/tiny)",
+        )
+    opts = ExportOptions(model=model, out=out, max_tokens=max_tokens, quant=quant, vision_tower=vision_tower,
+                         tensorrt=tensorrt, optimize=optimize, opt_tokens=opt_tokens, max_batch=max_batch,
+                         parity=not no_parity)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err) as bar:
+        current: list = []
+
+        def on_stage(name: str) -> None:
+            if current:
+                bar.update(current[-1], completed=1)
+            current.append(bar.add_task(name, total=1))
+
+        result = export(opts, on_stage=on_stage)
+        if current:
+            bar.update(current[-1], completed=1)
+    manifest = result.bundle.manifest
+    table = Table(title=f"bundle {result.bundle.root}")
+    for col in ("artifact", "size", "parity"):
+        table.add_column(col)
+    parity = manifest["parity"]
+    for role, entry in manifest["artifacts"].items():
+        size = entry["bytes"] + entry.get("data", {}).get("bytes", 0)
+        table.add_row(entry["path"], f"{size / 2**20:,.1f} MiB", _parity_cell(role, manifest, parity))
+    err.print(table)
+
+
+def _parity_cell(role: str, manifest: dict, parity: dict) -> str:
+    if not parity:
+        return "skipped"
+    if role in ("vision", "vision_ort", "mqt"):
+        onnx = parity["onnx"]
+        key = "vision_ort" if role == "vision_ort" else "vision"
+        worst = max(v["max_abs_err"] for k, v in onnx[key].items() if k.startswith(("m=", "ids=")))
+        return f"{'pass' if onnx[key]['pass'] else 'FAIL'}: tokens max err {worst:.1e}"
+    if role == "llm":
+        cells = []
+        for k, r in parity.items():
+            if k.startswith("gguf_"):
+                figs = f"rel {r['rel_err']:.1e}" if "max_rel_err" in r["thresholds"] else f"KL {r['kl']:.3f}"
+                flag = "pass" if r["pass"] and r.get("enforced", True) else ("reported" if r["pass"] else "FAIL")
+                cells.append(f"{k[5:]} {flag}: {figs}, top-1 {r['top1']:.0%}")
+        return "; ".join(cells)
+    return "built on this device"
+
+
+@app.command()
+def engine(
+    bundle: Path = typer.Option(Path("mqt-edge-bundle"), "--bundle", "-b", help="Bundle directory."),
+    opt_tokens: int = typer.Option(64, help="Optimal m of the TensorRT profile."),
+    max_batch: int = typer.Option(4, help="Largest batch of the TensorRT profiles."),
+) -> None:
+    """Build FP16 TensorRT engines for a bundle, on the device that will run them."""
+    from .exporters import build_engines_in_bundle
+
+    with err.status("building TensorRT engines"):
+        b = build_engines_in_bundle(bundle, opt_tokens, max_batch)
+    for role in ("vision_trt", "mqt_trt"):
+        e = b.manifest["artifacts"][role]
+        err.print(f"{e['path']}: {e['bytes'] / 2**20:,.1f} MiB, TensorRT {e['tensorrt']} on {e['gpu']}")
+
+
 def main() -> None:
     try:
         app()

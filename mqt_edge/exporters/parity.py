@@ -1,0 +1,90 @@
+"""Parity checks run by every export: each artifact against the PyTorch reference.
+
+Thresholds (also in docs/export.md):
+- ONNX (vision.onnx -> mqt.onnx, fp32): max |tokens - reference| <= 1e-4 * max(1, max |reference|)
+  and cosine similarity >= 0.99999 per token, for m in {1, a middle value, max}.
+- GGUF, unquantised (the f32/f16 file llama.cpp converts from): the conversion itself.
+  f32: max |Δlogit| / max |logit| <= 2e-3 and the same argmax at every position;
+  f16: <= 1e-2 and the same argmax at >= 95% of positions.
+- GGUF, quantised: top-1 agreement and KL(reference || gguf) per token, thresholds in
+  gguf_llm.QUANTS. They describe trained models. A random-weight checkpoint (`mqt-edge synth`) is a
+  chaotic deep network that amplifies quantisation noise, so there they are reported, not enforced;
+  the unquantised check above still gates its conversion.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+ONNX_REL_TOL = 1e-4
+ONNX_MIN_COSINE = 0.99999
+
+
+def sample_images(n: int = 3, seed: int = 0) -> list[Image.Image]:
+    """Real-looking test images: gradients, shapes, texture and noise, in several aspect ratios."""
+    rng = np.random.default_rng(seed)
+    sizes = [(480, 320), (256, 384), (640, 640), (333, 201)]
+    out = []
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        y, x = np.mgrid[0:h, 0:w] / max(w, h)
+        base = rng.uniform(60, 200, 3)
+        tilt = rng.uniform(-80, 80, (2, 3))
+        arr = base + x[..., None] * tilt[0] + y[..., None] * tilt[1]
+        im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+        d = ImageDraw.Draw(im)
+        for _ in range(int(rng.integers(2, 6))):
+            cx, cy, r = rng.integers(0, w), rng.integers(0, h), int(rng.integers(10, min(w, h) // 3))
+            color = tuple(int(c) for c in rng.integers(0, 256, 3))
+            [d.ellipse, d.rectangle][int(rng.integers(0, 2))]([cx - r, cy - r, cx + r, cy + r], fill=color)
+        im = im.filter(ImageFilter.GaussianBlur(0.8))
+        noisy = np.asarray(im, np.float32) + rng.normal(0, 4, (h, w, 3))
+        out.append(Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)))
+    return out
+
+
+def token_report(got: np.ndarray, ref: np.ndarray) -> dict:
+    """max abs error and the worst per-token cosine similarity of (..., m, hidden) arrays."""
+    g, r = got.reshape(-1, got.shape[-1]).astype(np.float64), ref.reshape(-1, ref.shape[-1]).astype(np.float64)
+    cos = (g * r).sum(-1) / (np.linalg.norm(g, axis=-1) * np.linalg.norm(r, axis=-1) + 1e-30)
+    err = float(np.abs(g - r).max())
+    scale = float(np.abs(r).max())
+    return {
+        "max_abs_err": err,
+        "ref_max_abs": scale,
+        "min_cosine": float(cos.min()),
+        "pass": err <= ONNX_REL_TOL * max(1.0, scale) and float(cos.min()) >= ONNX_MIN_COSINE,
+    }
+
+
+def logits_report(got: np.ndarray, ref: np.ndarray) -> dict:
+    """Relative max error, top-1 agreement and mean KL(ref || got) of (T, vocab) logits."""
+    got, ref = got.astype(np.float64), ref.astype(np.float64)
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lr, lg = log_softmax(ref), log_softmax(got)
+    return {
+        "positions": int(ref.shape[0]),
+        "rel_err": float(np.abs(got - ref).max() / np.abs(ref).max()),
+        "top1": float((got.argmax(-1) == ref.argmax(-1)).mean()),
+        "kl": float((np.exp(lr) * (lr - lg)).sum(-1).mean()),
+    }
+
+
+def gguf_logits(path: Path, ids: list[int], threads: int | None = None) -> np.ndarray:
+    """llama.cpp's logits for every position of `ids` (CPU, no GPU offload)."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), n_ctx=max(64, len(ids) + 8), n_batch=max(64, len(ids)), logits_all=True,
+                n_gpu_layers=0, verbose=False, n_threads=threads)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()

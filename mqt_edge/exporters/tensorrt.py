@@ -1,0 +1,100 @@
+"""FP16 TensorRT engines built from a bundle's ONNX graphs, on the device that will run them.
+
+Engines are specific to the GPU and the TensorRT version, so they are built on the target
+(`mqt-edge engine --bundle DIR`, or `export --tensorrt` when the build host is the target) and the
+manifest records both. TensorRT is imported lazily: every other part of mqt-edge works without it.
+
+Optimisation profiles: vision.onnx over the batch (1..max_batch); mqt.onnx over the batch and the
+number of query ids m (1..max_tokens, tuned for `opt_tokens`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from ..errors import MissingDependencyError, MQTEdgeError
+
+
+class TensorRTUnavailable(MQTEdgeError):
+    """TensorRT is installed but cannot build here (no GPU)."""
+
+
+def load_tensorrt():
+    """Import TensorRT and make sure a GPU is visible, or raise one line saying what to do."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise MissingDependencyError(
+            "TensorRT is not installed",
+            "on Jetson use JetPack's (sudo apt install nvidia-jetpack, venv with --system-site-packages); "
+            "elsewhere pip install 'mqt-edge[tensorrt]'",
+        ) from None
+    logger = trt.Logger(trt.Logger.ERROR)
+    try:
+        builder = trt.Builder(logger)
+    except Exception:  # TensorRT raises a bare error when CUDA finds no device
+        builder = None
+    if builder is None:
+        raise TensorRTUnavailable(
+            "TensorRT found no CUDA GPU on this machine",
+            "build engines on the target device: mqt-edge engine --bundle DIR",
+        )
+    return trt, logger, builder
+
+
+def gpu_name() -> str:
+    """The GPU's name for the manifest: nvidia-smi, or the Jetson module from the device tree."""
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        r = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+        if r.returncode == 0 and r.stdout.strip():
+            return r.stdout.strip().splitlines()[0]
+    model = Path("/proc/device-tree/model")
+    return model.read_text().strip("\x00\n ") if model.is_file() else "unknown"
+
+
+def build_engine(onnx_path: Path, engine_path: Path, shapes: dict[str, tuple], workspace_gb: float = 2.0) -> None:
+    """Parse an ONNX file and serialise an FP16 engine with one optimisation profile.
+
+    shapes: input name -> (min_shape, opt_shape, max_shape).
+    """
+    trt, logger, builder = load_tensorrt()
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    config.set_flag(trt.BuilderFlag.FP16)
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in shapes.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    blob = builder.build_serialized_network(network, config)
+    if blob is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path.name}")
+    engine_path.write_bytes(bytes(blob))
+
+
+def engine_shapes(manifest: dict, opt_tokens: int, max_batch: int) -> dict[str, dict[str, tuple]]:
+    """The optimisation profiles of both graphs, from the shapes the manifest records."""
+    v = manifest["graphs"]["vision"]["inputs"]["pixel_values"]
+    _, P, C = manifest["graphs"]["mqt"]["inputs"]["image_features"]
+    M = int(manifest["max_tokens"])
+    opt = max(1, min(opt_tokens, M))
+    return {
+        "vision": {"pixel_values": ((1, *v[1:]), (1, *v[1:]), (max_batch, *v[1:]))},
+        "mqt": {
+            "image_features": ((1, P, C), (1, P, C), (max_batch, P, C)),
+            "query_ids": ((1,), (opt,), (M,)),
+        },
+    }
+
+
+def tensorrt_version() -> str:
+    import tensorrt as trt
+
+    return trt.__version__
