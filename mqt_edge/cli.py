@@ -8,12 +8,14 @@ non-zero exit code; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
 from .errors import MQTEdgeError
@@ -111,18 +113,27 @@ def export_cmd(
     opts = ExportOptions(model=model, out=out, max_tokens=max_tokens, quant=quant, vision_tower=vision_tower,
                          tensorrt=tensorrt, optimize=optimize, opt_tokens=opt_tokens, max_batch=max_batch,
                          parity=not no_parity)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err) as bar:
-        current: list = []
+    # The export silences file descriptor 2 (native libraries' logs); draw progress on a copy of it.
+    try:
+        screen = Console(file=os.fdopen(os.dup(sys.stderr.fileno()), "w"), stderr=False)
+    except (AttributeError, OSError, ValueError):
+        screen = err
+    if not screen.is_terminal:  # logs and pipes get the summary only
+        result = export(opts)
+    else:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                      console=screen, transient=True) as bar:
+            current: list = []
 
-        def on_stage(name: str) -> None:
-            if current:
-                bar.update(current[-1], completed=1)
-            current.append(bar.add_task(name, total=1))
+            def on_stage(name: str) -> None:
+                if current:
+                    bar.update(current[-1], completed=1)
+                current.append(bar.add_task(name, total=1))
 
-        result = export(opts, on_stage=on_stage)
-        if current:
-            bar.update(current[-1], completed=1)
+            result = export(opts, on_stage=on_stage)
     manifest = result.bundle.manifest
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
+    err.print(f"stages: {stages}", highlight=False)
     table = Table(title=f"bundle {result.bundle.root}")
     for col in ("artifact", "size", "parity"):
         table.add_column(col)
@@ -172,7 +183,7 @@ def main() -> None:
     try:
         app()
     except MQTEdgeError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")

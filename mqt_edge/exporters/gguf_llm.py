@@ -93,9 +93,10 @@ def write_gguf(ckpt: Path, config: dict, path: Path, float_type: str, name: str)
     w.add_token_scores(list(scores))
     w.add_token_types(list(types))
     special = SpecialVocab(ckpt, n_vocab=len(tokens))
+    # LLaMA adds BOS and not EOS; tokenizer_config.json may say so already (then it wins).
+    special.add_special_token.setdefault("bos", True)
+    special.add_special_token.setdefault("eos", False)
     special.add_to_gguf(w, quiet=True)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
 
     def target(key: str, shape: tuple[int, ...]) -> tuple[str, np.dtype]:
         gname = names.get_name(key, try_suffixes=(".weight", ".bias"))

@@ -1,0 +1,259 @@
+"""`mqt-edge export`: bundles that match an independent reference, atomic writes, bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from conftest import scene
+from mqt_edge.bundle import Bundle, BundleError
+from mqt_edge.errors import InputError, MQTEdgeError, TokensError
+from mqt_edge.exporters import ExportError, ExportOptions, export
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "mqt_edge", *args], capture_output=True, text=True)
+
+
+def one_line_error(r):
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    return r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """A release-layout checkpoint this project did not write (M = 256, 16x16 -> 24x24 keys), exported at f32."""
+    from release_reference import ReleaseReference, write_release_checkpoint
+
+    root = tmp_path_factory.mktemp("release")
+    ckpt = write_release_checkpoint(root / "ckpt", num_queries=256, clip_image_size=336, num_shards=2)
+    result = export(ExportOptions(model=str(ckpt), out=root / "bundle", quant="f32"))
+    return ReleaseReference(ckpt), result.bundle
+
+
+def sessions(bundle):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return [ort.InferenceSession(str(bundle.path(r)), so, providers=["CPUExecutionProvider"]) for r in ("vision", "mqt")]
+
+
+def onnx_tokens(bundle, image, ids, pixel_values):
+    vision, mqt = sessions(bundle)
+    feats = vision.run(None, {"pixel_values": pixel_values})[0]
+    return mqt.run(None, {"image_features": feats, "query_ids": np.asarray(ids, np.int64)})[0]
+
+
+def test_onnx_tokens_match_the_independent_reference(release):
+    ref, bundle = release
+    for seed in range(2):
+        im = scene(320, 200, seed=seed)
+        px = ref.pixel_values(im).numpy()
+        for m in (1, 7, 256):
+            got = onnx_tokens(bundle, im, range(m), px)[0]
+            assert np.abs(got - ref.visual_tokens(im, m).numpy()).max() <= 1e-4, (seed, m)
+        full = ref.visual_tokens(im, 256).numpy()
+        for lo, hi in ((0, 5), (7, 16), (100, 256)):
+            got = onnx_tokens(bundle, im, range(lo, hi), px)[0]
+            assert np.abs(got - full[lo:hi]).max() <= 1e-4, (lo, hi)
+
+
+def test_graphs_have_the_documented_interface(release):
+    _, bundle = release
+    vision, mqt = sessions(bundle)
+    assert [i.name for i in vision.get_inputs()] == ["pixel_values"]
+    assert vision.get_inputs()[0].shape == ["batch", 3, 336, 336]
+    assert [o.name for o in vision.get_outputs()] == ["image_features"]
+    assert [i.name for i in mqt.get_inputs()] == ["image_features", "query_ids"]
+    assert mqt.get_inputs()[1].shape == ["m"]
+    assert mqt.get_outputs()[0].shape == ["batch", "m", 96]
+    for role in ("vision", "mqt"):
+        assert onnx.load(str(bundle.path(role)), load_external_data=False).opset_import[0].version >= 17
+    # dynamic batch: two images at once
+    px = np.concatenate([np.zeros((1, 3, 336, 336), np.float32), np.ones((1, 3, 336, 336), np.float32)])
+    assert vision.run(None, {"pixel_values": px})[0].shape == (2, 576, 128)
+
+
+def test_gguf_logits_match_transformers(release):
+    from mqt_edge.exporters.parity import gguf_logits
+
+    ref, bundle = release
+    ids = [i for i in ref.prompt_ids("What color is the circle?") if i >= 0]
+    with torch.no_grad():
+        expected = ref.llm(torch.tensor([ids])).logits[0].numpy()
+    got = gguf_logits(bundle.path("llm"), ids)
+    diff = np.abs(got - expected).max()
+    assert diff / np.abs(expected).max() <= 2e-3
+    # Same argmax wherever the reference's top-2 gap exceeds the numeric error (2x max diff);
+    # a smaller gap is a float tie that either engine may break either way.
+    top2 = np.sort(expected, -1)[:, -2:]
+    decided = top2[:, 1] - top2[:, 0] > 2 * diff
+    assert decided.mean() >= 0.9
+    assert (got.argmax(-1) == expected.argmax(-1))[decided].all()
+
+
+def test_manifest_describes_the_bundle(release):
+    ref, bundle = release
+    m = bundle.manifest
+    assert m["format_version"] == 1 and m["max_tokens"] == 256
+    assert set(m["artifacts"]) == {"vision", "mqt", "llm"}
+    assert all(len(a["sha256"]) == 64 for a in m["artifacts"].values())
+    assert m["preprocess"]["pad_color"] == [122, 116, 104] and m["preprocess"]["size"] == 336
+    assert m["prompt"]["name"] == "llava_v1"
+    llm = m["llm"]
+    assert (llm["layers"], llm["hidden"], llm["kv_heads"], llm["head_dim"], llm["vocab"]) == (3, 96, 4, 24, 400)
+    assert m["vision"]["flops"] > 0 and m["vision"]["params"] > 0 and m["mqt"]["flops_per_token"] > 0
+    assert m["parity"]["onnx"]["pass"] and m["parity"]["gguf_f32"]["pass"]
+    assert m["export"]["quant"] == "f32"
+    Bundle.open(bundle.root)  # verifies every sha256
+
+
+@pytest.fixture(scope="module")
+def q4_bundle(tiny_ckpt, tmp_path_factory):
+    return export(ExportOptions(model=str(tiny_ckpt), out=tmp_path_factory.mktemp("q4") / "b",
+                                max_tokens=16)).bundle
+
+
+def test_q4_k_m_loads_and_generates(q4_bundle):
+    from llama_cpp import Llama
+
+    m = q4_bundle.manifest
+    assert m["llm"]["quant"] == "q4_k_m" and q4_bundle.path("llm").name == "llm-q4_k_m.gguf"
+    assert m["parity"]["gguf_f32"]["pass"]  # the conversion is gated before quantisation
+    assert "kl" in m["parity"]["gguf_q4_k_m"] and "top1" in m["parity"]["gguf_q4_k_m"]
+    llm = Llama(str(q4_bundle.path("llm")), n_ctx=128, verbose=False)
+    out = llm.create_completion("What color is", max_tokens=6, temperature=0)
+    assert out["usage"]["completion_tokens"] > 0
+    llm.close()
+
+
+def test_max_tokens_drops_unused_queries(q4_bundle):
+    proto = onnx.load(str(q4_bundle.path("mqt")))
+    attn = next(i for i in proto.graph.initializer if list(i.dims)[:1] == [2] and len(i.dims) == 3)
+    assert list(attn.dims) == [2, 16, 576]  # (heads, max_tokens, patches)
+    _, mqt = sessions(q4_bundle)
+    feats = np.zeros((1, 576, 128), np.float32)
+    assert mqt.run(None, {"image_features": feats, "query_ids": np.arange(16)})[0].shape == (1, 16, 128)
+    with pytest.raises(Exception):
+        mqt.run(None, {"image_features": feats, "query_ids": np.array([16], np.int64)})
+
+
+def test_optimized_vision_is_an_extra_checked_artifact(tiny_ckpt, tmp_path):
+    b = export(ExportOptions(model=str(tiny_ckpt), out=tmp_path / "b", quant="f16", optimize=2)).bundle
+    assert b.path("vision_ort").is_file() and b.path("vision").is_file()
+    assert b.manifest["parity"]["onnx"]["vision_ort"]["pass"]
+    assert b.manifest["export"]["optimize"] == 2
+
+
+def test_interrupted_export_leaves_nothing(tiny_ckpt, tmp_path):
+    def boom(stage):
+        if stage.startswith("gguf"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        export(ExportOptions(model=str(tiny_ckpt), out=tmp_path / "b"), on_stage=boom)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_parity_fails_the_export_and_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch):
+    from mqt_edge.exporters import gguf_llm
+
+    strict = gguf_llm.Quant("f32", "LLAMA_FTYPE_ALL_F32", 32.0, max_rel_err=1e-12, min_top1=1.0)
+    monkeypatch.setitem(gguf_llm.QUANTS, "f32", strict)
+    with pytest.raises(ExportError, match="parity failed for gguf_f32"):
+        export(ExportOptions(model=str(tiny_ckpt), out=tmp_path / "b", quant="f32"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reexport_replaces_a_bundle(tiny_ckpt, tmp_path):
+    out = tmp_path / "b"
+    export(ExportOptions(model=str(tiny_ckpt), out=out, quant="f32", max_tokens=8))
+    export(ExportOptions(model=str(tiny_ckpt), out=out, quant="f32", max_tokens=4))
+    assert Bundle.open(out).max_tokens == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]
+
+
+def test_no_disk_space(tiny_ckpt, tmp_path, monkeypatch):
+    import mqt_edge.exporters as ex
+
+    monkeypatch.setattr(ex, "_free_bytes", lambda p: 1000)
+    with pytest.raises(ExportError, match="not enough disk space"):
+        export(ExportOptions(model=str(tiny_ckpt), out=tmp_path / "b"))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quant", "q3"], "unknown quant 'q3'"),
+    (["--max-tokens", "0"], "below 1"),
+    (["--max-tokens", "257"], "above the model's 256"),
+])
+def test_bad_options_are_one_line_errors(tiny_ckpt, tmp_path, args, message):
+    r = cli("export", str(tiny_ckpt), "--out", str(tmp_path / "b"), *args)
+    assert one_line_error(r) and message in r.stderr, r.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_output_that_is_not_a_bundle_is_refused(tiny_ckpt, tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("keep me")
+    r = cli("export", str(tiny_ckpt), "--out", str(tmp_path / "docs"))
+    assert one_line_error(r) and "not an mqt-edge bundle" in r.stderr
+    assert (tmp_path / "docs" / "notes.txt").read_text() == "keep me"
+
+
+def test_checkpoint_without_tokenizer(tiny_ckpt, tmp_path):
+    ckpt = shutil.copytree(tiny_ckpt, tmp_path / "ckpt")
+    (ckpt / "tokenizer.model").unlink()
+    r = cli("export", str(ckpt), "--out", str(tmp_path / "b"))
+    assert one_line_error(r) and "no tokenizer.model" in r.stderr
+
+
+def test_tensorrt_without_tensorrt(tiny_ckpt, tmp_path):
+    pytest.importorskip("numpy")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here; this checks the message on machines without it")
+    except ImportError:
+        pass
+    r = cli("export", str(tiny_ckpt), "--out", str(tmp_path / "b"), "--tensorrt")
+    assert one_line_error(r) and "TensorRT is not installed" in r.stderr and "mqt-edge[tensorrt]" in r.stderr
+
+
+def test_tensorrt_engines_build_on_a_gpu(tiny_ckpt, tmp_path):
+    trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed (Jetson/GPU only)")
+    from mqt_edge.exporters.tensorrt import TensorRTUnavailable, load_tensorrt
+
+    try:
+        load_tensorrt()
+    except TensorRTUnavailable as exc:
+        pytest.skip(str(exc))
+    b = export(ExportOptions(model=str(tiny_ckpt), out=tmp_path / "b", quant="f16", tensorrt=True,
+                             opt_tokens=16)).bundle
+    for role in ("vision_trt", "mqt_trt"):
+        entry = b.manifest["artifacts"][role]
+        assert entry["tensorrt"] == trt.__version__ and entry["gpu"] and b.path(role).stat().st_size > 0
+
+
+def test_bundle_open_rejects_bad_bundles(q4_bundle, tmp_path):
+    b = shutil.copytree(q4_bundle.root, tmp_path / "b")
+    with pytest.raises(BundleError, match="no bundle at .*mqt-edge export"):
+        Bundle.open(tmp_path / "nothing")
+    manifest = json.loads((b / "manifest.json").read_text())
+    (b / "manifest.json").write_text(json.dumps(manifest | {"format_version": 99}))
+    with pytest.raises(BundleError, match="format 99"):
+        Bundle.open(b)
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    with open(b / "mqt.onnx", "r+b") as f:
+        f.seek(100)
+        f.write(b"\0\1\2\3")
+    with pytest.raises(BundleError, match="does not match its sha256"):
+        Bundle.open(b)
+    (b / "manifest.json").write_text("{")
+    with pytest.raises(BundleError, match="corrupt"):
+        Bundle.open(b)
