@@ -257,3 +257,20 @@ def test_bundle_open_rejects_bad_bundles(q4_bundle, tmp_path):
     (b / "manifest.json").write_text("{")
     with pytest.raises(BundleError, match="corrupt"):
         Bundle.open(b)
+
+
+def test_engine_command_without_tensorrt(q4_bundle):
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here; this checks the message on machines without it")
+    except ImportError:
+        pass
+    r = cli("engine", "--bundle", str(q4_bundle.root))
+    assert one_line_error(r) and "TensorRT is not installed" in r.stderr
+    assert "vision_trt" not in Bundle.open(q4_bundle.root).manifest["artifacts"]
+
+
+def test_export_without_model_says_how_to_get_one(tmp_path):
+    r = cli("export", "--out", str(tmp_path / "b"))
+    assert one_line_error(r) and "mqt-edge synth" in r.stderr

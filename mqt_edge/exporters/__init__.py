@@ -383,7 +383,7 @@ def _export(opts: ExportOptions, on_stage: Callable[[str], None]) -> ExportResul
                 "export": opts.to_dict() | {"max_tokens": max_tokens, "gguf_intermediate": inter,
                                             "reference_llm_dtype": llm_dtype},
                 "parity": report,
-                "seconds": seconds,
+                "seconds": {k: v for k, v in seconds.items() if k != "manifest"},  # stages done
             }
             write_manifest(tmp, manifest)
             done("manifest")
