@@ -1,1 +1,28 @@
-"""mqt_edge.runtimes (filled in by later work)."""
+"""Runtimes: run a bundle without torch. Vision backends share one shape (activate / features /
+tokens / deactivate, Polygraphy-style); the LLM runs on llama.cpp (`runtimes.llama`)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from ..bundle import Bundle
+from ..errors import InputError
+
+VISION_BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime/cpu", "onnxruntime/cuda", "onnxruntime/tensorrt-ep")
+
+
+def make_vision(bundle: Bundle, choice: str | None = None, threads: int | None = None):
+    """A not-yet-activated vision runner. auto: the bundle's TensorRT engines when TensorRT is
+    importable, else onnxruntime with its best execution provider."""
+    choice = choice or "auto"
+    if choice not in VISION_BACKENDS:
+        raise InputError(f"unknown vision backend '{choice}'", f"choose one of: {', '.join(VISION_BACKENDS)}")
+    has_engines = "vision_trt" in bundle.manifest["artifacts"]
+    if choice == "tensorrt" or (choice == "auto" and has_engines and importlib.util.find_spec("tensorrt")):
+        from .tensorrt import TensorRTVision
+
+        return TensorRTVision(bundle)
+    from .onnxruntime import OnnxRuntimeVision
+
+    provider = choice.split("/", 1)[1] if "/" in choice else None
+    return OnnxRuntimeVision(bundle, provider, threads)

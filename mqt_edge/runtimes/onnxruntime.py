@@ -1,0 +1,75 @@
+"""Vision and MQT on onnxruntime, with the best execution provider this machine has.
+
+Loader/runner in Polygraphy's shape: the constructor only stores arguments, `activate()` creates
+the sessions, `deactivate()` frees them. onnxruntime is imported lazily so that a TensorRT-only
+device can still import mqt_edge.runtimes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..errors import InputError, require
+
+# Preference order; only those onnxruntime reports as available are used.
+PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+SHORT = {"TensorrtExecutionProvider": "tensorrt-ep", "CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
+
+
+def available_providers() -> list[str]:
+    ort = require("onnxruntime", "cpu")
+    have = set(ort.get_available_providers())
+    return [p for p in PROVIDERS if p in have]
+
+
+class OnnxRuntimeVision:
+    """vision.onnx + mqt.onnx on one execution provider (auto: the best available)."""
+
+    def __init__(self, bundle: Bundle, provider: str | None = None, threads: int | None = None) -> None:
+        self.bundle, self.requested, self.threads = bundle, provider, threads
+        self.vision = self.mqt = None
+        self.provider = ""
+
+    @property
+    def name(self) -> str:
+        return f"onnxruntime/{SHORT.get(self.provider, self.provider)}"
+
+    def activate(self) -> OnnxRuntimeVision:
+        ort = require("onnxruntime", "cpu")
+        have = available_providers()
+        if self.requested:
+            full = {v: k for k, v in SHORT.items()}.get(self.requested, self.requested)
+            if full not in have:
+                raise InputError(
+                    f"onnxruntime has no {self.requested} execution provider here (it has: "
+                    f"{', '.join(SHORT[p] for p in have)})",
+                    "install onnxruntime-gpu (pip install 'mqt-edge[gpu]') or pick another --vision-backend",
+                )
+            providers = [full, "CPUExecutionProvider"]
+        else:
+            providers = have
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if self.threads:
+            so.intra_op_num_threads = self.threads
+        # The ORT-fused vision graph, when the bundle has one, is for onnxruntime only.
+        roles = self.bundle.manifest["artifacts"]
+        vision_path: Path = self.bundle.path("vision_ort" if "vision_ort" in roles else "vision")
+        self.vision = ort.InferenceSession(str(vision_path), so, providers=providers)
+        self.mqt = ort.InferenceSession(str(self.bundle.path("mqt")), so, providers=providers)
+        self.provider = self.vision.get_providers()[0]
+        return self
+
+    def features(self, pixel_values: np.ndarray) -> np.ndarray:
+        """(B, 3, H, W) float32 -> (B, P, C)."""
+        return self.vision.run(None, {"pixel_values": pixel_values})[0]
+
+    def tokens(self, features: np.ndarray, query_ids: np.ndarray) -> np.ndarray:
+        """(B, P, C), ids (m,) -> (B, m, hidden)."""
+        return self.mqt.run(None, {"image_features": features, "query_ids": query_ids.astype(np.int64)})[0]
+
+    def deactivate(self) -> None:
+        self.vision = self.mqt = None

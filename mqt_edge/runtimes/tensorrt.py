@@ -1,0 +1,105 @@
+"""Vision and MQT on the bundle's native TensorRT engines (`mqt-edge engine` builds them).
+
+TensorRT and cuda-python are imported in `activate()` only; on a machine without them every other
+backend still works. Engines are tied to the GPU and TensorRT version they were built with, which
+the manifest records, so a mismatch is reported before anything runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..bundle import Bundle, BundleError
+from ..errors import MissingDependencyError
+
+
+def _cuda_runtime():
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart  # cuda-python < 12.6
+        except ImportError:
+            raise MissingDependencyError(
+                "cuda-python is not installed (the TensorRT backend moves tensors with it)",
+                "pip install cuda-python, or use --vision-backend onnxruntime",
+            ) from None
+    return cudart
+
+
+def _check(result):
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA runtime error {err}")
+    return rest[0] if len(rest) == 1 else rest
+
+
+class TensorRTVision:
+    name = "tensorrt"
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+        self.engines: dict = {}
+
+    def activate(self) -> TensorRTVision:
+        from ..exporters.tensorrt import load_tensorrt
+
+        arts = self.bundle.manifest["artifacts"]
+        if "vision_trt" not in arts or "mqt_trt" not in arts:
+            raise BundleError(f"the bundle at {self.bundle.root} has no TensorRT engines",
+                              "build them on this device: mqt-edge engine --bundle " + str(self.bundle.root))
+        trt, logger, _ = load_tensorrt()
+        built = arts["vision_trt"]["tensorrt"]
+        if built != trt.__version__:
+            raise BundleError(f"the engines were built with TensorRT {built}, this device has {trt.__version__}",
+                              "rebuild them: mqt-edge engine --bundle " + str(self.bundle.root))
+        self.cudart = _cuda_runtime()
+        self.stream = _check(self.cudart.cudaStreamCreate())
+        runtime = trt.Runtime(logger)
+        for role in ("vision", "mqt"):
+            engine = runtime.deserialize_cuda_engine(self.bundle.path(f"{role}_trt").read_bytes())
+            if engine is None:
+                raise BundleError(f"TensorRT cannot load {role}.engine (built for another GPU?)",
+                                  "rebuild it: mqt-edge engine --bundle " + str(self.bundle.root))
+            self.engines[role] = (engine, engine.create_execution_context())
+        return self
+
+    def _run(self, role: str, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
+        cudart = self.cudart
+        engine, ctx = self.engines[role]
+        buffers = []
+        try:
+            for name, arr in inputs.items():
+                arr = np.ascontiguousarray(arr)
+                ctx.set_input_shape(name, arr.shape)
+                ptr = _check(cudart.cudaMalloc(arr.nbytes))
+                buffers.append(ptr)
+                _check(cudart.cudaMemcpyAsync(ptr, arr.ctypes.data, arr.nbytes,
+                                              cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
+                ctx.set_tensor_address(name, ptr)
+            out = np.empty(tuple(ctx.get_tensor_shape(output)), np.float32)
+            optr = _check(cudart.cudaMalloc(out.nbytes))
+            buffers.append(optr)
+            ctx.set_tensor_address(output, optr)
+            if not ctx.execute_async_v3(self.stream):
+                raise RuntimeError(f"TensorRT failed to run {role}.engine")
+            _check(cudart.cudaMemcpyAsync(out.ctypes.data, optr, out.nbytes,
+                                          cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
+            _check(cudart.cudaStreamSynchronize(self.stream))
+            return out
+        finally:
+            for ptr in buffers:
+                cudart.cudaFree(ptr)
+
+    def features(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self._run("vision", {"pixel_values": pixel_values.astype(np.float32)}, "image_features")
+
+    def tokens(self, features: np.ndarray, query_ids: np.ndarray) -> np.ndarray:
+        return self._run("mqt", {"image_features": features.astype(np.float32),
+                                 "query_ids": query_ids.astype(np.int64)}, "visual_tokens")
+
+    def deactivate(self) -> None:
+        self.engines.clear()
+        if getattr(self, "stream", None) is not None:
+            self.cudart.cudaStreamDestroy(self.stream)
+            self.stream = None
