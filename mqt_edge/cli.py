@@ -179,6 +179,60 @@ def engine(
         err.print(f"{e['path']}: {e['bytes'] / 2**20:,.1f} MiB, TensorRT {e['tensorrt']} on {e['gpu']}")
 
 
+@app.command()
+def run(
+    image: Path = typer.Argument(..., help="Image file."),
+    question: str = typer.Argument(..., help="Question about the image."),
+    bundle: Path = typer.Option(Path("mqt-edge-bundle"), "--bundle", "-b", help="Bundle directory."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", "-m", help="Visual tokens m (default: the bundle's max)."),
+    max_new_tokens: int = typer.Option(128, help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, help="0 decodes greedily (the release's evaluation)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (with --temperature > 0)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    refine: Optional[int] = typer.Option(None, help="Refine to this m when the first token is not confident."),
+    confidence: float = typer.Option(0.5, help="First-token probability below which --refine refines (1.01: always)."),
+    vision_backend: str = typer.Option("auto", help="auto | tensorrt | onnxruntime[/cpu|/cuda|/tensorrt-ep]."),
+    n_gpu_layers: int = typer.Option(0, help="LLM layers offloaded to the GPU (llama.cpp built with CUDA)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
+) -> None:
+    """Answer a question about an image with a bundle (no torch: onnxruntime/TensorRT + llama.cpp)."""
+    from .pipeline import Pipeline
+
+    gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    with Pipeline.load(bundle, vision_backend=vision_backend, n_gpu_layers=n_gpu_layers, threads=threads) as pipe:
+        if refine is not None:
+            pipe._check_tokens(refine)
+        from .prompt import check_question
+
+        check_question(question)
+        with pipe.look(image, tokens=tokens) as session:
+            g = session.generate(question, **gen)
+            attempt = None
+            if refine is not None and refine > session.m and g.first_token_prob < confidence:
+                g.cancel()
+                attempt = g.answer
+                session.refine(refine)
+                g = session.generate(question, **gen)
+            for piece in g:
+                if not as_json:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            answer = g.answer
+    if attempt is not None:
+        answer.refined_from = {"tokens": attempt.tokens, "first_token_prob": attempt.first_token_prob,
+                               "timings_ms": attempt.timings_ms, "prefilled": attempt.prefilled}
+    if as_json:
+        print(json.dumps(answer.to_dict()))
+        return
+    print()
+    t = answer.timings_ms
+    speed = f", {answer.decode_tokens_per_s:.1f} tok/s" if answer.decode_tokens_per_s else ""
+    refined = f" (refined from m={attempt.tokens}, p={attempt.first_token_prob:.2f})" if attempt else ""
+    err.print(f"m={answer.tokens}{refined} · vision {answer.backends['vision']} · llm {answer.backends['llm']} · "
+              f"TTFT {t['ttft']:.0f} ms{speed}", highlight=False)
+
+
 def main() -> None:
     try:
         app()

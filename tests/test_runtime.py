@@ -1,0 +1,236 @@
+"""`mqt-edge run` / Pipeline: same answers as the reference, image reuse, exact refinement, safety."""
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import scene
+from mqt_edge.bundle import BundleError
+from mqt_edge.errors import ImageError, InputError, MQTEdgeError, TokensError
+from mqt_edge.pipeline import Pipeline
+
+Q = "What color is the circle?"
+
+
+@pytest.fixture(scope="module")
+def f32_bundle(tiny_ckpt, tmp_path_factory):
+    from mqt_edge.exporters import ExportOptions, export
+
+    return export(ExportOptions(model=str(tiny_ckpt), out=tmp_path_factory.mktemp("rt") / "b", quant="f32")).bundle
+
+
+@pytest.fixture(scope="module")
+def pipe(f32_bundle):
+    with Pipeline.load(f32_bundle.root) as p:
+        yield p
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "mqt_edge", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("m", [1, 16, 256])
+def test_same_greedy_ids_as_the_pytorch_reference(pipe, tiny_model, m):
+    for seed in range(2):
+        im = scene(seed=seed)
+        ref = tiny_model.generate(im, Q, tokens=m, max_new_tokens=16)
+        got = pipe.ask(im, Q, tokens=m, max_new_tokens=16)
+        assert got.token_ids == ref.token_ids, (m, seed)
+        assert got.answer == ref.text
+
+
+@pytest.mark.parametrize("question", [Q, "Describe  the\nscene: 3 cats?", "Qué color tiene?"])
+def test_llama_cpp_tokenises_like_the_release(pipe, tiny_model, question):
+    before, after = tiny_model.prompt_ids(question)
+    assert pipe.prefix_ids == before
+    assert pipe._question_ids(question) == after
+
+
+def test_image_reuse_prefills_only_the_question(pipe):
+    im = scene(seed=3)
+    with pipe.look(im, tokens=32) as s:
+        first = s.ask(Q, max_new_tokens=8)
+        second = s.ask("How many shapes are there?", max_new_tokens=8)
+        third = s.ask(Q, max_new_tokens=8)
+    q_len = len(pipe._question_ids("How many shapes are there?"))
+    assert first.prefilled == len(pipe.prefix_ids) + 32 + len(pipe._question_ids(Q))
+    assert second.prefilled == q_len
+    assert second.timings_ms["vision"] == 0 and second.timings_ms["preprocess"] == 0
+    assert third.token_ids == first.token_ids  # the KV cache was restored to the image prefix
+    assert second.token_ids == pipe.ask(im, "How many shapes are there?", tokens=32, max_new_tokens=8).token_ids
+
+
+@pytest.mark.parametrize("m0, m1", [(1, 16), (8, 64), (16, 256)])
+def test_refinement_is_exact_and_prefills_only_new_tokens(pipe, m0, m1):
+    im = scene(seed=4)
+    with pipe.look(im, tokens=m0) as s:
+        s.ask(Q, max_new_tokens=12)
+        s.refine(tokens=m1)
+        refined = s.ask(Q, max_new_tokens=12)
+    fresh = pipe.ask(im, Q, tokens=m1, max_new_tokens=12)
+    assert refined.token_ids == fresh.token_ids
+    assert refined.tokens == m1
+    assert refined.prefilled == (m1 - m0) + len(pipe._question_ids(Q))
+
+
+def test_refine_must_grow(pipe):
+    with pipe.look(scene(), tokens=16) as s:
+        with pytest.raises(TokensError):
+            s.refine(tokens=16)
+        with pytest.raises(TokensError, match="maximum of 256"):
+            s.refine(tokens=300)
+
+
+def test_stream_yields_the_answer(pipe):
+    im = scene(seed=5)
+    pieces = list(pipe.stream(im, Q, tokens=16, max_new_tokens=12))
+    assert len(pieces) > 1
+    assert "".join(pieces).strip() == pipe.ask(im, Q, tokens=16, max_new_tokens=12).answer
+
+
+def test_path_pil_and_array_inputs_agree(pipe, tmp_path):
+    im = scene(seed=6)
+    im.save(tmp_path / "x.png")
+    ids = {tuple(pipe.ask(x, Q, tokens=8, max_new_tokens=6).token_ids)
+           for x in (im, np.asarray(im), tmp_path / "x.png", str(tmp_path / "x.png"))}
+    assert len(ids) == 1
+
+
+def test_sampling_is_seeded(pipe):
+    kw = dict(tokens=8, max_new_tokens=12, temperature=1.2, top_p=0.9)
+    a = pipe.ask(scene(), Q, seed=1, **kw).token_ids
+    assert a == pipe.ask(scene(), Q, seed=1, **kw).token_ids
+    assert any(pipe.ask(scene(), Q, seed=s, **kw).token_ids != a for s in range(2, 6))
+
+
+def test_threads_never_mix_state(pipe):
+    jobs = [(scene(seed=i), q, m) for i, (q, m) in enumerate([(Q, 4), ("How many shapes?", 32), (Q, 64), ("Is it red?", 8)])]
+    expected = [pipe.ask(im, q, tokens=m, max_new_tokens=10).token_ids for im, q, m in jobs]
+    results = [None] * len(jobs)
+
+    def work(i):
+        im, q, m = jobs[i]
+        results[i] = pipe.ask(im, q, tokens=m, max_new_tokens=10).token_ids
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == expected
+
+    # two threads on one session serialise: each sees the image prefix, never the other's question
+    with pipe.look(scene(seed=9), tokens=16) as s:
+        solo = [s.ask(q, max_new_tokens=8).token_ids for q in (Q, "How many shapes?")]
+        out = {}
+        ts = [threading.Thread(target=lambda q=q: out.__setitem__(q, s.ask(q, max_new_tokens=8).token_ids))
+              for q in (Q, "How many shapes?")]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    assert [out[Q], out["How many shapes?"]] == solo
+
+
+def test_context_manager_frees_native_resources(f32_bundle):
+    p = Pipeline.load(f32_bundle.root)
+    with p:
+        p.ask(scene(), Q, tokens=2, max_new_tokens=2)
+    assert p.llm.ptr is None and p.vision.vision is None
+
+
+def test_bad_requests_raise_typed_errors(pipe, tmp_path):
+    with pytest.raises(TokensError, match="above the bundle's maximum"):
+        pipe.ask(scene(), Q, tokens=257)
+    with pytest.raises(InputError, match="empty"):
+        pipe.ask(scene(), "  ")
+    with pytest.raises(InputError, match="exceed the context"):
+        pipe.ask(scene(), Q, tokens=256, max_new_tokens=5000)
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    with pytest.raises(ImageError):
+        pipe.ask(tmp_path / "bad.jpg", Q)
+    pipe.max_pixels, old = 1000, pipe.max_pixels
+    try:
+        with pytest.raises(ImageError, match="over the limit"):
+            pipe.ask(scene(), Q)
+    finally:
+        pipe.max_pixels = old
+    with pytest.raises(InputError, match="no cuda execution provider"):
+        Pipeline.load(pipe.bundle.root, vision_backend="onnxruntime/cuda")
+    assert issubclass(BundleError, MQTEdgeError)
+
+
+def test_broken_bundles(f32_bundle, tmp_path):
+    with pytest.raises(BundleError, match="mqt-edge export"):
+        Pipeline.load(tmp_path / "missing")
+    b = shutil.copytree(f32_bundle.root, tmp_path / "b")
+    manifest = json.loads((b / "manifest.json").read_text())
+    (b / "manifest.json").write_text(json.dumps(manifest | {"format_version": 2}))
+    with pytest.raises(BundleError, match="upgrade mqt-edge"):
+        Pipeline.load(b)
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    with open(b / manifest["artifacts"]["llm"]["path"], "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"12345678")
+    with pytest.raises(BundleError, match="sha256"):
+        Pipeline.load(b)
+
+
+def test_cli_json_and_refine(f32_bundle, tmp_path):
+    scene().save(tmp_path / "img.png")
+    r = cli("run", str(tmp_path / "img.png"), Q, "--bundle", str(f32_bundle.root), "--tokens", "8",
+            "--max-new-tokens", "6", "--json", "--refine", "32", "--confidence", "1.01")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    for key in ("answer", "token_ids", "tokens", "profile", "backends", "timings_ms", "decode_tokens_per_s"):
+        assert key in out
+    assert set(out["timings_ms"]) == {"preprocess", "vision", "mqt", "prefill", "ttft", "decode", "total"}
+    assert out["tokens"] == 32 and out["refined_from"]["tokens"] == 8
+    assert out["backends"]["vision"] == "onnxruntime/cpu"
+
+
+def test_cli_streams_text_and_names_the_backend(f32_bundle, tmp_path):
+    scene().save(tmp_path / "img.png")
+    r = cli("run", str(tmp_path / "img.png"), Q, "--bundle", str(f32_bundle.root), "-m", "4", "--max-new-tokens", "4")
+    assert r.returncode == 0 and r.stdout.strip()
+    assert "vision onnxruntime/cpu" in r.stderr and "TTFT" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bundle", "/nonexistent"], "no bundle at /nonexistent"),
+    (["-m", "999"], "above the bundle's maximum"),
+    (["--vision-backend", "magic"], "unknown vision backend"),
+])
+def test_cli_errors_are_one_line(f32_bundle, tmp_path, args, message):
+    scene().save(tmp_path / "img.png")
+    args = ["--bundle", str(f32_bundle.root)] + args if "--bundle" not in args else args
+    r = cli("run", str(tmp_path / "img.png"), Q, *args)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr
+
+
+def test_run_never_imports_torch_or_transformers(f32_bundle, tmp_path):
+    scene().save(tmp_path / "img.png")
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None\n"  # any import of torch or transformers now fails loudly
+        "sys.modules['transformers'] = None\n"
+        "from mqt_edge.cli import main\n"
+        f"sys.argv = ['mqt-edge', 'run', {str(tmp_path / 'img.png')!r}, 'Q?', '--bundle', {str(f32_bundle.root)!r},"
+        " '-m', '2', '--max-new-tokens', '2', '--json']\n"
+        "main()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["tokens"] == 2
+
+
+def test_tensorrt_backend(f32_bundle):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (Jetson/GPU only)")
+    with pytest.raises(BundleError, match="mqt-edge engine"):
+        Pipeline.load(f32_bundle.root, vision_backend="tensorrt")
