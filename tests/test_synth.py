@@ -99,6 +99,7 @@ def test_cli_synth_and_reference_answer(tmp_path):
 
 
 def test_importing_the_package_does_not_import_torch():
-    code = "import mqt_edge, mqt_edge.cli, mqt_edge.image, mqt_edge.prompt, sys; print('torch' in sys.modules)"
+    code = ("import mqt_edge, mqt_edge.cli, mqt_edge.image, mqt_edge.prompt, mqt_edge.bundle, sys; "
+            "from mqt_edge import Pipeline; print('torch' in sys.modules or 'transformers' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.strip() == "False", r.stderr
