@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .errors import MQTEdgeError
+from .errors import InputError, MQTEdgeError
 
 app = typer.Typer(
     name="mqt-edge",
@@ -184,7 +184,11 @@ def run(
     image: Path = typer.Argument(..., help="Image file."),
     question: str = typer.Argument(..., help="Question about the image."),
     bundle: Path = typer.Option(Path("mqt-edge-bundle"), "--bundle", "-b", help="Bundle directory."),
-    tokens: Optional[int] = typer.Option(None, "--tokens", "-m", help="Visual tokens m (default: the bundle's max)."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", "-m", help="Visual tokens m (default: the planner's)."),
+    profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Device profile (default: auto)."),
+    mode: Optional[str] = typer.Option(None, help="The profile's power mode, e.g. super."),
+    ttft_ms: Optional[float] = typer.Option(None, help="TTFT limit for the planner (default: the profile's)."),
+    memory_mb: Optional[float] = typer.Option(None, help="Memory limit for the planner (default: the profile's)."),
     max_new_tokens: int = typer.Option(128, help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, help="0 decodes greedily (the release's evaluation)."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass (with --temperature > 0)."),
@@ -206,6 +210,22 @@ def run(
         from .prompt import check_question
 
         check_question(question)
+        profile_name, predicted = None, None
+        if profile is not None or tokens is None:
+            from .profiles.planner import ModelFacts, PlanError, plan
+
+            prof = _load_profile_cli(profile or "auto", mode)
+            profile_name = prof.name + (f" ({prof.mode})" if prof.mode else "")
+            if tokens is None:
+                result = plan(prof, ModelFacts.from_bundle(pipe.bundle), ttft_ms, memory_mb, max_new_tokens)
+                if result.chosen_tokens is None:
+                    tip = result.suggestions[0]
+                    raise PlanError(f"{result.reason} on {profile_name}",
+                                    f"would fit: {tip['change']} (m = {tip['tokens']}); or pass --tokens")
+                tokens = result.chosen_tokens
+                c = next(c for c in result.candidates if c.tokens == tokens)
+                predicted = {"memory_mb": c.memory_mb, "ttft_ms": c.ttft_ms, "total_ms": c.total_ms,
+                             "reason": result.reason}
         with pipe.look(image, tokens=tokens) as session:
             g = session.generate(question, **gen)
             attempt = None
@@ -219,6 +239,7 @@ def run(
                     sys.stdout.write(piece)
                     sys.stdout.flush()
             answer = g.answer
+    answer.profile, answer.predicted = profile_name, predicted
     if attempt is not None:
         answer.refined_from = {"tokens": attempt.tokens, "first_token_prob": attempt.first_token_prob,
                                "timings_ms": attempt.timings_ms, "prefilled": attempt.prefilled}
@@ -231,6 +252,138 @@ def run(
     refined = f" (refined from m={attempt.tokens}, p={attempt.first_token_prob:.2f})" if attempt else ""
     err.print(f"m={answer.tokens}{refined} · vision {answer.backends['vision']} · llm {answer.backends['llm']} · "
               f"TTFT {t['ttft']:.0f} ms{speed}", highlight=False)
+
+
+profiles_app = typer.Typer(help="List and show device profiles.", invoke_without_command=True, no_args_is_help=False)
+app.add_typer(profiles_app, name="profiles")
+
+
+@profiles_app.callback()
+def profiles_list(ctx: typer.Context) -> None:
+    """List the built-in device profiles."""
+    if ctx.invoked_subcommand:
+        return
+    from rich.table import Table
+
+    from .profiles import builtin_names, load_profile
+
+    table = Table(title="device profiles (mqt-edge profiles show NAME)")
+    table.add_column("name", no_wrap=True)
+    for col in ("kind", "usable / total memory", "bandwidth", "FP16", "TTFT limit", "modes"):
+        table.add_column(col)
+    for name in builtin_names():
+        p = load_profile(name)
+        table.add_row(name, p.kind, f"{p.memory.usable_gb:g} / {p.memory.total_gb:g} GB",
+                      f"{p.memory.bandwidth_gbs:g} GB/s", f"{p.compute.fp16_tflops:g} TFLOPS",
+                      f"{p.limits.ttft_ms:,.0f} ms", ", ".join(p.modes) or "-")
+    Console().print(table)
+    err.print("aliases: auto (detect this device), jetson-orin (the Orin module here; AGX Orin 64GB elsewhere)",
+              soft_wrap=True)
+
+
+@profiles_app.command("show")
+def profiles_show(name: str = typer.Argument(..., help="Profile name, alias or .toml path."),
+                  mode: Optional[str] = typer.Option(None, help="Power mode, e.g. super.")) -> None:
+    """Show one profile with the source of every datasheet number."""
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from .profiles import load_profile
+
+    p = _load_profile_cli(name, mode)
+    table = Table(title=f"{p.name}{' (' + p.mode + ')' if p.mode else ''}: {p.description}")
+    for col in ("field", "value", "source"):
+        table.add_column(col)
+    for section in ("memory", "compute", "limits", "prefer", "efficiency"):
+        for k, v in asdict(getattr(p, section)).items():
+            src = p.sources.get(k, "")
+            if p.mode and k in p.modes[p.mode]:
+                src = p.modes[p.mode]["source"]
+            table.add_row(f"{section}.{k}", str(v), src)
+    if p.calibration:
+        for k, v in asdict(p.calibration).items():
+            table.add_row(f"calibration.{k}", str(v), "measured by mqt-edge calibrate")
+    Console().print(table)
+
+
+def _load_profile_cli(name: str, mode: str | None = None):
+    from .profiles import ORIN_FALLBACK, detect, detect_jetson, load_profile
+
+    if name == "jetson-orin" and detect_jetson() is None:
+        err.print(f"note: not on a Jetson, so jetson-orin means {ORIN_FALLBACK}", highlight=False)
+    if name == "auto":
+        found, how = detect()
+        err.print(f"profile auto: {found} ({how})", highlight=False)
+    return load_profile(name, mode)
+
+
+@app.command("plan")
+def plan_cmd(
+    profile: str = typer.Option(..., "--profile", "-p", help="Profile name, auto, jetson-orin or a .toml path."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help="Plan for this bundle."),
+    preset: Optional[str] = typer.Option(None, help="Or plan for a synth preset (no export needed)."),
+    quant: str = typer.Option("q4_k_m", help="The preset's quant."),
+    ttft_ms: Optional[float] = typer.Option(None, help="TTFT limit (default: the profile's)."),
+    memory_mb: Optional[float] = typer.Option(None, help="Memory limit (default: the profile's)."),
+    max_new_tokens: int = typer.Option(128, help="Answer length to plan for."),
+    mode: Optional[str] = typer.Option(None, help="Power mode, e.g. super (Orin Nano)."),
+    vision_on_cpu: bool = typer.Option(False, help="Plan with the vision encoder on the CPU."),
+    sequential: bool = typer.Option(False, help="Plan with the vision encoder freed before the LLM's peak."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Predict memory and latency for each m on a device, and choose m."""
+    from rich.table import Table
+
+    from .bundle import Bundle
+    from .profiles.planner import ModelFacts, Options, plan
+
+    if (bundle is None) == (preset is None):
+        raise InputError("give exactly one of --bundle and --preset", "e.g. --preset mqt-llava-7b --quant q4_k_m")
+    facts = ModelFacts.from_bundle(Bundle.open(bundle, verify=False)) if bundle else ModelFacts.from_preset(preset, quant)
+    prof = _load_profile_cli(profile, mode)
+    result = plan(prof, facts, ttft_ms, memory_mb, max_new_tokens,
+                  Options(vision_on_cpu=vision_on_cpu, sequential_load=sequential))
+    if as_json:
+        print(json.dumps(result.to_dict()))
+        return
+    table = Table(title=f"{facts.name} ({facts.quant}) on {result.profile}; {result.options}")
+    for col in ("m", "memory (MB)", "TTFT (ms)", "total (ms)", "fits"):
+        table.add_column(col, justify="right")
+    for c in result.candidates:
+        mark = "[bold green]<- chosen[/]" if c.tokens == result.chosen_tokens else ("yes" if c.fits else "[red]no[/]")
+        table.add_row(str(c.tokens), f"{c.memory_mb:,.0f}", f"{c.ttft_ms:,.0f}", f"{c.total_ms:,.0f}", mark)
+    Console().print(table)
+    lim = result.limits
+    print(f"limits: memory {lim['memory_mb']:,.0f} MB, TTFT {lim['ttft_ms']:,.0f} ms, {max_new_tokens} new tokens")
+    if result.chosen_tokens is not None:
+        print(f"chosen m = {result.chosen_tokens}: {result.reason}")
+    else:
+        print(result.reason)
+        for s in result.suggestions:
+            print(f"  would fit: {s['change']} -> m = {s['tokens']} "
+                  f"({s['memory_mb']:,.0f} MB, TTFT {s['ttft_ms']:,.0f} ms)")
+
+
+@app.command()
+def calibrate(
+    out: Path = typer.Option(..., "--out", "-o", help="Profile file to write, e.g. my-device.toml."),
+    bundle: Path = typer.Option(Path("mqt-edge-bundle"), "--bundle", "-b", help="Bundle to measure with."),
+    base: Optional[str] = typer.Option(None, help="Profile to start from (default: auto)."),
+    runs: int = typer.Option(2, help="Runs per point."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads."),
+) -> None:
+    """Measure this device with a bundle and write a profile (use it with --profile my-device.toml)."""
+    from .profiles.calibrate import calibrate as run_calibration
+
+    if out.suffix != ".toml":
+        raise InputError(f"--out {out} is not a .toml file", "name it like my-device.toml")
+    with err.status("measuring vision, MQT, prefill and decode"):
+        p = run_calibration(str(bundle), out, base, runs, threads)
+    c = p.calibration
+    err.print(f"wrote {out}: vision {c.vision_ms:.0f} ms, MQT {c.mqt_ms_fixed:.1f} + {c.mqt_ms_per_token:.3f} ms/token, "
+              f"prefill {c.prefill_ms_fixed:.0f} + {c.prefill_ms_per_token:.2f} ms/position, "
+              f"decode {c.decode_ms_per_token:.1f} ms/token, peak {c.peak_mb:,.0f} MB", highlight=False)
 
 
 def main() -> None:

@@ -280,8 +280,10 @@ class Pipeline:
         b = Bundle.open(bundle, verify=verify)
         vision = make_vision(b, vision_backend, threads).activate()
         llm = LlamaModel(b.path("llm"), n_gpu_layers)
-        pipe = cls(b, vision, llm, ImageSpec.from_dict(b.manifest["preprocess"]),
-                   PromptTemplate(**b.manifest["prompt"]), threads, max_pixels, profile)
+        fields = PromptTemplate.__dataclass_fields__
+        template = PromptTemplate(**{k: v for k, v in b.manifest["prompt"].items() if k in fields})
+        pipe = cls(b, vision, llm, ImageSpec.from_dict(b.manifest["preprocess"]), template, threads,
+                   max_pixels, profile)
         before, _ = pipe.template.split("?")
         pipe.prefix_ids = llm.tokenize(before, add_bos=True)
         return pipe

@@ -128,24 +128,22 @@ def _available_ram() -> int:
 
 
 def _llm_params(cfg: dict) -> int:
-    h, i, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    from ..profiles.planner import llm_param_count
+
     heads = cfg["num_attention_heads"]
-    kv = cfg.get("num_key_value_heads") or heads
-    per_layer = 2 * h * h + 2 * h * (h // heads * kv) + 3 * h * i + 2 * h
-    return V * h * (1 if cfg.get("tie_word_embeddings") else 2) + L * per_layer + h
+    return llm_param_count(cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"],
+                           cfg["vocab_size"], heads, cfg.get("num_key_value_heads") or heads)
 
 
 def _vision_cost(model) -> dict:
+    from ..profiles.planner import vision_cost
+
     v = model.vision.config
-    D, I, k = v.hidden_size, v.intermediate_size, v.patch_size
-    P = (v.image_size // k) ** 2
-    T = P + 1
     layers = len(model.vision.vision_model.encoder.layers)
-    per_layer = 2 * T * (4 * D * D + 2 * D * I) + 4 * T * T * D
-    flops = 2 * P * 3 * k * k * D + layers * per_layer
+    cost = vision_cost(v.hidden_size, v.intermediate_size, layers, v.image_size, v.patch_size)
     params = sum(p.numel() for p in model.vision.parameters())
-    return {"params": int(params), "flops": int(flops), "layers_run": layers, "patches": P,
-            "feature_dim": D, "image_size": v.image_size}
+    return cost | {"params": int(params), "layers_run": layers, "feature_dim": v.hidden_size,
+                   "image_size": v.image_size}
 
 
 def _mqt_cost(mqt, max_tokens: int) -> dict:
@@ -299,6 +297,7 @@ def _export(opts: ExportOptions, on_stage: Callable[[str], None]) -> ExportResul
                     ref_logits = model.llm(torch.tensor([ids])).logits[0].float().numpy()
                 done("parity: reference logits")
             spec, template, bos, eos = model.image_spec, model.template, model.bos_id, sorted(model.eos_ids)
+            prefix_tokens = len(model.prompt_ids("?")[0])  # BOS + the prompt before <image>
             vision_cost, mqt_cost = _vision_cost(model), _mqt_cost(model.mqt, max_tokens)
             del model
             gc.collect()
@@ -363,7 +362,7 @@ def _export(opts: ExportOptions, on_stage: Callable[[str], None]) -> ExportResul
                 },
                 "graphs": graphs,
                 "preprocess": spec.to_dict(),
-                "prompt": template.to_dict(),
+                "prompt": template.to_dict() | {"prefix_tokens": prefix_tokens},
                 "special_tokens": {"bos": bos, "eos": eos},
                 "llm": {
                     "layers": int(raw["num_hidden_layers"]),

@@ -1,1 +1,313 @@
-"""mqt_edge.profiles (filled in by later work)."""
+"""Device profiles: data files with a strict schema, and device detection.
+
+A profile is a TOML file (the built-ins live beside this module). Every key is checked: an unknown
+or misspelt key is an error naming the key and its line, never a silent default. `repr(profile)`
+rebuilds the call that loads it.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+
+from ..errors import MQTEdgeError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 (JetPack 6)
+    import tomli as tomllib
+
+HERE = Path(__file__).parent
+ORIN_FALLBACK = "jetson-agx-orin-64gb"
+DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
+
+
+class ProfileError(MQTEdgeError):
+    """A profile name is unknown or a profile file is malformed."""
+
+
+@dataclass(frozen=True)
+class Memory:
+    total_gb: float
+    usable_gb: float  # what the model may use: Jetson memory is shared with the OS and CUDA context
+    bandwidth_gbs: float
+    unified: bool  # CPU and GPU share it (Jetson)
+
+
+@dataclass(frozen=True)
+class Compute:
+    fp16_tflops: float  # dense tensor-core FP16 (CPU profiles: the CPU's float rate)
+    int8_tops: float
+    cpu_cores: int
+    cpu_gflops: float  # the CPU's float rate, for vision-on-CPU
+
+
+@dataclass(frozen=True)
+class Limits:
+    ttft_ms: float
+    memory_mb: float
+
+
+@dataclass(frozen=True)
+class Prefer:
+    quant: str
+    vision_backend: str
+    llm_on_gpu: bool
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Fractions of the roofline peaks that real kernels reach (refined by calibration)."""
+
+    compute: float = 0.35
+    bandwidth: float = 0.65
+    cpu: float = 0.3
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Measured on a device by `mqt-edge calibrate` with one bundle; the planner scales it to others."""
+
+    vision_ms: float
+    mqt_ms_fixed: float
+    mqt_ms_per_token: float
+    prefill_ms_fixed: float
+    prefill_ms_per_token: float
+    decode_ms_per_token: float
+    peak_mb: float
+    llm_params: int
+    llm_bytes: int
+    vision_flops: int
+    bundle: str = ""
+
+
+DATASHEET = ("total_gb", "usable_gb", "bandwidth_gbs", "fp16_tflops", "int8_tops", "cpu_cores", "cpu_gflops")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    kind: str  # jetson | gpu | cpu
+    memory: Memory
+    compute: Compute
+    limits: Limits
+    prefer: Prefer
+    sources: dict = field(default_factory=dict)
+    modes: dict = field(default_factory=dict)  # name -> {field: value, "source": str}
+    efficiency: Efficiency = Efficiency()
+    calibration: Calibration | None = None
+    mode: str | None = None
+    path: str | None = None
+
+    def __repr__(self) -> str:
+        target = self.path if self.path else self.name
+        return f"load_profile({target!r}" + (f", mode={self.mode!r})" if self.mode else ")")
+
+    def with_mode(self, mode: str | None) -> Profile:
+        """The profile in a power mode (e.g. the Orin Nano's "super")."""
+        if mode is None:
+            return self
+        if mode not in self.modes:
+            known = ", ".join(self.modes) or "none"
+            raise ProfileError(f"profile {self.name} has no mode '{mode}'", f"its modes: {known}")
+        over = {k: v for k, v in self.modes[mode].items() if k != "source"}
+        mem = replace(self.memory, **{k: v for k, v in over.items() if k in Memory.__dataclass_fields__})
+        comp = replace(self.compute, **{k: v for k, v in over.items() if k in Compute.__dataclass_fields__})
+        return replace(self, memory=mem, compute=comp, mode=mode)
+
+
+# ---- parsing -----------------------------------------------------------------------------------
+_TYPES = {float: (int, float), int: (int,), bool: (bool,), str: (str,)}
+
+
+def _line_of(text: str, key: str, section: str | None) -> int:
+    """The line where `key` is set (in `section` when given), for error messages."""
+    current = None
+    for i, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if s.startswith("["):
+            current = s.strip("[]").strip()
+        elif re.match(rf"{re.escape(key)}\s*=", s) and (section is None or current == section):
+            return i
+    return 0
+
+
+def _build(cls, data: dict, section: str, text: str, where: str):
+    if not isinstance(data, dict):
+        raise ProfileError(f"{where}: [{section}] must be a table", "see the built-in profiles for the layout")
+    known = {f.name: f for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            line = _line_of(text, key, section)
+            raise ProfileError(
+                f"{where}, line {line}: unknown key '{key}' in [{section}]",
+                f"valid keys: {', '.join(known)}",
+            )
+    values = {}
+    for name, f in known.items():
+        if name not in data:
+            if f.default is MISSING:
+                raise ProfileError(f"{where}: [{section}] is missing '{name}'", "add it (see the built-in profiles)")
+            continue
+        want = {"float": float, "int": int, "bool": bool, "str": str}[str(f.type)]
+        v = data[name]
+        if isinstance(v, bool) and want is not bool or not isinstance(v, _TYPES[want]):
+            line = _line_of(text, name, section)
+            raise ProfileError(f"{where}, line {line}: '{name}' is {v!r}, expected {want.__name__}",
+                               "fix the value")
+        values[name] = want(v)
+    return cls(**values)
+
+
+TOP = {"name", "description", "kind", "memory", "compute", "limits", "prefer", "sources", "modes",
+       "efficiency", "calibration"}
+
+
+def parse_profile(text: str, where: str, path: str | None = None) -> Profile:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"{where} is not valid TOML ({exc})", "fix the file") from None
+    for key in data:
+        if key not in TOP:
+            raise ProfileError(f"{where}, line {_line_of(text, key, None)}: unknown key '{key}'",
+                               f"valid top-level keys: {', '.join(sorted(TOP))}")
+    for key in ("name", "description", "kind", "memory", "compute", "limits", "prefer"):
+        if key not in data:
+            raise ProfileError(f"{where} is missing '{key}'", "see the built-in profiles for the layout")
+    if data["kind"] not in ("jetson", "gpu", "cpu"):
+        raise ProfileError(f"{where}, line {_line_of(text, 'kind', None)}: kind '{data['kind']}'",
+                           "use jetson, gpu or cpu")
+    sources = data.get("sources", {})
+    missing = [k for k in DATASHEET if k not in sources]
+    if missing and "calibration" not in data:
+        raise ProfileError(f"{where}: [sources] has no source for {', '.join(missing)}",
+                           "give each datasheet number its source (or calibrate the profile)")
+    unknown = [k for k in sources if k not in DATASHEET]
+    if unknown:
+        raise ProfileError(f"{where}, line {_line_of(text, unknown[0], 'sources')}: unknown key '{unknown[0]}' "
+                           "in [sources]", f"valid keys: {', '.join(DATASHEET)}")
+    modes = data.get("modes", {})
+    for mode, over in modes.items():
+        for key in over:
+            if key != "source" and key not in Memory.__dataclass_fields__ and key not in Compute.__dataclass_fields__:
+                raise ProfileError(f"{where}, line {_line_of(text, key, f'modes.{mode}')}: unknown key '{key}' "
+                                   f"in [modes.{mode}]", "a mode overrides [memory] or [compute] numbers")
+    return Profile(
+        name=str(data["name"]), description=str(data["description"]), kind=data["kind"],
+        memory=_build(Memory, data["memory"], "memory", text, where),
+        compute=_build(Compute, data["compute"], "compute", text, where),
+        limits=_build(Limits, data["limits"], "limits", text, where),
+        prefer=_build(Prefer, data["prefer"], "prefer", text, where),
+        sources=dict(sources), modes=dict(modes),
+        efficiency=_build(Efficiency, data.get("efficiency", {}), "efficiency", text, where),
+        calibration=_build(Calibration, data["calibration"], "calibration", text, where)
+        if "calibration" in data else None,
+        path=path,
+    )
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in HERE.glob("*.toml"))
+
+
+def load_profile(name_or_path: str, mode: str | None = None) -> Profile:
+    """A built-in profile by name, the alias `jetson-orin`, `auto`, or a path to a TOML file."""
+    if name_or_path == "auto":
+        name_or_path, _ = detect()
+    elif name_or_path == "jetson-orin":
+        name_or_path = detect_jetson() or ORIN_FALLBACK
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.is_file():
+        if not path.is_file():
+            raise ProfileError(f"profile file not found: {path}", "check the path (or use a built-in name)")
+        return parse_profile(path.read_text(), str(path), str(path)).with_mode(mode)
+    builtin = HERE / f"{name_or_path}.toml"
+    if not builtin.is_file():
+        import difflib
+
+        close = difflib.get_close_matches(name_or_path, builtin_names(), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ProfileError(f"unknown profile '{name_or_path}'{hint}",
+                           f"known: {', '.join(builtin_names())}, auto, jetson-orin, or a .toml path")
+    return parse_profile(builtin.read_text(), builtin.name).with_mode(mode)
+
+
+# ---- detection ---------------------------------------------------------------------------------
+def detect_jetson() -> str | None:
+    """The Orin/Thor profile of this Jetson, from the device tree (jetson-stats when installed)."""
+    model = ""
+    try:
+        from jtop import jtop  # jetson-stats
+
+        with jtop() as j:
+            model = str(j.board.get("hardware", {}).get("Module", ""))
+    except Exception:
+        pass
+    dt = DEVICE_TREE_MODEL
+    if not model and dt.is_file():
+        model = dt.read_text(errors="replace").strip("\x00\n ")
+    model = model.lower()
+    if "jetson" not in model and "thor" not in model:
+        return None
+    if "thor" in model:
+        return "jetson-thor"
+    if "nano" in model:
+        return "jetson-orin-nano-8gb"
+    if "nx" in model:
+        return "jetson-orin-nx-16gb"
+    if "agx" in model or "orin" in model:
+        total_gb = _total_ram_gb()
+        return "jetson-agx-orin-32gb" if total_gb and total_gb < 40 else "jetson-agx-orin-64gb"
+    return None
+
+
+GPU_NAMES = (("4090", "rtx-4090"), ("3060", "rtx-3060-12gb"), ("l4", "l4"), ("a100", "a100-80gb"),
+             ("h100", "h100-80gb"), ("h200", "h100-80gb"))
+
+
+def detect_gpu() -> str | None:
+    """A built-in profile for this machine's NVIDIA GPU (nvidia-ml-py, else nvidia-smi)."""
+    name = ""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+        name = name.decode() if isinstance(name, bytes) else name
+    except Exception:
+        smi = shutil.which("nvidia-smi")
+        if smi:
+            r = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+            name = r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else ""
+    low = name.lower()
+    for key, profile in GPU_NAMES:
+        if re.search(rf"\b{key}\b", low):
+            return profile
+    return None
+
+
+def detect() -> tuple[str, str]:
+    """(profile name, how it was found) for `--profile auto`."""
+    jetson = detect_jetson()
+    if jetson:
+        return jetson, "Jetson module from the device tree"
+    gpu = detect_gpu()
+    if gpu:
+        return gpu, "GPU name from NVML"
+    return "cpu", "no Jetson or known NVIDIA GPU found"
+
+
+def _total_ram_gb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None

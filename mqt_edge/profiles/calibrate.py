@@ -1,0 +1,90 @@
+"""`mqt-edge calibrate`: measure this device with a bundle and write a profile the planner uses.
+
+Measured with the real runtime (Pipeline) on one image: preprocess + vision (fixed per image), the
+MQT (fixed + per token), prefill (fixed + per position, least squares over several m), decode (per
+token) and the process's peak RSS. The planner scales these to other models by FLOPs, parameters
+and weight bytes.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from . import Calibration, Profile, detect, load_profile
+
+POINTS = (1, 16, 64, 128, 256)
+
+
+def measure(bundle_dir: str, runs: int = 2, threads: int | None = None) -> Calibration:
+    from ..exporters.parity import sample_images
+    from ..pipeline import Pipeline
+
+    image = sample_images(1, seed=11)[0]
+    rows = []
+    with Pipeline.load(bundle_dir, threads=threads) as pipe:
+        pipe.ask(image, "Warm up.", tokens=1, max_new_tokens=2)
+        for m in [p for p in POINTS if p <= pipe.max_tokens] or [pipe.max_tokens]:
+            for _ in range(runs):
+                a = pipe.ask(image, "What is in this image?", tokens=m, max_new_tokens=16)
+                rows.append((m, a))
+        manifest = pipe.bundle.manifest
+    t = lambda a, k: a.timings_ms[k]  # noqa: E731
+    ms = np.array([m for m, _ in rows], float)
+    mqt_fit = np.polyfit(ms, [t(a, "mqt") for _, a in rows], 1)
+    n = np.array([a.prefilled for _, a in rows], float)
+    prefill_fit = np.polyfit(n, [t(a, "prefill") for _, a in rows], 1)
+    decode = [1000 / a.decode_tokens_per_s for _, a in rows if a.decode_tokens_per_s]
+    return Calibration(
+        vision_ms=round(statistics.median(t(a, "preprocess") + t(a, "vision") for _, a in rows), 2),
+        mqt_ms_fixed=round(max(mqt_fit[1], 0.0), 4), mqt_ms_per_token=round(max(mqt_fit[0], 0.0), 5),
+        prefill_ms_fixed=round(prefill_fit[1], 3), prefill_ms_per_token=round(max(prefill_fit[0], 0.0), 4),
+        decode_ms_per_token=round(statistics.median(decode), 3) if decode else 0.0,
+        peak_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        llm_params=int(manifest["llm"]["params"]), llm_bytes=int(manifest["llm"]["bytes"]),
+        vision_flops=int(manifest["vision"]["flops"]), bundle=str(Path(bundle_dir).resolve()),
+    )
+
+
+def to_toml(p: Profile) -> str:
+    """A profile file (the strict schema's own layout)."""
+
+    def val(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return repr(float(v)) if isinstance(v, float) else str(v)
+
+    def table(name, obj):
+        items = obj.items() if isinstance(obj, dict) else vars(obj).items()
+        return [f"[{name}]"] + [f"{k} = {val(v)}" for k, v in items] + [""]
+
+    lines = ["# mqt-edge device profile written by `mqt-edge calibrate`.",
+             f"name = {val(p.name)}", f"description = {val(p.description)}", f"kind = {val(p.kind)}", ""]
+    for name in ("memory", "compute", "limits", "prefer", "efficiency"):
+        lines += table(name, getattr(p, name))
+    lines += table("sources", p.sources)
+    for mode, over in p.modes.items():
+        lines += table(f"modes.{mode}", over)
+    if p.calibration:
+        lines += table("calibration", p.calibration)
+    return "\n".join(lines)
+
+
+def calibrate(bundle_dir: str, out: Path, base: str | None = None, runs: int = 2,
+              threads: int | None = None) -> Profile:
+    base_profile = load_profile(base or detect()[0])
+    cal = measure(bundle_dir, runs, threads)
+    name = out.stem
+    profile = replace(base_profile, name=name, calibration=cal, mode=None, path=str(out),
+                      description=f"{base_profile.description}; calibrated on this device")
+    text = to_toml(profile)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    return load_profile(str(out))

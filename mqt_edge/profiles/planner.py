@@ -1,0 +1,321 @@
+"""The planner: predict memory and latency for each m on a device, and pick m.
+
+Cost model (all terms documented in docs/planner.md):
+  memory = LLM weights (at the quant) + vision and MQT weights (fp16 engine on TensorRT, fp32 on
+           onnxruntime) + KV cache (context x layers x 2 x kv_heads x head_dim x 2 bytes)
+           + compute buffers + vision activations/workspace + runtime overhead;
+           with "sequential load" the vision encoder is freed before the LLM's peak, so memory is
+           the larger of the two stages instead of their sum.
+  latency = vision + MQT(m) + prefill(prompt + m) [= TTFT] + decode(n);
+           each term a roofline max(FLOPs / compute, bytes / bandwidth) over an efficiency factor,
+           or the profile's calibrated coefficients when it has them (`mqt-edge calibrate`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from ..errors import InputError, MQTEdgeError
+from . import Profile
+
+CANDIDATES = (1, 2, 4, 8, 16, 36, 64, 144, 256)
+QUANT_BITS = {"f32": 32.0, "f16": 16.0, "q8_0": 8.5, "q5_k_m": 5.7, "q4_k_m": 4.85}
+PROMPT_TOKENS = 40  # llava_v1 system prompt + "USER: " with a LLaMA tokenizer (BOS included)
+QUESTION_TOKENS = 16
+OVERHEAD_MB = {"jetson": 700.0, "gpu": 600.0, "cpu": 250.0}  # CUDA context + runtimes / Python + libraries
+TRT_WORKSPACE_MB = 256.0
+VISION_RELOAD_GBS = 2.0  # sequential load re-reads the vision weights for each new image
+
+
+class PlanError(MQTEdgeError):
+    """Nothing fits the device's limits."""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the planner needs to know about a model, from a bundle or a synth preset."""
+
+    name: str
+    quant: str
+    llm_params: int
+    llm_bytes: int
+    layers: int
+    hidden: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    context_length: int
+    vision_params: int
+    vision_flops: int
+    patches: int
+    mqt_bytes: int
+    mqt_flops_image: int
+    mqt_flops_token: int
+    max_tokens: int
+    prompt_tokens: int = PROMPT_TOKENS
+    accuracy: tuple = ()  # ((m, accuracy), ...) from `mqt-edge eval`, when the bundle has it
+
+    @classmethod
+    def from_bundle(cls, bundle) -> ModelFacts:
+        m = bundle.manifest
+        llm, vis, mqt = m["llm"], m["vision"], m["mqt"]
+        acc = tuple((int(r["tokens"]), float(r["accuracy"])) for r in m.get("accuracy", []))
+        return cls(
+            name=str(bundle.root), quant=llm["quant"], llm_params=int(llm["params"]), llm_bytes=int(llm["bytes"]),
+            layers=llm["layers"], hidden=llm["hidden"], kv_heads=llm["kv_heads"], head_dim=llm["head_dim"],
+            vocab=llm["vocab"], context_length=llm["context_length"], vision_params=vis["params"],
+            vision_flops=vis["flops"], patches=vis["patches"], mqt_bytes=m["artifacts"]["mqt"]["bytes"],
+            mqt_flops_image=mqt["flops_per_image"], mqt_flops_token=mqt["flops_per_token"],
+            max_tokens=m["max_tokens"], prompt_tokens=int(m["prompt"].get("prefix_tokens", PROMPT_TOKENS)),
+            accuracy=acc,
+        )
+
+    @classmethod
+    def from_preset(cls, preset: str, quant: str) -> ModelFacts:
+        from ..model.synth import get_preset
+
+        if quant not in QUANT_BITS:
+            raise InputError(f"unknown quant '{quant}'", f"choose one of: {', '.join(QUANT_BITS)}")
+        p = get_preset(preset)
+        c, L = p.clip, p.llm
+        h, heads = L["hidden_size"], L["num_attention_heads"]
+        kv = L["num_key_value_heads"]
+        params = llm_param_count(h, L["intermediate_size"], L["num_hidden_layers"], p.vocab_size, heads, kv)
+        vis = vision_cost(c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"] - 1,
+                          c["image_size"], c["patch_size"])
+        D, P, M = c["hidden_size"], vis["patches"], p.num_queries
+        heads_mqt = max(D // 64, 1)
+        return cls(
+            name=f"preset {preset}", quant=quant, llm_params=params,
+            llm_bytes=int(params * QUANT_BITS[quant] / 8), layers=L["num_hidden_layers"], hidden=h,
+            kv_heads=kv, head_dim=h // heads, vocab=p.vocab_size, context_length=L["max_position_embeddings"],
+            vision_params=vis["params"], vision_flops=vis["flops"], patches=P,
+            mqt_bytes=4 * (heads_mqt * M * P + D * D + D * h + 2 * D + h),
+            mqt_flops_image=2 * P * D * D, mqt_flops_token=2 * P * D + 2 * D * h, max_tokens=M,
+        )
+
+
+def llm_param_count(h: int, inter: int, layers: int, vocab: int, heads: int, kv_heads: int) -> int:
+    per_layer = 2 * h * h + 2 * h * (h // heads * kv_heads) + 3 * h * inter + 2 * h
+    return 2 * vocab * h + layers * per_layer + h
+
+
+def vision_cost(D: int, inter: int, layers_run: int, image: int, patch: int) -> dict:
+    """CLIP-ViT FLOPs for one image over the layers actually run, and its parameter count."""
+    P = (image // patch) ** 2
+    T = P + 1
+    flops = 2 * P * 3 * patch * patch * D + layers_run * (2 * T * (4 * D * D + 2 * D * inter) + 4 * T * T * D)
+    params = 3 * patch * patch * D + (T + 1) * D + layers_run * (4 * D * D + 2 * D * inter + 9 * D + inter) + 4 * D
+    return {"flops": int(flops), "params": int(params), "patches": P}
+
+
+@dataclass(frozen=True)
+class Options:
+    vision_on_cpu: bool = False
+    sequential_load: bool = False
+    gpu_layers: int | None = None  # None: all layers (the profile's llm_on_gpu)
+    max_new_tokens: int = 128
+
+    def label(self, facts: ModelFacts) -> str:
+        parts = []
+        if self.vision_on_cpu:
+            parts.append("vision on the CPU")
+        if self.sequential_load:
+            parts.append("sequential load (vision freed before the LLM's peak)")
+        if self.gpu_layers is not None:
+            parts.append(f"{self.gpu_layers} of {facts.layers} LLM layers on the GPU")
+        return ", ".join(parts) or "default"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    tokens: int
+    memory_mb: float
+    ttft_ms: float
+    total_ms: float
+    fits: bool
+
+
+def _roofline_ms(flops: float, nbytes: float, tflops: float, gbs: float, eff_c: float, eff_b: float) -> float:
+    return 1000 * max(flops / (tflops * 1e12 * eff_c), nbytes / (gbs * 1e9 * eff_b))
+
+
+def memory_breakdown(profile: Profile, f: ModelFacts, m: int, o: Options) -> dict:
+    """Bytes of each part that counts against the device's memory limit, and the total in MB."""
+    MB = 2**20
+    gpu = profile.kind != "cpu"
+    n_ctx = f.prompt_tokens + m + QUESTION_TOKENS + o.max_new_tokens
+    vision_on_gpu = gpu and not o.vision_on_cpu and profile.prefer.vision_backend.startswith("tensorrt")
+    gpu_frac = 1.0 if o.gpu_layers is None else o.gpu_layers / f.layers
+    # Discrete GPU: the budget is VRAM; CPU-side parts (vision on CPU, CPU layers) live in host RAM.
+    on_budget = 1.0 if (profile.memory.unified or not gpu) else gpu_frac
+    vision_counted = not (gpu and not profile.memory.unified and o.vision_on_cpu)
+    parts = {
+        "llm_weights": f.llm_bytes * on_budget,
+        "kv_cache": n_ctx * f.layers * 2 * f.kv_heads * f.head_dim * 2 * on_budget,  # f16 K and V
+        "compute_buffers": 4 * 512 * (f.vocab + 8 * f.hidden),  # llama.cpp: logits + activations of a ubatch
+        # fp16 engine on TensorRT, fp32 graph on onnxruntime; the MQT graph is fp32 either way
+        "vision_weights": (f.vision_params * (2 if vision_on_gpu else 4) + f.mqt_bytes) * vision_counted,
+        "vision_activations": (4 * (f.patches + 1) * f.hidden * 8
+                               + (TRT_WORKSPACE_MB * MB if vision_on_gpu else 0)) * vision_counted,
+    }
+    llm_stage = parts["llm_weights"] + parts["kv_cache"] + parts["compute_buffers"]
+    vision_stage = parts["vision_weights"] + parts["vision_activations"]
+    body = max(llm_stage, vision_stage) if o.sequential_load else llm_stage + vision_stage
+    parts = {k: round(v / MB, 1) for k, v in parts.items()}
+    parts["runtime_overhead"] = OVERHEAD_MB[profile.kind]
+    parts["total_mb"] = round(body / MB + OVERHEAD_MB[profile.kind], 1)
+    return parts
+
+
+def predict(profile: Profile, f: ModelFacts, m: int, o: Options) -> tuple[float, float, float]:
+    """(memory_mb, ttft_ms, total_ms) for m visual tokens."""
+    mem, comp, eff = profile.memory, profile.compute, profile.efficiency
+    gpu = profile.kind != "cpu"
+    memory_mb = memory_breakdown(profile, f, m, o)["total_mb"]
+    n_ctx = f.prompt_tokens + m + QUESTION_TOKENS + o.max_new_tokens
+    kv_bytes = n_ctx * f.layers * 2 * f.kv_heads * f.head_dim * 2
+    vision_on_gpu = gpu and not o.vision_on_cpu and profile.prefer.vision_backend.startswith("tensorrt")
+    vision_w = f.vision_params * (2 if vision_on_gpu else 4) + f.mqt_bytes
+    gpu_frac = 1.0 if o.gpu_layers is None else o.gpu_layers / f.layers
+
+    n_prefill = f.prompt_tokens + m + QUESTION_TOKENS
+    cal = profile.calibration
+    if cal is not None:
+        vision = cal.vision_ms * f.vision_flops / cal.vision_flops
+        mqt = (cal.mqt_ms_fixed + cal.mqt_ms_per_token * m) * f.vision_flops / cal.vision_flops
+        prefill = cal.prefill_ms_fixed + cal.prefill_ms_per_token * n_prefill * f.llm_params / cal.llm_params
+        decode = cal.decode_ms_per_token * f.llm_bytes / cal.llm_bytes
+    else:
+        tf = comp.fp16_tflops if gpu else comp.cpu_gflops / 1000
+        v_tf = comp.cpu_gflops / 1000 if (o.vision_on_cpu or not gpu) else tf
+        v_eff = eff.cpu if (o.vision_on_cpu or not gpu) else eff.compute
+        vision = _roofline_ms(f.vision_flops, vision_w, v_tf, mem.bandwidth_gbs, v_eff, eff.bandwidth)
+        mqt = _roofline_ms(f.mqt_flops_image + m * f.mqt_flops_token, f.mqt_bytes, v_tf, mem.bandwidth_gbs,
+                           v_eff, eff.bandwidth)
+        llm_tf, llm_eff = (tf, eff.compute) if gpu and profile.prefer.llm_on_gpu else (comp.cpu_gflops / 1000, eff.cpu)
+        prefill = _roofline_ms(2 * f.llm_params * n_prefill, f.llm_bytes, llm_tf, mem.bandwidth_gbs, llm_eff,
+                               eff.bandwidth)
+        decode = _roofline_ms(2 * f.llm_params, f.llm_bytes + kv_bytes, llm_tf, mem.bandwidth_gbs, llm_eff,
+                              eff.bandwidth)
+        if o.gpu_layers is not None and gpu and not mem.unified:
+            cpu_share = 1 - gpu_frac  # layers on the CPU read their weights over host memory (~1/10 the speed)
+            prefill *= 1 + 9 * cpu_share
+            decode *= 1 + 9 * cpu_share
+    if o.sequential_load:
+        vision += 1000 * vision_w / (VISION_RELOAD_GBS * 1e9)
+    ttft = vision + mqt + prefill
+    total = ttft + decode * max(o.max_new_tokens - 1, 0)
+    return memory_mb, ttft, total
+
+
+@dataclass
+class Plan:
+    profile: str
+    model: str
+    options: str
+    limits: dict
+    candidates: list[Candidate]
+    memory_breakdown_mb: dict  # of the chosen m (or m = 1 when nothing fits)
+    chosen_tokens: int | None
+    reason: str
+    suggestions: list[dict]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["candidates"] = [asdict(c) for c in self.candidates]
+        return d
+
+
+def plan(profile: Profile, facts: ModelFacts, ttft_ms: float | None = None, memory_mb: float | None = None,
+         max_new_tokens: int = 128, options: Options | None = None, accuracy_drop: float = 0.02) -> Plan:
+    """Predict every candidate m and choose one; when nothing fits, say what would."""
+    if max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens {max_new_tokens}", "ask for at least one new token")
+    limits = {"memory_mb": float(memory_mb if memory_mb is not None else profile.limits.memory_mb),
+              "ttft_ms": float(ttft_ms if ttft_ms is not None else profile.limits.ttft_ms)}
+    if limits["memory_mb"] <= 0 or limits["ttft_ms"] <= 0:
+        raise InputError("limits must be positive", "pass --ttft-ms and --memory-mb above 0")
+    o = replace(options or Options(), max_new_tokens=max_new_tokens)
+    cands = _candidates(profile, facts, o, limits)
+    chosen, reason = _choose(cands, facts, limits, accuracy_drop)
+    suggestions = [] if chosen is not None else _what_would_fit(profile, facts, o, limits)
+    breakdown = memory_breakdown(profile, facts, chosen or cands[0].tokens, o)
+    return Plan(profile.name + (f" ({profile.mode})" if profile.mode else ""), facts.name, o.label(facts), limits,
+                cands, breakdown, chosen, reason, suggestions)
+
+
+def _candidates(profile, facts, o, limits) -> list[Candidate]:
+    out = []
+    for m in sorted({c for c in CANDIDATES if c <= facts.max_tokens} | {facts.max_tokens}):
+        mem, ttft, total = predict(profile, facts, m, o)
+        n_ctx = facts.prompt_tokens + m + QUESTION_TOKENS + o.max_new_tokens
+        fits = mem <= limits["memory_mb"] and ttft <= limits["ttft_ms"] and n_ctx <= facts.context_length
+        out.append(Candidate(m, round(mem, 1), round(ttft, 2), round(total, 2), fits))
+    return out
+
+
+def _choose(cands, facts, limits, accuracy_drop) -> tuple[int | None, str]:
+    fitting = [c for c in cands if c.fits]
+    if not fitting:
+        worst = min(cands, key=lambda c: c.tokens)
+        why = []
+        if worst.memory_mb > limits["memory_mb"]:
+            why.append(f"memory {worst.memory_mb:,.0f} MB > {limits['memory_mb']:,.0f} MB")
+        if worst.ttft_ms > limits["ttft_ms"]:
+            why.append(f"TTFT {worst.ttft_ms:,.0f} ms > {limits['ttft_ms']:,.0f} ms")
+        return None, f"nothing fits, even m={worst.tokens}: " + ("; ".join(why) or "context too long")
+    if facts.accuracy:
+        acc = dict(facts.accuracy)
+        scored = [c for c in fitting if c.tokens in acc]
+        if scored:
+            best = max(acc[c.tokens] for c in scored)
+            good = [c for c in scored if acc[c.tokens] >= best - accuracy_drop]
+            pick = min(good, key=lambda c: c.tokens)
+            return pick.tokens, (f"smallest m within {accuracy_drop:.0%} of the best measured accuracy "
+                                 f"({acc[pick.tokens]:.1%} vs {best:.1%}) that fits")
+    pick = max(fitting, key=lambda c: c.tokens)
+    return pick.tokens, (f"largest m that fits: memory {pick.memory_mb:,.0f} <= {limits['memory_mb']:,.0f} MB, "
+                         f"TTFT {pick.ttft_ms:,.0f} <= {limits['ttft_ms']:,.0f} ms")
+
+
+def _what_would_fit(profile, facts, o, limits) -> list[dict]:
+    """Alternatives that make at least one m fit, cheapest change first."""
+    trials: list[tuple[str, Profile, ModelFacts, Options]] = []
+    gpu = profile.kind != "cpu"
+    if gpu:
+        trials.append(("--vision-backend onnxruntime/cpu (vision on the CPU)", profile, facts,
+                       replace(o, vision_on_cpu=True)))
+    trials.append(("sequential load: free the vision encoder before the LLM's peak", profile, facts,
+                   replace(o, sequential_load=True)))
+    if gpu:
+        trials.append(("vision on the CPU + sequential load", profile, facts,
+                       replace(o, vision_on_cpu=True, sequential_load=True)))
+    order = list(QUANT_BITS)
+    for q in order[order.index(facts.quant) + 1:] if facts.quant in order else []:
+        smaller = replace(facts, quant=q, llm_bytes=int(facts.llm_bytes * QUANT_BITS[q] / QUANT_BITS[facts.quant]))
+        trials.append((f"--quant {q}", profile, smaller, o))
+    for n in (64, 32):
+        if n < o.max_new_tokens:
+            trials.append((f"--max-new-tokens {n} (a shorter context)", profile, facts, replace(o, max_new_tokens=n)))
+    if gpu and not profile.memory.unified:
+        for layers in (facts.layers * 3 // 4, facts.layers // 2):
+            trials.append((f"--n-gpu-layers {layers}", profile, facts, replace(o, gpu_layers=layers)))
+    out = []
+    base = _candidates(profile, facts, o, limits)
+    for label, prof, fx, opt in trials:
+        cands = _candidates(prof, fx, opt, limits)
+        fitting = [c for c in cands if c.fits]
+        if fitting:
+            best = max(fitting, key=lambda c: c.tokens)
+            out.append({"change": label, "tokens": best.tokens, "memory_mb": best.memory_mb, "ttft_ms": best.ttft_ms})
+    if not out:  # no option helps: say which limits would
+        lo = min(base, key=lambda c: c.tokens)
+        need = []
+        if lo.memory_mb > limits["memory_mb"]:
+            need.append(f"--memory-mb {lo.memory_mb:,.0f} (or a device with more memory)")
+        if lo.ttft_ms > limits["ttft_ms"]:
+            need.append(f"--ttft-ms {lo.ttft_ms:,.0f}")
+        out.append({"change": " and ".join(need) or "a longer context", "tokens": lo.tokens,
+                    "memory_mb": lo.memory_mb, "ttft_ms": lo.ttft_ms})
+    return out

@@ -1,0 +1,212 @@
+"""Device profiles, the planner, calibration, and planning inside `run`."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import mqt_edge.profiles as profiles
+from mqt_edge.profiles import DATASHEET, ProfileError, builtin_names, load_profile, parse_profile
+from mqt_edge.profiles.planner import ModelFacts, Options, memory_breakdown, plan, predict
+
+EXPECTED = {"jetson-orin-nano-8gb", "jetson-orin-nx-16gb", "jetson-agx-orin-32gb", "jetson-agx-orin-64gb",
+            "jetson-thor", "rtx-4090", "rtx-3060-12gb", "l4", "a100-80gb", "h100-80gb", "cpu"}
+# Measured on this project's build machine: `mqt-edge export` of the mqt-llava-7b preset at q4_k_m.
+REAL_7B_Q4_GGUF = 4_081_193_920
+REAL_7B_VISION_ONNX = 1_162_811_070  # fp32, 23 of 24 CLIP-L layers
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "mqt_edge", *args], capture_output=True, text=True)
+
+
+def test_builtin_set_and_sources():
+    assert set(builtin_names()) == EXPECTED
+    for name in EXPECTED:
+        p = load_profile(name)
+        assert all(p.sources[k] for k in DATASHEET), name
+        assert 0 < p.memory.usable_gb < p.memory.total_gb
+        assert eval(repr(p), {"load_profile": load_profile}) == p
+    nano = load_profile("jetson-orin-nano-8gb", mode="super")
+    assert nano.memory.bandwidth_gbs == 102.0 and "super" in nano.modes
+    assert eval(repr(nano), {"load_profile": load_profile}) == nano
+
+
+def _text(**override):
+    text = (profiles.HERE / "cpu.toml").read_text()
+    for old, new in override.items():
+        text = text.replace(old, new)
+    return text
+
+
+@pytest.mark.parametrize("text, match", [
+    (_text(**{"bandwidth_gbs = 60.0": "bandwith_gbs = 60.0"}), r"line 9: unknown key 'bandwith_gbs' in \[memory\]"),
+    (_text(**{"cpu_cores = 8\n": "cpu_cores = \"eight\"\n"}), r"line 15: 'cpu_cores' is 'eight', expected int"),
+    (_text(**{'kind = "cpu"': 'kind = "cpu"\ncolour = "red"'}), r"line 5: unknown key 'colour'"),
+    (_text(**{"[limits]": "[limits"}), "not valid TOML"),
+    (_text(**{"ttft_ms = 5000.0\n": ""}), r"\[limits\] is missing 'ttft_ms'"),
+])
+def test_malformed_profiles_name_the_key_and_line(text, match):
+    with pytest.raises(ProfileError, match=match):
+        parse_profile(text, "my.toml")
+
+
+def test_unknown_profile_lists_the_known_ones():
+    with pytest.raises(ProfileError, match="did you mean jetson-orin-nano-8gb.*known: a100-80gb"):
+        load_profile("jetson-orin-nano-8g")
+
+
+def test_aliases_and_detection(monkeypatch, tmp_path):
+    monkeypatch.setattr(profiles, "DEVICE_TREE_MODEL", tmp_path / "model")
+    monkeypatch.setattr(profiles, "detect_gpu", lambda: None)
+    assert load_profile("jetson-orin").name == "jetson-agx-orin-64gb"  # not a Jetson
+    assert load_profile("auto").name == "cpu"
+    (tmp_path / "model").write_text("NVIDIA Jetson Orin Nano Developer Kit\x00")
+    assert load_profile("jetson-orin").name == "jetson-orin-nano-8gb"
+    assert load_profile("auto").name == "jetson-orin-nano-8gb"
+    (tmp_path / "model").write_text("NVIDIA Jetson Orin NX Engineering Reference Developer Kit\x00")
+    assert profiles.detect_jetson() == "jetson-orin-nx-16gb"
+    (tmp_path / "model").write_text("Raspberry Pi 5\x00")
+    monkeypatch.setattr(profiles, "detect_gpu", lambda: "rtx-4090")
+    assert profiles.detect() == ("rtx-4090", "GPU name from NVML")
+
+
+@pytest.fixture(scope="module")
+def facts_7b():
+    return ModelFacts.from_preset("mqt-llava-7b", "q4_k_m")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_7b_tables_are_sane(facts_7b, name):
+    p = load_profile(name)
+    parts = memory_breakdown(p, facts_7b, 256, Options())
+    vision_real = REAL_7B_VISION_ONNX / (2 if p.prefer.vision_backend.startswith("tensorrt") else 1)
+    real = (REAL_7B_Q4_GGUF + vision_real) / 2**20
+    predicted = parts["llm_weights"] + parts["vision_weights"]
+    assert abs(predicted - real) / real <= 0.10, (predicted, real)
+    result = plan(p, facts_7b)
+    ttfts = [c.ttft_ms for c in result.candidates]
+    # TTFT rises with m: never falls, and m = 256 costs more than m = 1 (a memory-bound prefill is
+    # flat in the roofline, so neighbours may tie on fast GPUs)
+    assert ttfts == sorted(ttfts) and ttfts[-1] > ttfts[0] * 1.2
+    assert all(c.total_ms > c.ttft_ms for c in result.candidates)
+    mems = [c.memory_mb for c in result.candidates]
+    assert mems == sorted(mems)
+
+
+def test_chosen_is_the_largest_m_meeting_the_ttft_limit(facts_7b):
+    p = load_profile("jetson-orin-nx-16gb")
+    cands = plan(p, facts_7b).candidates
+    lo, hi = cands[5], cands[6]  # m = 36 and 64
+    result = plan(p, facts_7b, ttft_ms=(lo.ttft_ms + hi.ttft_ms) / 2)
+    assert result.chosen_tokens == lo.tokens
+    assert [c.fits for c in result.candidates] == [c.tokens <= lo.tokens for c in result.candidates]
+    assert "largest m that fits" in result.reason
+
+
+def test_nothing_fits_says_what_would(facts_7b):
+    p = load_profile("jetson-orin-nano-8gb")
+    result = plan(p, facts_7b, memory_mb=5000)
+    assert result.chosen_tokens is None and result.suggestions
+    changes = [s["change"] for s in result.suggestions]
+    assert any("sequential load" in c for c in changes)
+    seq = plan(p, facts_7b, memory_mb=5000, options=Options(sequential_load=True))
+    assert seq.chosen_tokens is not None  # the suggestion holds when applied
+
+
+def test_jetson_pitfalls_vision_beside_the_llm(facts_7b):
+    nano = load_profile("jetson-orin-nano-8gb")
+    default = predict(nano, facts_7b, 64, Options())[0]
+    sequential = predict(nano, facts_7b, 64, Options(sequential_load=True))[0]
+    assert sequential < default - 500  # freeing vision before the LLM's peak saves its weights + workspace
+    gpu = load_profile("rtx-3060-12gb")
+    assert predict(gpu, facts_7b, 64, Options(vision_on_cpu=True))[0] < predict(gpu, facts_7b, 64, Options())[0]
+    # vision on the CPU is slower
+    assert predict(gpu, facts_7b, 64, Options(vision_on_cpu=True))[1] > predict(gpu, facts_7b, 64, Options())[1]
+
+
+def test_accuracy_table_picks_the_smallest_m_within_the_drop(facts_7b):
+    from dataclasses import replace
+
+    f = replace(facts_7b, accuracy=((2, 0.70), (16, 0.90), (64, 0.915), (256, 0.92)))
+    result = plan(load_profile("jetson-agx-orin-64gb"), f, accuracy_drop=0.02)
+    assert result.chosen_tokens == 16 and "smallest m" in result.reason
+
+
+def test_plan_cli_json_and_table():
+    r = cli("plan", "--profile", "jetson-orin-nano-8gb", "--preset", "mqt-llava-7b", "--quant", "q4_k_m", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert {"profile", "chosen_tokens", "candidates", "limits"} <= set(d)
+    assert set(d["candidates"][0]) == {"tokens", "memory_mb", "ttft_ms", "total_ms", "fits"}
+    assert set(d["limits"]) == {"memory_mb", "ttft_ms"}
+    r = cli("plan", "--profile", "jetson-orin-nano-8gb", "--preset", "mqt-llava-7b", "--memory-mb", "4000")
+    assert r.returncode == 0 and "nothing fits" in r.stdout and "would fit" in r.stdout
+    r = cli("plan", "--profile", "jetson-orin", "--preset", "bench")
+    assert "not on a Jetson, so jetson-orin means jetson-agx-orin-64gb" in r.stderr
+    assert "chosen m = " in r.stdout
+
+
+@pytest.mark.parametrize("args, match", [
+    (["plan", "--profile", "jetson-nanoo", "--preset", "bench"], "unknown profile 'jetson-nanoo'"),
+    (["plan", "--profile", "cpu"], "exactly one of --bundle and --preset"),
+    (["plan", "--profile", "cpu", "--preset", "bench", "--quant", "q2"], "unknown quant"),
+    (["profiles", "show", "nope"], "unknown profile"),
+])
+def test_cli_errors_are_one_line(args, match):
+    r = cli(*args)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and match in lines[0], r.stderr
+
+
+def test_malformed_profile_file_in_the_cli(tmp_path):
+    (tmp_path / "dev.toml").write_text(_text(**{"bandwidth_gbs = 60.0": "bandwith_gbs = 60.0"}))
+    r = cli("plan", "--profile", str(tmp_path / "dev.toml"), "--preset", "bench")
+    assert r.returncode == 2 and "line 9: unknown key 'bandwith_gbs'" in r.stderr
+
+
+def test_profiles_list_and_show():
+    r = cli("profiles")
+    assert r.returncode == 0 and "jetson-orin-nano" in r.stdout and "super" in r.stdout
+    r = cli("profiles", "show", "jetson-orin-nano-8gb", "--mode", "super")
+    assert r.returncode == 0 and "102.0" in r.stdout and "DS-11105" in r.stdout
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_ckpt, tmp_path_factory):
+    from mqt_edge.exporters import ExportOptions, export
+
+    return export(ExportOptions(model=str(tiny_ckpt), out=tmp_path_factory.mktemp("pl") / "b", quant="f32")).bundle
+
+
+def test_calibrate_writes_a_profile_the_planner_uses(bundle, tmp_path):
+    out = tmp_path / "my-device.toml"
+    r = cli("calibrate", "--bundle", str(bundle.root), "--out", str(out), "--base", "cpu", "--runs", "1")
+    assert r.returncode == 0, r.stderr
+    p = load_profile(str(out))
+    c = p.calibration
+    # (the tiny model's prefill slope is within noise; benchmarks/calibration_check.py measures a real one)
+    assert p.name == "my-device" and c.vision_ms > 0 and c.prefill_ms_per_token >= 0 and c.decode_ms_per_token > 0
+    f = ModelFacts.from_bundle(bundle)
+    _, ttft, _ = predict(p, f, 64, Options())
+    n = f.prompt_tokens + 64 + 16
+    expected = c.vision_ms + c.mqt_ms_fixed + 64 * c.mqt_ms_per_token + c.prefill_ms_fixed + c.prefill_ms_per_token * n
+    assert ttft == pytest.approx(expected)
+    r = cli("plan", "--profile", str(out), "--bundle", str(bundle.root), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["profile"] == "my-device"
+
+
+def test_run_asks_the_planner_when_tokens_are_absent(bundle, tmp_path):
+    from conftest import scene
+
+    scene().save(tmp_path / "img.png")
+    r = cli("run", str(tmp_path / "img.png"), "Q?", "--bundle", str(bundle.root), "--profile", "cpu",
+            "--max-new-tokens", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    expected = plan(load_profile("cpu"), ModelFacts.from_bundle(bundle), max_new_tokens=2).chosen_tokens
+    assert out["profile"] == "cpu" and out["tokens"] == expected and out["predicted"]["ttft_ms"] > 0
+    r = cli("run", str(tmp_path / "img.png"), "Q?", "--bundle", str(bundle.root), "--profile", "cpu",
+            "--ttft-ms", "0.001")
+    assert r.returncode == 2 and "nothing fits" in r.stderr and "would fit" in r.stderr
