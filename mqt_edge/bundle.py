@@ -24,6 +24,7 @@ from typing import Iterator
 from .errors import InputError, MQTEdgeError
 
 FORMAT_VERSION = 1
+REQUIRED = ("mqt_edge_version", "max_tokens", "artifacts", "preprocess", "prompt", "llm", "vision", "mqt")
 MANIFEST = "manifest.json"
 DEFAULT_BUNDLE = Path("mqt-edge-bundle")
 
@@ -74,6 +75,10 @@ class Bundle:
                 f"{root} has bundle format {version}; this mqt-edge reads up to {FORMAT_VERSION}",
                 "upgrade mqt-edge (pip install -U mqt-edge) or re-export with this version",
             )
+        missing = [k for k in REQUIRED if k not in manifest] + [
+            r for r in ("vision", "mqt", "llm") if r not in manifest.get("artifacts", {})]
+        if missing:
+            raise BundleError(f"{path} lacks {', '.join(missing)}", "re-export the bundle")
         bundle = cls(root, manifest)
         if verify:
             bundle.verify()
@@ -111,11 +116,22 @@ def check_output_dir(out: Path) -> None:
         return
     if not out.is_dir():
         raise InputError(f"{out} exists and is not a directory", "choose another --out")
-    if any(out.iterdir()) and not (out / MANIFEST).is_file():
+    if out.resolve() == Path.cwd().resolve() or out.resolve().parent == out.resolve():
+        raise InputError(f"--out {out} is the current or root directory", "name a new directory for the bundle")
+    if any(out.iterdir()) and not is_bundle(out):
         raise InputError(
             f"{out} exists and is not an mqt-edge bundle",
             "choose another --out (an export only replaces an existing bundle)",
         )
+
+
+def is_bundle(path: Path) -> bool:
+    """A directory an export may replace: its manifest is one of ours (not any manifest.json)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        return isinstance(manifest, dict) and "mqt_edge_version" in manifest and "format_version" in manifest
+    except (OSError, ValueError):
+        return False
 
 
 @contextmanager
@@ -125,20 +141,28 @@ def staging(out: Path) -> Iterator[Path]:
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed export
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
     try:
         yield tmp
         if not (tmp / MANIFEST).is_file():
             raise RuntimeError("staging finished without a manifest")  # a bug, not a user error
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)  # put the user's bundle back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def write_manifest(root: Path, manifest: dict) -> None:

@@ -197,7 +197,7 @@ def run(
     confidence: float = typer.Option(0.5, help="First-token probability below which --refine refines (1.01: always)."),
     vision_backend: str = typer.Option("auto", help="auto | tensorrt | onnxruntime[/cpu|/cuda|/tensorrt-ep]."),
     n_gpu_layers: int = typer.Option(0, help="LLM layers offloaded to the GPU (llama.cpp built with CUDA)."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (default: all cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
 ) -> None:
     """Answer a question about an image with a bundle (no torch: onnxruntime/TensorRT + llama.cpp)."""
@@ -207,6 +207,9 @@ def run(
     with Pipeline.load(bundle, vision_backend=vision_backend, n_gpu_layers=n_gpu_layers, threads=threads) as pipe:
         if refine is not None:
             pipe._check_tokens(refine)
+            if tokens is not None and refine <= tokens:
+                raise InputError(f"--refine {refine} is not above --tokens {tokens}",
+                                 "refine to a larger m, e.g. --refine " + str(min(4 * tokens, pipe.max_tokens)))
         from .prompt import check_question
 
         check_question(question)
@@ -226,7 +229,8 @@ def run(
                 c = next(c for c in result.candidates if c.tokens == tokens)
                 predicted = {"memory_mb": c.memory_mb, "ttft_ms": c.ttft_ms, "total_ms": c.total_ms,
                              "reason": result.reason}
-        with pipe.look(image, tokens=tokens) as session:
+        reserve = len(pipe._question_ids(question)) + max_new_tokens
+        with pipe.look(image, tokens=tokens, reserve=reserve, refinable=refine is not None) as session:
             g = session.generate(question, **gen)
             attempt = None
             if refine is not None and refine > session.m and g.first_token_prob < confidence:

@@ -128,6 +128,8 @@ def _check_pixels(wh: tuple[int, int], max_pixels: int, what: str) -> None:
 
 
 def _open(path: Path, max_pixels: int) -> Image.Image:
+    if path.is_dir():
+        raise ImageError(f"{path} is a directory, not an image", "pass an image file")
     if not path.is_file():
         raise ImageError(f"image not found: {path}", "check the path")
     try:

@@ -170,6 +170,29 @@ def test_failed_parity_fails_the_export_and_leaves_nothing(tiny_ckpt, tmp_path, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_foreign_manifest_is_not_a_bundle(tiny_ckpt, tmp_path):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "manifest.json").write_text('{"name": "my-pwa"}')
+    (tmp_path / "site" / "index.html").write_text("<html>")
+    r = cli("export", str(tiny_ckpt), "--out", str(tmp_path / "site"))
+    assert one_line_error(r) and "not an mqt-edge bundle" in r.stderr
+    assert (tmp_path / "site" / "index.html").read_text() == "<html>"
+
+
+def test_a_failed_reexport_keeps_the_old_bundle(tiny_ckpt, tmp_path, monkeypatch):
+    from mqt_edge.exporters import gguf_llm
+
+    out = tmp_path / "b"
+    export(ExportOptions(model=str(tiny_ckpt), out=out, quant="f32", max_tokens=8))
+    before = (out / "manifest.json").read_text()
+    strict = gguf_llm.Quant("f32", "LLAMA_FTYPE_ALL_F32", 32.0, max_rel_err=1e-12, min_top1=1.0)
+    monkeypatch.setitem(gguf_llm.QUANTS, "f32", strict)
+    with pytest.raises(ExportError):
+        export(ExportOptions(model=str(tiny_ckpt), out=out, quant="f32", max_tokens=4))
+    assert (out / "manifest.json").read_text() == before and Bundle.open(out).max_tokens == 8
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]
+
+
 def test_reexport_replaces_a_bundle(tiny_ckpt, tmp_path):
     out = tmp_path / "b"
     export(ExportOptions(model=str(tiny_ckpt), out=out, quant="f32", max_tokens=8))
@@ -214,7 +237,6 @@ def test_checkpoint_without_tokenizer(tiny_ckpt, tmp_path):
 
 
 def test_tensorrt_without_tensorrt(tiny_ckpt, tmp_path):
-    pytest.importorskip("numpy")
     try:
         import tensorrt  # noqa: F401
 

@@ -34,14 +34,24 @@ def cli(*args):
     return subprocess.run([sys.executable, "-m", "mqt_edge", *args], capture_output=True, text=True)
 
 
+TIE = 1e-3  # a top-2 logit gap below this is a float tie that llama.cpp and torch may break differently
+
+
 @pytest.mark.parametrize("m", [1, 16, 256])
 def test_same_greedy_ids_as_the_pytorch_reference(pipe, tiny_model, m):
-    for seed in range(2):
+    compared = 0
+    for seed in range(3):
         im = scene(seed=seed)
         ref = tiny_model.generate(im, Q, tokens=m, max_new_tokens=16)
         got = pipe.ask(im, Q, tokens=m, max_new_tokens=16)
-        assert got.token_ids == ref.token_ids, (m, seed)
-        assert got.answer == ref.text
+        # Every step before the first tie must agree; at a tie either token is right, and after it
+        # the two continue from different prefixes.
+        n = next((i for i, gap in enumerate(ref.margins) if gap < TIE), len(ref.token_ids))
+        assert got.token_ids[:n] == ref.token_ids[:n], (m, seed, ref.margins[:n])
+        if n == len(ref.token_ids):
+            assert got.token_ids == ref.token_ids and got.answer == ref.text
+        compared += n
+    assert compared >= 30  # the check covers most of the 3 x 16 tokens
 
 
 @pytest.mark.parametrize("question", [Q, "Describe  the\nscene: 3 cats?", "Qué color tiene?"])
@@ -111,18 +121,19 @@ def test_sampling_is_seeded(pipe):
 def test_threads_never_mix_state(pipe):
     jobs = [(scene(seed=i), q, m) for i, (q, m) in enumerate([(Q, 4), ("How many shapes?", 32), (Q, 64), ("Is it red?", 8)])]
     expected = [pipe.ask(im, q, tokens=m, max_new_tokens=10).token_ids for im, q, m in jobs]
-    results = [None] * len(jobs)
+    results = {}
 
-    def work(i):
+    def work(i, copy):
         im, q, m = jobs[i]
-        results[i] = pipe.ask(im, q, tokens=m, max_new_tokens=10).token_ids
+        results[(i, copy)] = pipe.ask(im, q, tokens=m, max_new_tokens=10).token_ids
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs)) for _ in range(2)]
+    threads = [threading.Thread(target=work, args=(i, c)) for i in range(len(jobs)) for c in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert results == expected
+    assert len(results) == 2 * len(jobs)
+    assert all(results[(i, c)] == expected[i] for i in range(len(jobs)) for c in range(2))
 
     # two threads on one session serialise: each sees the image prefix, never the other's question
     with pipe.look(scene(seed=9), tokens=16) as s:
@@ -135,6 +146,21 @@ def test_threads_never_mix_state(pipe):
         for t in ts:
             t.join()
     assert [out[Q], out["How many shapes?"]] == solo
+
+
+def test_an_unread_answer_never_deadlocks_its_session(pipe):
+    with pipe.look(scene(), tokens=8) as s:
+        g = s.generate(Q, max_new_tokens=4)
+        with pytest.raises(InputError, match="unfinished answer"):
+            s.generate(Q)  # same thread, first answer still open: an error, not a hang
+        with pytest.raises(InputError, match="unfinished answer"):
+            s.refine(tokens=16)
+        g.cancel()
+        assert s.ask(Q, max_new_tokens=4).token_ids
+        s.generate(Q, max_new_tokens=4)  # left open: closing the session must still work
+    it = iter(pipe.look(scene(), tokens=8).generate(Q, max_new_tokens=4))
+    next(it)
+    del it  # abandoned mid-answer: the generator's cleanup releases the lock
 
 
 def test_context_manager_frees_native_resources(f32_bundle):
@@ -160,8 +186,15 @@ def test_bad_requests_raise_typed_errors(pipe, tmp_path):
             pipe.ask(scene(), Q)
     finally:
         pipe.max_pixels = old
-    with pytest.raises(InputError, match="no cuda execution provider"):
-        Pipeline.load(pipe.bundle.root, vision_backend="onnxruntime/cuda")
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(InputError, match="no cuda execution provider"):
+            Pipeline.load(pipe.bundle.root, vision_backend="onnxruntime/cuda")
+    with pytest.raises(InputError, match="temperature"):
+        pipe.ask(scene(), Q, temperature=float("nan"))
+    with pytest.raises(InputError, match="max_new_tokens"):
+        pipe.ask(scene(), Q, max_new_tokens=-10**6)
     assert issubclass(BundleError, MQTEdgeError)
 
 

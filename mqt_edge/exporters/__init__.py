@@ -241,7 +241,7 @@ def _export(opts: ExportOptions, on_stage: Callable[[str], None]) -> ExportResul
     cfg = LlavaConfig.read(ckpt)
     raw = cfg.raw
     llm_params = _llm_params(raw)
-    stored = str(raw.get("torch_dtype", "float32")).removeprefix("torch.")
+    stored = str(raw.get("torch_dtype") or raw.get("dtype") or "float32").removeprefix("torch.")
     # The LLM only serves the logits check; at fp32 a 7B would not fit in RAM, so keep it as stored.
     llm_dtype = "float32" if llm_params * 4 < 0.45 * _available_ram() else stored
     model = MQTLlava.from_pretrained(ckpt, vision_tower=opts.vision_tower, dtype=torch.float32,
@@ -285,14 +285,26 @@ def _export(opts: ExportOptions, on_stage: Callable[[str], None]) -> ExportResul
                 stage("parity: onnx")
                 report["onnx"] = _onnx_parity(model, tmp, artifacts, max_tokens, parity)
                 done("parity: onnx")
+                if not report["onnx"]["pass"]:
+                    worst = max((v for r in ("vision", "vision_ort") if r in report["onnx"]
+                                 for k, v in report["onnx"][r].items() if isinstance(v, dict)),
+                                key=lambda v: v["max_abs_err"])
+                    raise ExportError(
+                        f"parity failed for the ONNX graphs (max abs error {worst['max_abs_err']:.2e}, "
+                        f"min cosine {worst['min_cosine']:.6f}; thresholds {parity.ONNX_REL_TOL:g} x max(1, |ref|), "
+                        f"{parity.ONNX_MIN_COSINE})",
+                        "the export was discarded; report this with the checkpoint's origin",
+                    )
 
             # ---- GGUF: reference logits first, then free the torch LLM before llama.cpp loads
             ids: list[int] = []
             ref_logits = None
             if opts.parity:
                 stage("parity: reference logits")
-                before, after = model.prompt_ids("What is shown in this image?")
+                question = "What is shown in this image?"
+                before, after = model.prompt_ids(question)
                 ids = before + after
+                prompt_text = model.template.split(question)
                 with torch.no_grad():
                     ref_logits = model.llm(torch.tensor([ids])).logits[0].float().numpy()
                 done("parity: reference logits")
@@ -310,8 +322,10 @@ def _export(opts: ExportOptions, on_stage: Callable[[str], None]) -> ExportResul
                 stage(f"parity: gguf {inter}")
                 r = parity.logits_report(parity.gguf_logits(inter_path, ids, opts.threads), ref_logits)
                 t = gguf_llm.QUANTS[inter]
-                r["pass"] = r["rel_err"] <= t.max_rel_err and r["top1_decided"] >= t.min_top1
-                r["thresholds"] = {"max_rel_err": t.max_rel_err, "min_top1": t.min_top1}
+                r["pass"] = (r["rel_err"] <= t.max_rel_err and r["top1_decided"] >= t.min_top1
+                             and r["decided_positions"] >= 0.5 * r["positions"])
+                r["thresholds"] = {"max_rel_err": t.max_rel_err, "min_top1": t.min_top1, "min_decided": 0.5}
+                report["tokenizer"] = parity.tokenizer_report(inter_path, prompt_text, before, after)
                 report[f"gguf_{inter}"] = r
                 done(f"parity: gguf {inter}")
             final = tmp / f"llm-{quant.name}.gguf"

@@ -55,7 +55,9 @@ def _permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def llm_keys(reader: WeightReader) -> list[str]:
-    keys = [k for k in reader.keys() if not k.startswith((VISION_PREFIX, MQT_PREFIX))]
+    # rotary inv_freq buffers (saved by some old checkpoints) are recomputed by llama.cpp
+    keys = [k for k in reader.keys()
+            if not k.startswith((VISION_PREFIX, MQT_PREFIX)) and not k.endswith("rotary_emb.inv_freq")]
     return sorted(keys, key=lambda k: (reader.weight_map[k], k))  # one shard open at a time
 
 
@@ -86,7 +88,12 @@ def write_gguf(ckpt: Path, config: dict, path: Path, float_type: str, name: str)
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if float_type == "f32" else gguf.LlamaFileType.MOSTLY_F16)
 
     vocab = SentencePieceVocab(ckpt)
-    tokens, scores, types = zip(*vocab.all_tokens())
+    tokens, scores, types = (list(x) for x in zip(*vocab.all_tokens()))
+    n_embd_rows = int(config.get("vocab_size") or len(tokens))
+    for i in range(len(tokens), n_embd_rows):  # embedding rows beyond the tokenizer: unused tokens
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list(list(tokens))

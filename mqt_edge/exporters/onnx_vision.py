@@ -84,7 +84,7 @@ def export_vision(model: MQTLlava, path: Path) -> dict:
     }
 
 
-def optimize_vision(src: Path, dst: Path, model: MQTLlava, level: int, for_gpu: bool = False) -> None:
+def optimize_vision(src: Path, dst: Path, model: MQTLlava, level: int) -> None:
     """ONNX Runtime's transformer fusions for the CLIP graph, through optimum's ORTOptimizer."""
     from optimum.onnxruntime import ORTOptimizer
     from optimum.onnxruntime.configuration import OptimizationConfig
@@ -97,7 +97,7 @@ def optimize_vision(src: Path, dst: Path, model: MQTLlava, level: int, for_gpu: 
     opt = ORTOptimizer([src], config=config)
     out_dir = dst.parent / (dst.stem + ".opt-tmp")
     opt.optimize(
-        OptimizationConfig(optimization_level=level, optimize_for_gpu=for_gpu,
+        OptimizationConfig(optimization_level=level, optimize_for_gpu=False,
                            enable_transformers_specific_optimizations=True),
         save_dir=out_dir,
     )
@@ -107,8 +107,3 @@ def optimize_vision(src: Path, dst: Path, model: MQTLlava, level: int, for_gpu: 
     for f in sorted(out_dir.iterdir(), reverse=True):
         f.unlink()
     out_dir.rmdir()
-
-
-@torch.no_grad()
-def reference_features(model: MQTLlava, pixel_values: torch.Tensor) -> np.ndarray:
-    return model.image_features(pixel_values).float().numpy()

@@ -85,12 +85,25 @@ def logits_report(got: np.ndarray, ref: np.ndarray) -> dict:
     }
 
 
+def tokenizer_report(path: Path, pieces: tuple[str, str], before: list[int], after: list[int]) -> dict:
+    """llama.cpp's tokenisation of the prompt pieces against the reference ids (the release's)."""
+    from ..runtimes.llama import LlamaModel
+
+    llm = LlamaModel(path)
+    try:
+        got_before, got_after = llm.tokenize(pieces[0], add_bos=True), llm.tokenize(pieces[1], add_bos=False)
+    finally:
+        llm.close()
+    return {"pass": got_before == before and got_after == after, "tokens": len(before) + len(after)}
+
+
 def gguf_logits(path: Path, ids: list[int], threads: int | None = None) -> np.ndarray:
     """llama.cpp's logits for every position of `ids` (CPU, no GPU offload)."""
     from llama_cpp import Llama
 
+    # f32 K/V and no flash attention: llama.cpp's default f16 K/V would add ~1e-3 of its own error
     llm = Llama(str(path), n_ctx=max(64, len(ids) + 8), n_batch=max(64, len(ids)), logits_all=True,
-                n_gpu_layers=0, verbose=False, n_threads=threads)
+                n_gpu_layers=0, verbose=False, n_threads=threads, type_k=0, type_v=0, flash_attn=False)
     try:
         llm.eval(ids)
         return np.array(llm.scores[: len(ids)], dtype=np.float32)

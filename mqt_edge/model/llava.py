@@ -12,7 +12,7 @@ Every exported artifact is judged against this module. It reproduces the release
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -37,6 +37,7 @@ from .mqt import MatryoshkaQueryTransformer, MQTConfig
 class Generation:
     text: str
     token_ids: list[int]  # generated ids, EOS excluded
+    margins: list[float] = field(default_factory=list, compare=False)  # top-1 minus top-2 logit, per step
 
 
 class SentencePieceTokenizer:
@@ -75,7 +76,7 @@ def _resolve_dtype(dtype: torch.dtype | str | None, raw: dict) -> torch.dtype:
         return dtype
     source = "dtype"
     if dtype in (None, "auto"):
-        dtype, source = raw.get("torch_dtype") or "float32", "torch_dtype in config.json"
+        dtype, source = raw.get("torch_dtype") or raw.get("dtype") or "float32", "torch_dtype in config.json"
     try:
         out = getattr(torch, str(dtype).removeprefix("torch."))
     except AttributeError:
@@ -336,6 +337,7 @@ class MQTLlava(nn.Module):
             )
         gen = torch.Generator(device="cpu").manual_seed(seed)
         out_ids: list[int] = []
+        margins: list[float] = []
         from transformers import DynamicCache
 
         cache = DynamicCache()
@@ -343,12 +345,14 @@ class MQTLlava(nn.Module):
         for _ in range(max_new_tokens):
             out = self.llm(inputs_embeds=step_input, past_key_values=cache, use_cache=True)
             logits = out.logits[0, -1].float()
+            top2 = torch.topk(logits, 2).values
+            margins.append(float(top2[0] - top2[1]))
             next_id = _pick(logits, temperature, top_p, gen)
             if next_id in self.eos_ids:
                 break
             out_ids.append(next_id)
             step_input = embed(ids([next_id]))[None]
-        return Generation(self.tokenizer.decode(out_ids, skip_special=True).strip(), out_ids)
+        return Generation(self.tokenizer.decode(out_ids, skip_special=True).strip(), out_ids, margins)
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:

@@ -18,7 +18,8 @@ def make_vision(bundle: Bundle, choice: str | None = None, threads: int | None =
     if choice not in VISION_BACKENDS:
         raise InputError(f"unknown vision backend '{choice}'", f"choose one of: {', '.join(VISION_BACKENDS)}")
     has_engines = "vision_trt" in bundle.manifest["artifacts"]
-    if choice == "tensorrt" or (choice == "auto" and has_engines and importlib.util.find_spec("tensorrt")):
+    trt_ready = has_engines and importlib.util.find_spec("tensorrt") and importlib.util.find_spec("cuda")
+    if choice == "tensorrt" or (choice == "auto" and trt_ready):
         from .tensorrt import TensorRTVision
 
         return TensorRTVision(bundle)

@@ -32,6 +32,13 @@ def _lib():
     import logging
 
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    have = getattr(llama_cpp, "__version__", "?")
+    if have.split(".")[:2] != LLAMA_CPP_PYTHON_VERSION.split(".")[:2]:
+        raise MQTEdgeError(
+            f"llama-cpp-python {have} is installed; mqt-edge's llama.cpp calls are written against "
+            f"{LLAMA_CPP_PYTHON_VERSION}",
+            f"pip install llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} (with CMAKE_ARGS for CUDA builds)",
+        )
     return llama_cpp
 
 
@@ -73,8 +80,9 @@ class LlamaModel:
     def is_eog(self, token: int) -> bool:
         return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
 
-    def context(self, n_ctx: int, n_batch: int = 512, threads: int | None = None) -> LlamaContext:
-        return LlamaContext(self, n_ctx, n_batch, threads)
+    def context(self, n_ctx: int, n_batch: int = 512, threads: int | None = None,
+                kv_f32: bool = False) -> LlamaContext:
+        return LlamaContext(self, n_ctx, n_batch, threads, kv_f32)
 
     def close(self) -> None:
         if self.ptr:
@@ -91,7 +99,8 @@ class LlamaModel:
 class LlamaContext:
     """A KV cache on one sequence, fed tokens or embeddings at explicit positions."""
 
-    def __init__(self, model: LlamaModel, n_ctx: int, n_batch: int, threads: int | None) -> None:
+    def __init__(self, model: LlamaModel, n_ctx: int, n_batch: int, threads: int | None,
+                 kv_f32: bool = False) -> None:
         lib = self.lib = model.lib
         self.model = model
         params = lib.llama_context_default_params()
@@ -101,6 +110,9 @@ class LlamaContext:
         threads = threads or max(1, os.cpu_count() or 1)
         params.n_threads = params.n_threads_batch = threads
         params.no_perf = True
+        if kv_f32:  # f32 bundles promise the reference's numbers; llama.cpp's default f16 K/V drift ~1e-3
+            params.type_k = params.type_v = 0  # GGML_TYPE_F32
+            params.flash_attn_type = 0  # disabled: the CPU flash-attention path rounds K/V to f16
         self.ptr = lib.llama_init_from_model(model.ptr, params)
         if not self.ptr:
             raise LlamaError(f"llama.cpp could not create a {n_ctx}-token context", "lower max_new_tokens or m")
