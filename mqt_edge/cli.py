@@ -390,6 +390,69 @@ def calibrate(
               f"decode {c.decode_ms_per_token:.1f} ms/token, peak {c.peak_mb:,.0f} MB", highlight=False)
 
 
+@app.command("synth-vqa")
+def synth_vqa(
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for images/ and data.jsonl."),
+    n: int = typer.Option(200, "--n", help="Number of questions (one image each)."),
+    seed: int = typer.Option(0, help="Seed: the same seed writes the same set."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+) -> None:
+    """Write a synthetic shapes-and-colours VQA set (LLaVA-style jsonl + images)."""
+    from .vqa import write_dataset
+
+    path = write_dataset(out, n, seed, force)
+    err.print(f"wrote {path} ({n} questions)", highlight=False)
+
+
+@app.command("eval")
+def eval_cmd(
+    data: Path = typer.Option(..., "--data", "-d", help="VQA jsonl (image, text, answer per line)."),
+    bundle: Path = typer.Option(Path("mqt-edge-bundle"), "--bundle", "-b", help="Bundle directory."),
+    tokens: str = typer.Option(",".join(map(str, (2, 4, 8, 16, 36, 64, 144, 256))), help="Comma-separated m values."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N records."),
+    timing_samples: int = typer.Option(5, min=1, help="Fresh requests per m for TTFT and total time."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of accuracy and TTFT against m."),
+    save: bool = typer.Option(False, "--save", help="Store the table in the bundle for the planner."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads."),
+) -> None:
+    """Accuracy, TTFT and total time against m on a VQA set."""
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from .evaluate import evaluate, load_items, plot, save_to_bundle
+    from .pipeline import Pipeline
+
+    try:
+        ms = sorted({int(t) for t in tokens.split(",") if t.strip()})
+    except ValueError:
+        raise InputError(f"--tokens {tokens!r} is not a comma-separated list of integers",
+                         "e.g. --tokens 2,4,8,16,36,64,144,256") from None
+    if not ms:
+        raise InputError("--tokens is empty", "e.g. --tokens 2,16,256")
+    items = load_items(data, limit)
+    with Pipeline.load(bundle, threads=threads) as pipe:
+        for m in ms:
+            pipe._check_tokens(m)
+        with err.status(f"evaluating {len(items)} questions at m = {', '.join(map(str, ms))}") as status:
+            rows = evaluate(pipe, items, ms, timing_samples,
+                            on_item=lambda i: status.update(f"evaluating: {i + 1}/{len(items)}"))
+        if save:
+            save_to_bundle(pipe.bundle, rows, data)
+    if plot_path:
+        plot(rows, plot_path, f"{bundle.name}: accuracy and TTFT against m ({len(items)} questions)")
+    if as_json:
+        print(json.dumps({"bundle": str(bundle), "data": str(data), "results": [asdict(r) for r in rows]}))
+        return
+    table = Table(title=f"{bundle} on {data} ({len(items)} questions)")
+    for col in ("m", "accuracy", "TTFT (ms)", "total (ms)", "n"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r.tokens), f"{100 * r.accuracy:.1f}%", f"{r.ttft_ms:,.0f}", f"{r.total_ms:,.0f}", str(r.n))
+    Console().print(table)
+
+
 def main() -> None:
     try:
         app()
