@@ -196,7 +196,8 @@ def run(
     refine: Optional[int] = typer.Option(None, help="Refine to this m when the first token is not confident."),
     confidence: float = typer.Option(0.5, help="First-token probability below which --refine refines (1.01: always)."),
     vision_backend: str = typer.Option("auto", help="auto | tensorrt | onnxruntime[/cpu|/cuda|/tensorrt-ep]."),
-    n_gpu_layers: int = typer.Option(0, help="LLM layers offloaded to the GPU (llama.cpp built with CUDA)."),
+    n_gpu_layers: int = typer.Option(0, min=0, help="LLM layers offloaded to the GPU (llama.cpp built with CUDA)."),
+    sequential: bool = typer.Option(False, "--sequential", help="Free the vision encoder before the LLM's peak."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (default: all cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
 ) -> None:
@@ -204,7 +205,8 @@ def run(
     from .pipeline import Pipeline
 
     gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    with Pipeline.load(bundle, vision_backend=vision_backend, n_gpu_layers=n_gpu_layers, threads=threads) as pipe:
+    with Pipeline.load(bundle, vision_backend=vision_backend, n_gpu_layers=n_gpu_layers, threads=threads,
+                       sequential=sequential) as pipe:
         if refine is not None:
             pipe._check_tokens(refine)
             if tokens is not None and refine <= tokens:
@@ -219,8 +221,10 @@ def run(
 
             prof = _load_profile_cli(profile or "auto", mode)
             profile_name = prof.name + (f" ({prof.mode})" if prof.mode else "")
+            facts = ModelFacts.from_bundle(pipe.bundle)
             if tokens is None:
-                result = plan(prof, ModelFacts.from_bundle(pipe.bundle), ttft_ms, memory_mb, max_new_tokens)
+                options = _plan_options(vision_backend, n_gpu_layers, sequential, facts)
+                result = plan(prof, facts, ttft_ms, memory_mb, max_new_tokens, options)
                 if result.chosen_tokens is None:
                     tip = result.suggestions[0]
                     raise PlanError(f"{result.reason} on {profile_name}",
@@ -303,7 +307,7 @@ def profiles_show(name: str = typer.Argument(..., help="Profile name, alias or .
         for k, v in asdict(getattr(p, section)).items():
             src = p.sources.get(k, "")
             if p.mode and k in p.modes[p.mode]:
-                src = p.modes[p.mode]["source"]
+                src = p.modes[p.mode].get("source", "")
             table.add_row(f"{section}.{k}", str(v), src)
     if p.calibration:
         for k, v in asdict(p.calibration).items():
@@ -322,6 +326,14 @@ def _load_profile_cli(name: str, mode: str | None = None):
     return load_profile(name, mode)
 
 
+def _plan_options(vision_backend: str, n_gpu_layers: int | None, sequential: bool, facts):
+    """The planner's view of run's flags: vision on the CPU, LLM layers on the GPU, sequential load."""
+    from .profiles.planner import Options
+
+    layers = None if n_gpu_layers is None or n_gpu_layers >= facts.layers else n_gpu_layers
+    return Options(vision_on_cpu=vision_backend.endswith("/cpu"), sequential_load=sequential, gpu_layers=layers)
+
+
 @app.command("plan")
 def plan_cmd(
     profile: str = typer.Option(..., "--profile", "-p", help="Profile name, auto, jetson-orin or a .toml path."),
@@ -332,22 +344,23 @@ def plan_cmd(
     memory_mb: Optional[float] = typer.Option(None, help="Memory limit (default: the profile's)."),
     max_new_tokens: int = typer.Option(128, help="Answer length to plan for."),
     mode: Optional[str] = typer.Option(None, help="Power mode, e.g. super (Orin Nano)."),
-    vision_on_cpu: bool = typer.Option(False, help="Plan with the vision encoder on the CPU."),
-    sequential: bool = typer.Option(False, help="Plan with the vision encoder freed before the LLM's peak."),
+    vision_backend: str = typer.Option("auto", help="As in run: onnxruntime/cpu plans vision on the CPU."),
+    n_gpu_layers: Optional[int] = typer.Option(None, min=0, help="As in run (default: every layer on the GPU)."),
+    sequential: bool = typer.Option(False, "--sequential", help="As in run: vision freed before the LLM's peak."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Predict memory and latency for each m on a device, and choose m."""
     from rich.table import Table
 
     from .bundle import Bundle
-    from .profiles.planner import ModelFacts, Options, plan
+    from .profiles.planner import ModelFacts, plan
 
     if (bundle is None) == (preset is None):
         raise InputError("give exactly one of --bundle and --preset", "e.g. --preset mqt-llava-7b --quant q4_k_m")
     facts = ModelFacts.from_bundle(Bundle.open(bundle, verify=False)) if bundle else ModelFacts.from_preset(preset, quant)
     prof = _load_profile_cli(profile, mode)
     result = plan(prof, facts, ttft_ms, memory_mb, max_new_tokens,
-                  Options(vision_on_cpu=vision_on_cpu, sequential_load=sequential))
+                  _plan_options(vision_backend, n_gpu_layers, sequential, facts))
     if as_json:
         print(json.dumps(result.to_dict()))
         return
@@ -451,6 +464,53 @@ def eval_cmd(
     for r in rows:
         table.add_row(str(r.tokens), f"{100 * r.accuracy:.1f}%", f"{r.ttft_ms:,.0f}", f"{r.total_ms:,.0f}", str(r.n))
     Console().print(table)
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint directory to write (release layout)."),
+    model: Optional[str] = typer.Option(None, help="Checkpoint to start from (default: a fresh --init preset)."),
+    init: str = typer.Option("shapes", help="synth preset to start from when no --model is given."),
+    stage1_steps: int = typer.Option(600, min=0, help="Stage 1 steps (m = M)."),
+    stage2_steps: int = typer.Option(1200, min=0, help="Stage 2 steps (m drawn from 2, 4, ..., M)."),
+    batch_size: int = typer.Option(16, min=1),
+    lr: float = typer.Option(1e-3, help="Peak learning rate (cosine schedule, warm-up)."),
+    parts: str = typer.Option("vision,mqt,llm", help="Trained parts: any of vision, mqt, llm."),
+    seed: int = typer.Option(0, help="Seed of the data stream, the init and the m draws."),
+) -> None:
+    """Matryoshka training on the synthetic shapes task (stage 1: m = M, stage 2: random m)."""
+    import tempfile
+
+    import numpy as np
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .model import MQTLlava
+    from .model.synth import write_checkpoint
+    from .train import StageConfig, save_checkpoint, synthetic_examples, train_stage
+
+    chosen = tuple(p.strip() for p in parts.split(",") if p.strip())
+    stages = [StageConfig(1, stage1_steps, batch_size, lr, chosen), StageConfig(2, stage2_steps, batch_size, lr, chosen)]
+    with tempfile.TemporaryDirectory() as tmp:
+        start = model or str(write_checkpoint(init, Path(tmp) / "init", seed=seed))
+        net = MQTLlava.from_pretrained(start, dtype="float32")
+        data = synthetic_examples(seed)
+        history = {}
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
+                      TextColumn("m {task.fields[m]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                      console=err) as bar:
+            for cfg in stages:
+                if not cfg.steps:
+                    continue
+                task = bar.add_task(f"stage {cfg.stage}", total=cfg.steps, loss=float("nan"), m="-")
+                history[f"stage{cfg.stage}"] = train_stage(
+                    net, cfg, data, seed + cfg.stage,
+                    on_step=lambda s, loss, m, t=task: bar.update(t, advance=1, loss=loss, m=m))
+        recipe = {"stage1_steps": stage1_steps, "stage2_steps": stage2_steps, "batch_size": batch_size,
+                  "lr": lr, "parts": list(chosen), "seed": seed, "init": model or init,
+                  "final_loss": {k: float(np.mean(v[-50:])) for k, v in history.items()}}
+        save_checkpoint(net, out, {"mqt_edge_train": recipe})
+    (Path(out) / "train_log.json").write_text(json.dumps(history))
+    err.print(f"wrote {out}: final losses {recipe['final_loss']}", highlight=False)
 
 
 def main() -> None:

@@ -89,6 +89,23 @@ def evaluate(pipe, items: list[Item], tokens: list[int], timing_samples: int = 5
     return rows
 
 
+def evaluate_reference(model, items: list[Item], tokens: list[int], max_new_tokens: int = 8) -> list[Row]:
+    """The same scoring with the PyTorch reference (MQTLlava.generate), for bundle-vs-reference checks."""
+    import time
+
+    rows = []
+    for m in sorted(set(tokens)):
+        correct, seconds = 0, []
+        for it in items:
+            t = time.perf_counter()
+            answer = model.generate(it.image, it.text, tokens=m, max_new_tokens=max_new_tokens).text
+            seconds.append(time.perf_counter() - t)
+            correct += first_word(answer) == first_word(it.answer)
+        total = round(1000 * statistics.mean(seconds), 1)
+        rows.append(Row(m, round(correct / len(items), 4), float("nan"), total, len(items)))
+    return rows
+
+
 def plot(rows: list[Row], out: Path, title: str) -> None:
     """Accuracy and TTFT against m (log scale), the trade-off figure of the paper."""
     require("matplotlib", "dev")

@@ -222,6 +222,8 @@ class Session:
             self.features = pipe.vision.features(pixels)
             t2 = time.perf_counter()
             visual = pipe.vision.tokens(self.features, np.arange(m))[0]
+            if pipe.sequential:  # free the vision graph before the LLM allocates its context
+                pipe.vision.free_vision()
         t3 = time.perf_counter()
         visual_room = pipe.max_tokens if refinable else m
         n_ctx = min(pipe.context_length, len(pipe.prefix_ids) + visual_room + reserve)
@@ -292,13 +294,14 @@ class Pipeline:
     threads: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     profile: str | None = None
+    sequential: bool = False  # free the vision graph after each encoding (memory-tight devices)
     prefix_ids: list[int] = field(default_factory=list)  # BOS + the prompt before <image>
     _vision_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def load(cls, bundle: str | os.PathLike = DEFAULT_BUNDLE, profile: str | None = None,
              vision_backend: str | None = None, n_gpu_layers: int = 0, threads: int | None = None,
-             max_pixels: int = DEFAULT_MAX_PIXELS, verify: bool = True) -> Pipeline:
+             max_pixels: int = DEFAULT_MAX_PIXELS, verify: bool = True, sequential: bool = False) -> Pipeline:
         """Open a bundle (checking every sha256 unless verify=False) and start its backends."""
         b = Bundle.open(bundle, verify=verify)
         vision = make_vision(b, vision_backend, threads).activate()
@@ -306,7 +309,7 @@ class Pipeline:
         fields = PromptTemplate.__dataclass_fields__
         template = PromptTemplate(**{k: v for k, v in b.manifest["prompt"].items() if k in fields})
         pipe = cls(b, vision, llm, ImageSpec.from_dict(b.manifest["preprocess"]), template, threads,
-                   max_pixels, profile)
+                   max_pixels, profile, sequential)
         before, _ = pipe.template.split("?")
         pipe.prefix_ids = llm.tokenize(before, add_bos=True)
         return pipe

@@ -40,6 +40,22 @@ def _text(**override):
     return text
 
 
+def test_more_malformed_profiles():
+    base = _text()
+    cases = {
+        base.replace('kind = "cpu"', 'kind = "cpu"\nmodes = 5'): "modes",
+        base + '\n[modes.fast]\nbandwidth_gbs = "fast"\nsource = "x"\n': "bandwidth_gbs",
+        base + "\n[modes.fast]\nbandwidth_gbs = 90.0\n": "no source",
+        _text(**{"bandwidth_gbs = 60.0": "bandwidth_gbs = 0.0"}): "positive",
+        _text(**{"bandwidth_gbs = 60.0": "bandwidth_gbs = nan"}): "positive",
+        base + "\n[memroy]\nx = 1\n": "unknown key 'memroy'",
+        "": "missing 'name'",
+    }
+    for text, match in cases.items():
+        with pytest.raises(ProfileError, match=match):
+            parse_profile(text, "p.toml")
+
+
 @pytest.mark.parametrize("text, match", [
     (_text(**{"bandwidth_gbs = 60.0": "bandwith_gbs = 60.0"}), r"line 9: unknown key 'bandwith_gbs' in \[memory\]"),
     (_text(**{"cpu_cores = 8\n": "cpu_cores = \"eight\"\n"}), r"line 15: 'cpu_cores' is 'eight', expected int"),
@@ -59,6 +75,8 @@ def test_unknown_profile_lists_the_known_ones():
 
 def test_aliases_and_detection(monkeypatch, tmp_path):
     monkeypatch.setattr(profiles, "DEVICE_TREE_MODEL", tmp_path / "model")
+    monkeypatch.setitem(sys.modules, "jtop", None)  # jetson-stats, if installed, must not answer here
+    monkeypatch.setattr(profiles, "_total_ram_gb", lambda: 7.4)
     monkeypatch.setattr(profiles, "detect_gpu", lambda: None)
     assert load_profile("jetson-orin").name == "jetson-agx-orin-64gb"  # not a Jetson
     assert load_profile("auto").name == "cpu"
@@ -66,10 +84,26 @@ def test_aliases_and_detection(monkeypatch, tmp_path):
     assert load_profile("jetson-orin").name == "jetson-orin-nano-8gb"
     assert load_profile("auto").name == "jetson-orin-nano-8gb"
     (tmp_path / "model").write_text("NVIDIA Jetson Orin NX Engineering Reference Developer Kit\x00")
+    assert profiles.detect_jetson() is None  # an 8 GB NX: no built-in profile
+    monkeypatch.setattr(profiles, "_total_ram_gb", lambda: 15.3)
     assert profiles.detect_jetson() == "jetson-orin-nx-16gb"
+    (tmp_path / "model").write_text("NVIDIA Jetson Xavier NX Developer Kit\x00")
+    assert profiles.detect_jetson() is None  # not an Orin
+    monkeypatch.setattr(profiles, "_total_ram_gb", lambda: 30.0)
+    (tmp_path / "model").write_text("Jetson AGX Orin\x00")
+    assert profiles.detect_jetson() == "jetson-agx-orin-32gb"
     (tmp_path / "model").write_text("Raspberry Pi 5\x00")
     monkeypatch.setattr(profiles, "detect_gpu", lambda: "rtx-4090")
-    assert profiles.detect() == ("rtx-4090", "GPU name from NVML")
+    assert profiles.detect()[0] == "rtx-4090"
+
+
+@pytest.mark.parametrize("name, mem, expected", [
+    ("NVIDIA GeForce RTX 4090", 25.3, "rtx-4090"), ("NVIDIA GeForce RTX 4090 Laptop GPU", 17.2, None),
+    ("NVIDIA A100-SXM4-80GB", 85.0, "a100-80gb"), ("NVIDIA A100-PCIE-40GB", 42.4, None),
+    ("NVIDIA GeForce RTX 3060 Ti", 8.6, None), ("NVIDIA H200", 150.0, None), ("NVIDIA L4", 24.1, "l4"),
+])
+def test_gpus_map_to_profiles_by_name_and_memory(name, mem, expected):
+    assert profiles.match_gpu(name, mem) == expected
 
 
 @pytest.fixture(scope="module")
@@ -107,19 +141,26 @@ def test_chosen_is_the_largest_m_meeting_the_ttft_limit(facts_7b):
 
 def test_nothing_fits_says_what_would(facts_7b):
     p = load_profile("jetson-orin-nano-8gb")
-    result = plan(p, facts_7b, memory_mb=5000)
+    result = plan(p, facts_7b, memory_mb=5500)
     assert result.chosen_tokens is None and result.suggestions
+    for s in result.suggestions:
+        assert s["memory_mb"] <= 5500 and s["ttft_ms"] <= result.limits["ttft_ms"]
     changes = [s["change"] for s in result.suggestions]
-    assert any("sequential load" in c for c in changes)
-    seq = plan(p, facts_7b, memory_mb=5000, options=Options(sequential_load=True))
+    assert any(c.startswith("--sequential") for c in changes)
+    assert not any("onnxruntime/cpu" in c for c in changes)  # shared memory: fp32 vision on the CPU costs more
+    seq = plan(p, facts_7b, memory_mb=5500, options=Options(sequential_load=True))
     assert seq.chosen_tokens is not None  # the suggestion holds when applied
+    hopeless = plan(p, facts_7b, memory_mb=100)
+    need = hopeless.suggestions[-1]["change"]
+    limit = float(need.split()[1])
+    assert plan(p, facts_7b, memory_mb=limit).chosen_tokens is not None  # "--memory-mb N" is enough
 
 
 def test_jetson_pitfalls_vision_beside_the_llm(facts_7b):
     nano = load_profile("jetson-orin-nano-8gb")
     default = predict(nano, facts_7b, 64, Options())[0]
     sequential = predict(nano, facts_7b, 64, Options(sequential_load=True))[0]
-    assert sequential < default - 500  # freeing vision before the LLM's peak saves its weights + workspace
+    assert sequential < default - 200  # the vision graph is gone before the KV cache and buffers are made
     gpu = load_profile("rtx-3060-12gb")
     assert predict(gpu, facts_7b, 64, Options(vision_on_cpu=True))[0] < predict(gpu, facts_7b, 64, Options())[0]
     # vision on the CPU is slower
@@ -160,6 +201,50 @@ def test_cli_errors_are_one_line(args, match):
     assert r.returncode == 2 and len(lines) == 1 and match in lines[0], r.stderr
 
 
+@pytest.mark.parametrize("args, match", [
+    (["plan", "--profile", "cpu", "--preset", "bench", "--ttft-ms", "nan"], "positive numbers"),
+    (["plan", "--profile", "cpu", "--preset", "bench", "--memory-mb", "-5"], "positive numbers"),
+    (["calibrate", "--out", "/nonexistent/dir/x.toml"], "existing directory"),
+])
+def test_more_cli_errors(args, match):
+    r = cli(*args)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and match in lines[0], r.stderr
+
+
+def test_binary_profile_file(tmp_path):
+    (tmp_path / "x.toml").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ProfileError, match="UTF-8"):
+        load_profile(str(tmp_path / "x.toml"))
+    with pytest.raises(ProfileError):
+        load_profile(str(tmp_path))  # a directory
+
+
+def test_run_flags_reach_the_planner(facts_7b):
+    from mqt_edge.cli import _plan_options
+
+    o = _plan_options("onnxruntime/cpu", 10, True, facts_7b)
+    assert o.vision_on_cpu and o.sequential_load and o.gpu_layers == 10
+    assert _plan_options("auto", 99, False, facts_7b).gpu_layers is None
+    gpu = load_profile("rtx-3060-12gb")
+    cpu_llm = predict(gpu, facts_7b, 16, _plan_options("auto", 0, False, facts_7b))[1]
+    assert cpu_llm > 3 * predict(gpu, facts_7b, 16, Options())[1]  # llama.cpp on the CPU is far slower
+
+
+def test_calibration_scales_to_another_model(bundle, tmp_path):
+    from dataclasses import replace
+
+    out = tmp_path / "dev.toml"
+    assert cli("calibrate", "--bundle", str(bundle.root), "--out", str(out), "--base", "cpu", "--runs", "1").returncode == 0
+    p = load_profile(str(out))
+    f = ModelFacts.from_bundle(bundle)
+    double = replace(f, llm_params=2 * f.llm_params, llm_bytes=2 * f.llm_bytes)
+    _, _, total1 = predict(p, f, 16, Options())
+    _, _, total2 = predict(p, double, 16, Options())
+    assert total2 > total1  # twice the LLM: slower prefill and decode
+    assert predict(p, f, 16, Options(sequential_load=True))[1] > predict(p, f, 16, Options())[1]
+
+
 def test_malformed_profile_file_in_the_cli(tmp_path):
     (tmp_path / "dev.toml").write_text(_text(**{"bandwidth_gbs = 60.0": "bandwith_gbs = 60.0"}))
     r = cli("plan", "--profile", str(tmp_path / "dev.toml"), "--preset", "bench")
@@ -187,7 +272,7 @@ def test_calibrate_writes_a_profile_the_planner_uses(bundle, tmp_path):
     p = load_profile(str(out))
     c = p.calibration
     # (the tiny model's prefill slope is within noise; benchmarks/calibration_check.py measures a real one)
-    assert p.name == "my-device" and c.vision_ms > 0 and c.prefill_ms_per_token >= 0 and c.decode_ms_per_token > 0
+    assert p.name == "my-device" and c.vision_ms > 0 and c.decode_ms_per_token > 0
     f = ModelFacts.from_bundle(bundle)
     _, ttft, _ = predict(p, f, 64, Options())
     n = f.prompt_tokens + 64 + 16

@@ -59,6 +59,16 @@ PRESETS: dict[str, Preset] = {
             vocab_size=512,
         ),
         Preset(
+            "shapes",
+            "the default model's untrained start: release grid (336 px, 14 px patches, M = 256), ~2M parameters",
+            clip=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                      image_size=336, patch_size=14, projection_dim=128, hidden_act="quick_gelu"),
+            llm=dict(hidden_size=192, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=4, max_position_embeddings=1024),
+            dtype="float32",
+            vocab_size=512,
+        ),
+        Preset(
             "bench",
             "CLIP ViT-L/14-336, M = 256 and a 1.1B LLaMA with TinyLlama's shapes, for benchmarks",
             clip=_CLIP_L_336,

@@ -7,6 +7,7 @@ rebuilds the call that loads it.
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import subprocess
@@ -126,12 +127,14 @@ _TYPES = {float: (int, float), int: (int,), bool: (bool,), str: (str,)}
 
 
 def _line_of(text: str, key: str, section: str | None) -> int:
-    """The line where `key` is set (in `section` when given), for error messages."""
+    """The line where `key` is set (in `section` when given) or its [key] table starts."""
     current = None
     for i, line in enumerate(text.splitlines(), 1):
         s = line.strip()
         if s.startswith("["):
             current = s.strip("[]").strip()
+            if current == key or current.startswith(key + "."):
+                return i
         elif re.match(rf"{re.escape(key)}\s*=", s) and (section is None or current == section):
             return i
     return 0
@@ -156,16 +159,25 @@ def _build(cls, data: dict, section: str, text: str, where: str):
             continue
         want = {"float": float, "int": int, "bool": bool, "str": str}[str(f.type)]
         v = data[name]
+        line = _line_of(text, name, section)
         if isinstance(v, bool) and want is not bool or not isinstance(v, _TYPES[want]):
-            line = _line_of(text, name, section)
             raise ProfileError(f"{where}, line {line}: '{name}' is {v!r}, expected {want.__name__}",
                                "fix the value")
+        if want in (int, float) and not (math.isfinite(v) and v >= 0) or (
+                want in (int, float) and v == 0 and name in POSITIVE):
+            raise ProfileError(f"{where}, line {line}: '{name}' is {v!r}", "use a positive, finite number")
+        if section == "efficiency" and not 0 < v <= 1:
+            raise ProfileError(f"{where}, line {line}: efficiency '{name}' is {v!r}", "use a fraction in (0, 1]")
         values[name] = want(v)
     return cls(**values)
 
 
 TOP = {"name", "description", "kind", "memory", "compute", "limits", "prefer", "sources", "modes",
        "efficiency", "calibration"}
+
+
+POSITIVE = {"total_gb", "usable_gb", "bandwidth_gbs", "fp16_tflops", "int8_tops", "cpu_cores", "cpu_gflops",
+            "ttft_ms", "memory_mb", "vision_flops", "llm_params", "llm_bytes"}
 
 
 def parse_profile(text: str, where: str, path: str | None = None) -> Profile:
@@ -184,6 +196,9 @@ def parse_profile(text: str, where: str, path: str | None = None) -> Profile:
         raise ProfileError(f"{where}, line {_line_of(text, 'kind', None)}: kind '{data['kind']}'",
                            "use jetson, gpu or cpu")
     sources = data.get("sources", {})
+    if not isinstance(sources, dict) or not all(isinstance(v, str) for v in sources.values()):
+        raise ProfileError(f"{where}, line {_line_of(text, 'sources', None)}: [sources] must map keys to text",
+                           'e.g. bandwidth_gbs = "vendor data sheet: 68 GB/s"')
     missing = [k for k in DATASHEET if k not in sources]
     if missing and "calibration" not in data:
         raise ProfileError(f"{where}: [sources] has no source for {', '.join(missing)}",
@@ -193,11 +208,24 @@ def parse_profile(text: str, where: str, path: str | None = None) -> Profile:
         raise ProfileError(f"{where}, line {_line_of(text, unknown[0], 'sources')}: unknown key '{unknown[0]}' "
                            "in [sources]", f"valid keys: {', '.join(DATASHEET)}")
     modes = data.get("modes", {})
+    if not isinstance(modes, dict) or not all(isinstance(v, dict) for v in modes.values()):
+        raise ProfileError(f"{where}, line {_line_of(text, 'modes', None)}: [modes] must hold [modes.NAME] tables",
+                           "see jetson-orin-nano-8gb.toml")
     for mode, over in modes.items():
-        for key in over:
-            if key != "source" and key not in Memory.__dataclass_fields__ and key not in Compute.__dataclass_fields__:
-                raise ProfileError(f"{where}, line {_line_of(text, key, f'modes.{mode}')}: unknown key '{key}' "
-                                   f"in [modes.{mode}]", "a mode overrides [memory] or [compute] numbers")
+        for key, v in over.items():
+            line = _line_of(text, key, f"modes.{mode}")
+            if key == "source":
+                if not isinstance(v, str):
+                    raise ProfileError(f"{where}, line {line}: [modes.{mode}] source must be text", "quote it")
+                continue
+            if key not in Memory.__dataclass_fields__ and key not in Compute.__dataclass_fields__ or key == "unified":
+                raise ProfileError(f"{where}, line {line}: unknown key '{key}' in [modes.{mode}]",
+                                   "a mode overrides [memory] or [compute] numbers")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise ProfileError(f"{where}, line {line}: [modes.{mode}] '{key}' is {v!r}",
+                                   "use a positive, finite number")
+        if "source" not in over:
+            raise ProfileError(f"{where}: [modes.{mode}] has no source", "say where its numbers come from")
     return Profile(
         name=str(data["name"]), description=str(data["description"]), kind=data["kind"],
         memory=_build(Memory, data["memory"], "memory", text, where),
@@ -223,10 +251,14 @@ def load_profile(name_or_path: str, mode: str | None = None) -> Profile:
     elif name_or_path == "jetson-orin":
         name_or_path = detect_jetson() or ORIN_FALLBACK
     path = Path(name_or_path)
-    if path.suffix == ".toml" or path.is_file():
+    if path.suffix == ".toml" or path.exists():
         if not path.is_file():
             raise ProfileError(f"profile file not found: {path}", "check the path (or use a built-in name)")
-        return parse_profile(path.read_text(), str(path), str(path)).with_mode(mode)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError) as exc:
+            raise ProfileError(f"cannot read profile {path} ({type(exc).__name__})", "save it as UTF-8 TOML") from None
+        return parse_profile(text, str(path), str(path)).with_mode(mode)
     builtin = HERE / f"{name_or_path}.toml"
     if not builtin.is_file():
         import difflib
@@ -257,38 +289,52 @@ def detect_jetson() -> str | None:
         return None
     if "thor" in model:
         return "jetson-thor"
+    if "orin" not in model:  # Xavier, the original Nano, TX2: no built-in profile
+        return None
+    ram = _total_ram_gb() or 0
     if "nano" in model:
-        return "jetson-orin-nano-8gb"
+        return "jetson-orin-nano-8gb" if ram > 6 else None  # the 4 GB module has no profile
     if "nx" in model:
-        return "jetson-orin-nx-16gb"
-    if "agx" in model or "orin" in model:
-        total_gb = _total_ram_gb()
-        return "jetson-agx-orin-32gb" if total_gb and total_gb < 40 else "jetson-agx-orin-64gb"
-    return None
+        return "jetson-orin-nx-16gb" if ram > 12 else None  # nor the 8 GB NX
+    return "jetson-agx-orin-32gb" if ram < 40 else "jetson-agx-orin-64gb"
 
 
 GPU_NAMES = (("4090", "rtx-4090"), ("3060", "rtx-3060-12gb"), ("l4", "l4"), ("a100", "a100-80gb"),
-             ("h100", "h100-80gb"), ("h200", "h100-80gb"))
+             ("h100", "h100-80gb"))
 
 
 def detect_gpu() -> str | None:
     """A built-in profile for this machine's NVIDIA GPU (nvidia-ml-py, else nvidia-smi)."""
-    name = ""
+    name, mem_gb = "", 0.0
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        name = pynvml.nvmlDeviceGetName(handle)
         name = name.decode() if isinstance(name, bytes) else name
+        mem_gb = pynvml.nvmlDeviceGetMemoryInfo(handle).total / 1e9
     except Exception:
         smi = shutil.which("nvidia-smi")
         if smi:
-            r = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
-            name = r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else ""
+            r = subprocess.run([smi, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                               capture_output=True, text=True)
+            if r.returncode == 0 and r.stdout.strip():
+                name, _, mib = r.stdout.strip().splitlines()[0].rpartition(",")
+                mem_gb = float(mib) * 2**20 / 1e9 if mib.strip().replace(".", "").isdigit() else 0.0
+    return match_gpu(name, mem_gb)
+
+
+def match_gpu(name: str, mem_gb: float) -> str | None:
+    """A built-in profile for a GPU name, only when its memory matches too (an A100 40GB, a laptop
+    4090 or a 3060 Ti is not the profile's card)."""
     low = name.lower()
+    if "laptop" in low or " ti" in low or "mobile" in low:
+        return None
     for key, profile in GPU_NAMES:
         if re.search(rf"\b{key}\b", low):
-            return profile
+            total = load_profile(profile).memory.total_gb
+            return profile if abs(mem_gb - total) <= 0.15 * total else None
     return None
 
 
@@ -299,8 +345,8 @@ def detect() -> tuple[str, str]:
         return jetson, "Jetson module from the device tree"
     gpu = detect_gpu()
     if gpu:
-        return gpu, "GPU name from NVML"
-    return "cpu", "no Jetson or known NVIDIA GPU found"
+        return gpu, "GPU name and memory from NVML"
+    return "cpu", "no Jetson Orin/Thor or known NVIDIA GPU found (run mqt-edge calibrate for this device)"
 
 
 def _total_ram_gb() -> float | None:

@@ -24,11 +24,19 @@ def measure(bundle_dir: str, runs: int = 2, threads: int | None = None) -> Calib
     from ..exporters.parity import sample_images
     from ..pipeline import Pipeline
 
+    from ..errors import InputError
+
+    if runs < 1:
+        raise InputError(f"--runs {runs}", "measure at least one run per point")
     image = sample_images(1, seed=11)[0]
     rows = []
     with Pipeline.load(bundle_dir, threads=threads) as pipe:
+        points = sorted({p for p in POINTS if p <= pipe.max_tokens} | {pipe.max_tokens})
+        if len(points) < 2:
+            raise InputError(f"the bundle serves only m = {pipe.max_tokens}",
+                             "calibrate with a bundle exported with --max-tokens 16 or more")
         pipe.ask(image, "Warm up.", tokens=1, max_new_tokens=2)
-        for m in [p for p in POINTS if p <= pipe.max_tokens] or [pipe.max_tokens]:
+        for m in points:
             for _ in range(runs):
                 a = pipe.ask(image, "What is in this image?", tokens=m, max_new_tokens=16)
                 rows.append((m, a))
@@ -78,6 +86,10 @@ def to_toml(p: Profile) -> str:
 
 def calibrate(bundle_dir: str, out: Path, base: str | None = None, runs: int = 2,
               threads: int | None = None) -> Profile:
+    from ..errors import InputError
+
+    if out.is_dir() or not out.parent.is_dir():
+        raise InputError(f"cannot write the profile to {out}", "name a .toml file in an existing directory")
     base_profile = load_profile(base or detect()[0])
     cal = measure(bundle_dir, runs, threads)
     name = out.stem

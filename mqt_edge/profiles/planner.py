@@ -13,6 +13,7 @@ Cost model (all terms documented in docs/planner.md):
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 from ..errors import InputError, MQTEdgeError
@@ -48,6 +49,7 @@ class ModelFacts:
     vision_params: int
     vision_flops: int
     patches: int
+    vision_width: int
     mqt_bytes: int
     mqt_flops_image: int
     mqt_flops_token: int
@@ -64,7 +66,8 @@ class ModelFacts:
             name=str(bundle.root), quant=llm["quant"], llm_params=int(llm["params"]), llm_bytes=int(llm["bytes"]),
             layers=llm["layers"], hidden=llm["hidden"], kv_heads=llm["kv_heads"], head_dim=llm["head_dim"],
             vocab=llm["vocab"], context_length=llm["context_length"], vision_params=vis["params"],
-            vision_flops=vis["flops"], patches=vis["patches"], mqt_bytes=m["artifacts"]["mqt"]["bytes"],
+            vision_flops=vis["flops"], patches=vis["patches"], vision_width=vis["feature_dim"],
+            mqt_bytes=m["artifacts"]["mqt"]["bytes"],
             mqt_flops_image=mqt["flops_per_image"], mqt_flops_token=mqt["flops_per_token"],
             max_tokens=m["max_tokens"], prompt_tokens=int(m["prompt"].get("prefix_tokens", PROMPT_TOKENS)),
             accuracy=acc,
@@ -89,7 +92,7 @@ class ModelFacts:
             name=f"preset {preset}", quant=quant, llm_params=params,
             llm_bytes=int(params * QUANT_BITS[quant] / 8), layers=L["num_hidden_layers"], hidden=h,
             kv_heads=kv, head_dim=h // heads, vocab=p.vocab_size, context_length=L["max_position_embeddings"],
-            vision_params=vis["params"], vision_flops=vis["flops"], patches=P,
+            vision_params=vis["params"], vision_flops=vis["flops"], patches=P, vision_width=D,
             mqt_bytes=4 * (heads_mqt * M * P + D * D + D * h + 2 * D + h),
             mqt_flops_image=2 * P * D * D, mqt_flops_token=2 * P * D + 2 * D * h, max_tokens=M,
         )
@@ -112,8 +115,8 @@ def vision_cost(D: int, inter: int, layers_run: int, image: int, patch: int) -> 
 @dataclass(frozen=True)
 class Options:
     vision_on_cpu: bool = False
-    sequential_load: bool = False
-    gpu_layers: int | None = None  # None: all layers (the profile's llm_on_gpu)
+    sequential_load: bool = False  # free the vision graph after encoding (run --sequential)
+    gpu_layers: int | None = None  # None: all layers (the profile's llm_on_gpu); clamped to 0..layers
     max_new_tokens: int = 128
 
     def label(self, facts: ModelFacts) -> str:
@@ -146,7 +149,7 @@ def memory_breakdown(profile: Profile, f: ModelFacts, m: int, o: Options) -> dic
     gpu = profile.kind != "cpu"
     n_ctx = f.prompt_tokens + m + QUESTION_TOKENS + o.max_new_tokens
     vision_on_gpu = gpu and not o.vision_on_cpu and profile.prefer.vision_backend.startswith("tensorrt")
-    gpu_frac = 1.0 if o.gpu_layers is None else o.gpu_layers / f.layers
+    gpu_frac = _gpu_frac(o, f)
     # Discrete GPU: the budget is VRAM; CPU-side parts (vision on CPU, CPU layers) live in host RAM.
     on_budget = 1.0 if (profile.memory.unified or not gpu) else gpu_frac
     vision_counted = not (gpu and not profile.memory.unified and o.vision_on_cpu)
@@ -156,56 +159,81 @@ def memory_breakdown(profile: Profile, f: ModelFacts, m: int, o: Options) -> dic
         "compute_buffers": 4 * 512 * (f.vocab + 8 * f.hidden),  # llama.cpp: logits + activations of a ubatch
         # fp16 engine on TensorRT, fp32 graph on onnxruntime; the MQT graph is fp32 either way
         "vision_weights": (f.vision_params * (2 if vision_on_gpu else 4) + f.mqt_bytes) * vision_counted,
-        "vision_activations": (4 * (f.patches + 1) * f.hidden * 8
+        "vision_activations": (4 * (f.patches + 1) * f.vision_width * 8
                                + (TRT_WORKSPACE_MB * MB if vision_on_gpu else 0)) * vision_counted,
     }
-    llm_stage = parts["llm_weights"] + parts["kv_cache"] + parts["compute_buffers"]
+    # The LLM's weights stay loaded; with sequential load the vision graph is freed after encoding,
+    # before the LLM allocates its KV cache and compute buffers (its peak), so only the larger of the
+    # two counts on top of the weights.
     vision_stage = parts["vision_weights"] + parts["vision_activations"]
-    body = max(llm_stage, vision_stage) if o.sequential_load else llm_stage + vision_stage
+    llm_peak = parts["kv_cache"] + parts["compute_buffers"]
+    body = parts["llm_weights"] + (max(llm_peak, vision_stage) if o.sequential_load else llm_peak + vision_stage)
     parts = {k: round(v / MB, 1) for k, v in parts.items()}
     parts["runtime_overhead"] = OVERHEAD_MB[profile.kind]
     parts["total_mb"] = round(body / MB + OVERHEAD_MB[profile.kind], 1)
     return parts
 
 
-def predict(profile: Profile, f: ModelFacts, m: int, o: Options) -> tuple[float, float, float]:
-    """(memory_mb, ttft_ms, total_ms) for m visual tokens."""
+def _gpu_frac(o: Options, f: ModelFacts) -> float:
+    return 1.0 if o.gpu_layers is None else min(max(o.gpu_layers, 0), f.layers) / f.layers
+
+
+HOST_BANDWIDTH_GBS = 50.0  # a discrete GPU's host: CPU-side LLM layers stream weights from DDR
+
+
+def _analytic(profile: Profile, f: ModelFacts, m: int, o: Options) -> dict[str, float]:
+    """Roofline terms in ms: vision, mqt, prefill, decode (per token)."""
     mem, comp, eff = profile.memory, profile.compute, profile.efficiency
     gpu = profile.kind != "cpu"
-    memory_mb = memory_breakdown(profile, f, m, o)["total_mb"]
     n_ctx = f.prompt_tokens + m + QUESTION_TOKENS + o.max_new_tokens
     kv_bytes = n_ctx * f.layers * 2 * f.kv_heads * f.head_dim * 2
     vision_on_gpu = gpu and not o.vision_on_cpu and profile.prefer.vision_backend.startswith("tensorrt")
     vision_w = f.vision_params * (2 if vision_on_gpu else 4) + f.mqt_bytes
-    gpu_frac = 1.0 if o.gpu_layers is None else o.gpu_layers / f.layers
-
+    cpu_tf = comp.cpu_gflops / 1000
+    tf = comp.fp16_tflops if gpu else cpu_tf
+    v_tf, v_eff = (cpu_tf, eff.cpu) if (o.vision_on_cpu or not gpu) else (tf, eff.compute)
+    bw = mem.bandwidth_gbs
+    out = {
+        "vision": _roofline_ms(f.vision_flops, vision_w, v_tf, bw, v_eff, eff.bandwidth),
+        "mqt": _roofline_ms(f.mqt_flops_image + m * f.mqt_flops_token, f.mqt_bytes, v_tf, bw, v_eff, eff.bandwidth),
+    }
     n_prefill = f.prompt_tokens + m + QUESTION_TOKENS
+    on_gpu = gpu and profile.prefer.llm_on_gpu
+    frac = _gpu_frac(o, f) if on_gpu else 0.0
+    host_bw = bw if (mem.unified or not gpu) else HOST_BANDWIDTH_GBS
+    for name, flops, nbytes in (("prefill", 2 * f.llm_params * n_prefill, f.llm_bytes),
+                                ("decode", 2 * f.llm_params, f.llm_bytes + kv_bytes)):
+        g = _roofline_ms(flops * frac, nbytes * frac, tf, bw, eff.compute, eff.bandwidth) if frac else 0.0
+        c = _roofline_ms(flops * (1 - frac), nbytes * (1 - frac), cpu_tf, host_bw, eff.cpu, eff.bandwidth)
+        out[name] = g + c
+    return out
+
+
+def predict(profile: Profile, f: ModelFacts, m: int, o: Options) -> tuple[float, float, float]:
+    """(memory_mb, ttft_ms, total_ms) for m visual tokens."""
+    memory_mb = memory_breakdown(profile, f, m, o)["total_mb"]
+    t = _analytic(profile, f, m, o)
     cal = profile.calibration
     if cal is not None:
-        vision = cal.vision_ms * f.vision_flops / cal.vision_flops
-        mqt = (cal.mqt_ms_fixed + cal.mqt_ms_per_token * m) * f.vision_flops / cal.vision_flops
-        prefill = cal.prefill_ms_fixed + cal.prefill_ms_per_token * n_prefill * f.llm_params / cal.llm_params
-        decode = cal.decode_ms_per_token * f.llm_bytes / cal.llm_bytes
-    else:
-        tf = comp.fp16_tflops if gpu else comp.cpu_gflops / 1000
-        v_tf = comp.cpu_gflops / 1000 if (o.vision_on_cpu or not gpu) else tf
-        v_eff = eff.cpu if (o.vision_on_cpu or not gpu) else eff.compute
-        vision = _roofline_ms(f.vision_flops, vision_w, v_tf, mem.bandwidth_gbs, v_eff, eff.bandwidth)
-        mqt = _roofline_ms(f.mqt_flops_image + m * f.mqt_flops_token, f.mqt_bytes, v_tf, mem.bandwidth_gbs,
-                           v_eff, eff.bandwidth)
-        llm_tf, llm_eff = (tf, eff.compute) if gpu and profile.prefer.llm_on_gpu else (comp.cpu_gflops / 1000, eff.cpu)
-        prefill = _roofline_ms(2 * f.llm_params * n_prefill, f.llm_bytes, llm_tf, mem.bandwidth_gbs, llm_eff,
-                               eff.bandwidth)
-        decode = _roofline_ms(2 * f.llm_params, f.llm_bytes + kv_bytes, llm_tf, mem.bandwidth_gbs, llm_eff,
-                              eff.bandwidth)
-        if o.gpu_layers is not None and gpu and not mem.unified:
-            cpu_share = 1 - gpu_frac  # layers on the CPU read their weights over host memory (~1/10 the speed)
-            prefill *= 1 + 9 * cpu_share
-            decode *= 1 + 9 * cpu_share
-    if o.sequential_load:
-        vision += 1000 * vision_w / (VISION_RELOAD_GBS * 1e9)
-    ttft = vision + mqt + prefill
-    total = ttft + decode * max(o.max_new_tokens - 1, 0)
+        # Measured terms, scaled to this model; the options scale them as the roofline would.
+        base = _analytic(profile, f, m, Options(max_new_tokens=o.max_new_tokens))
+        ratio = lambda k: t[k] / base[k] if base[k] > 0 else 1.0  # noqa: E731
+        scale_v = f.vision_flops / cal.vision_flops
+        n_prefill = f.prompt_tokens + m + QUESTION_TOKENS
+        t = {
+            "vision": cal.vision_ms * scale_v * ratio("vision"),
+            "mqt": (cal.mqt_ms_fixed + cal.mqt_ms_per_token * m) * scale_v * ratio("mqt"),
+            "prefill": (cal.prefill_ms_fixed + cal.prefill_ms_per_token * n_prefill * f.llm_params / cal.llm_params)
+            * ratio("prefill"),
+            "decode": cal.decode_ms_per_token * f.llm_bytes / cal.llm_bytes * ratio("decode"),
+        }
+    vision_ms = t["vision"]
+    if o.sequential_load:  # the vision graph is loaded again for each new image
+        gpu = profile.kind != "cpu"
+        on_gpu = gpu and not o.vision_on_cpu and profile.prefer.vision_backend.startswith("tensorrt")
+        vision_ms += 1000 * (f.vision_params * (2 if on_gpu else 4)) / (VISION_RELOAD_GBS * 1e9)
+    ttft = vision_ms + t["mqt"] + t["prefill"]
+    total = ttft + t["decode"] * max(o.max_new_tokens - 1, 0)
     return memory_mb, ttft, total
 
 
@@ -234,8 +262,9 @@ def plan(profile: Profile, facts: ModelFacts, ttft_ms: float | None = None, memo
         raise InputError(f"--max-new-tokens {max_new_tokens}", "ask for at least one new token")
     limits = {"memory_mb": float(memory_mb if memory_mb is not None else profile.limits.memory_mb),
               "ttft_ms": float(ttft_ms if ttft_ms is not None else profile.limits.ttft_ms)}
-    if limits["memory_mb"] <= 0 or limits["ttft_ms"] <= 0:
-        raise InputError("limits must be positive", "pass --ttft-ms and --memory-mb above 0")
+    if not all(math.isfinite(v) and v > 0 for v in limits.values()):
+        raise InputError(f"limits must be positive numbers (memory {limits['memory_mb']} MB, TTFT "
+                         f"{limits['ttft_ms']} ms)", "pass --ttft-ms and --memory-mb above 0")
     o = replace(options or Options(), max_new_tokens=max_new_tokens)
     cands = _candidates(profile, facts, o, limits)
     chosen, reason = _choose(cands, facts, limits, accuracy_drop)
@@ -269,7 +298,7 @@ def _choose(cands, facts, limits, accuracy_drop) -> tuple[int | None, str]:
         acc = dict(facts.accuracy)
         scored = [c for c in fitting if c.tokens in acc]
         if scored:
-            best = max(acc[c.tokens] for c in scored)
+            best = max(acc.values())  # the best the model reaches at any m, fitting or not
             good = [c for c in scored if acc[c.tokens] >= best - accuracy_drop]
             pick = min(good, key=lambda c: c.tokens)
             return pick.tokens, (f"smallest m within {accuracy_drop:.0%} of the best measured accuracy "
@@ -280,32 +309,33 @@ def _choose(cands, facts, limits, accuracy_drop) -> tuple[int | None, str]:
 
 
 def _what_would_fit(profile, facts, o, limits) -> list[dict]:
-    """Alternatives that make at least one m fit, cheapest change first."""
-    trials: list[tuple[str, Profile, ModelFacts, Options]] = []
+    """Changes (as `run` flags) that make at least one m fit, cheapest first."""
+    trials: list[tuple[str, ModelFacts, Options]] = []
     gpu = profile.kind != "cpu"
-    if gpu:
-        trials.append(("--vision-backend onnxruntime/cpu (vision on the CPU)", profile, facts,
-                       replace(o, vision_on_cpu=True)))
-    trials.append(("sequential load: free the vision encoder before the LLM's peak", profile, facts,
-                   replace(o, sequential_load=True)))
-    if gpu:
-        trials.append(("vision on the CPU + sequential load", profile, facts,
+    if gpu and not profile.memory.unified and not o.vision_on_cpu:
+        # On a Jetson the memory is shared: fp32 vision on the CPU would use more of it, not less.
+        trials.append(("--vision-backend onnxruntime/cpu (vision on the CPU)", facts, replace(o, vision_on_cpu=True)))
+    if not o.sequential_load:
+        trials.append(("--sequential (free the vision encoder before the LLM's peak)", facts,
+                       replace(o, sequential_load=True)))
+    if gpu and not profile.memory.unified and not o.vision_on_cpu and not o.sequential_load:
+        trials.append(("--vision-backend onnxruntime/cpu --sequential", facts,
                        replace(o, vision_on_cpu=True, sequential_load=True)))
     order = list(QUANT_BITS)
     for q in order[order.index(facts.quant) + 1:] if facts.quant in order else []:
         smaller = replace(facts, quant=q, llm_bytes=int(facts.llm_bytes * QUANT_BITS[q] / QUANT_BITS[facts.quant]))
-        trials.append((f"--quant {q}", profile, smaller, o))
+        trials.append((f"re-export with --quant {q}", smaller, o))
     for n in (64, 32):
         if n < o.max_new_tokens:
-            trials.append((f"--max-new-tokens {n} (a shorter context)", profile, facts, replace(o, max_new_tokens=n)))
+            trials.append((f"--max-new-tokens {n} (a shorter context)", facts, replace(o, max_new_tokens=n)))
     if gpu and not profile.memory.unified:
         for layers in (facts.layers * 3 // 4, facts.layers // 2):
-            trials.append((f"--n-gpu-layers {layers}", profile, facts, replace(o, gpu_layers=layers)))
+            if o.gpu_layers is None or layers < o.gpu_layers:
+                trials.append((f"--n-gpu-layers {layers}", facts, replace(o, gpu_layers=layers)))
     out = []
     base = _candidates(profile, facts, o, limits)
-    for label, prof, fx, opt in trials:
-        cands = _candidates(prof, fx, opt, limits)
-        fitting = [c for c in cands if c.fits]
+    for label, fx, opt in trials:
+        fitting = [c for c in _candidates(profile, fx, opt, limits) if c.fits]
         if fitting:
             best = max(fitting, key=lambda c: c.tokens)
             out.append({"change": label, "tokens": best.tokens, "memory_mb": best.memory_mb, "ttft_ms": best.ttft_ms})
@@ -313,9 +343,9 @@ def _what_would_fit(profile, facts, o, limits) -> list[dict]:
         lo = min(base, key=lambda c: c.tokens)
         need = []
         if lo.memory_mb > limits["memory_mb"]:
-            need.append(f"--memory-mb {lo.memory_mb:,.0f} (or a device with more memory)")
+            need.append(f"--memory-mb {math.ceil(lo.memory_mb)} (or a device with more memory)")
         if lo.ttft_ms > limits["ttft_ms"]:
-            need.append(f"--ttft-ms {lo.ttft_ms:,.0f}")
+            need.append(f"--ttft-ms {math.ceil(lo.ttft_ms)}")
         out.append({"change": " and ".join(need) or "a longer context", "tokens": lo.tokens,
                     "memory_mb": lo.memory_mb, "ttft_ms": lo.ttft_ms})
     return out

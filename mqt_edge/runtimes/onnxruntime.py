@@ -57,15 +57,22 @@ class OnnxRuntimeVision:
             so.intra_op_num_threads = self.threads
         # The ORT-fused vision graph, when the bundle has one, is for onnxruntime only.
         roles = self.bundle.manifest["artifacts"]
-        vision_path: Path = self.bundle.path("vision_ort" if "vision_ort" in roles else "vision")
-        self.vision = ort.InferenceSession(str(vision_path), so, providers=providers)
-        self.mqt = ort.InferenceSession(str(self.bundle.path("mqt")), so, providers=providers)
+        self._vision_path: Path = self.bundle.path("vision_ort" if "vision_ort" in roles else "vision")
+        self._session = lambda path: ort.InferenceSession(str(path), so, providers=providers)  # noqa: E731
+        self.vision = self._session(self._vision_path)
+        self.mqt = self._session(self.bundle.path("mqt"))
         self.provider = self.vision.get_providers()[0]
         return self
 
     def features(self, pixel_values: np.ndarray) -> np.ndarray:
         """(B, 3, H, W) float32 -> (B, P, C)."""
+        if self.vision is None:  # freed by free_vision(): load it again
+            self.vision = self._session(self._vision_path)
         return self.vision.run(None, {"pixel_values": pixel_values})[0]
+
+    def free_vision(self) -> None:
+        """Drop the vision graph (sequential load); the small MQT graph stays for refinement."""
+        self.vision = None
 
     def tokens(self, features: np.ndarray, query_ids: np.ndarray) -> np.ndarray:
         """(B, P, C), ids (m,) -> (B, m, hidden)."""

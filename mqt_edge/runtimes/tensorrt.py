@@ -55,14 +55,20 @@ class TensorRTVision:
                               "rebuild them: mqt-edge engine --bundle " + str(self.bundle.root))
         self.cudart = _cuda_runtime()
         self.stream = _check(self.cudart.cudaStreamCreate())
-        runtime = trt.Runtime(logger)
+        self.runtime = trt.Runtime(logger)
         for role in ("vision", "mqt"):
-            engine = runtime.deserialize_cuda_engine(self.bundle.path(f"{role}_trt").read_bytes())
-            if engine is None:
-                raise BundleError(f"TensorRT cannot load {role}.engine (built for another GPU?)",
-                                  "rebuild it: mqt-edge engine --bundle " + str(self.bundle.root))
-            self.engines[role] = (engine, engine.create_execution_context())
+            self._load(role)
         return self
+
+    def _load(self, role: str) -> None:
+        engine = self.runtime.deserialize_cuda_engine(self.bundle.path(f"{role}_trt").read_bytes())
+        if engine is None:
+            raise BundleError(f"TensorRT cannot load {role}.engine (built for another GPU?)",
+                              "rebuild it: mqt-edge engine --bundle " + str(self.bundle.root))
+        self.engines[role] = (engine, engine.create_execution_context())
+
+    def free_vision(self) -> None:
+        self.engines.pop("vision", None)
 
     def _run(self, role: str, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
         cudart = self.cudart
@@ -92,6 +98,8 @@ class TensorRTVision:
                 cudart.cudaFree(ptr)
 
     def features(self, pixel_values: np.ndarray) -> np.ndarray:
+        if "vision" not in self.engines:
+            self._load("vision")
         return self._run("vision", {"pixel_values": pixel_values.astype(np.float32)}, "image_features")
 
     def tokens(self, features: np.ndarray, query_ids: np.ndarray) -> np.ndarray:
