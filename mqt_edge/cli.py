@@ -46,7 +46,7 @@ def _root(
 @app.command()
 def synth(
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write the checkpoint to."),
-    preset: str = typer.Option("tiny", "--preset", "-p", help="tiny | bench | mqt-llava-7b"),
+    preset: str = typer.Option("tiny", "--preset", "-p", help="tiny | shapes | bench | mqt-llava-7b"),
     seed: int = typer.Option(0, help="Seed of the random weights."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
@@ -88,7 +88,7 @@ def reference(
 
 @app.command("export")
 def export_cmd(
-    model: Optional[str] = typer.Argument(None, help="MQT-LLaVA checkpoint directory or hub id."),
+    model: Optional[str] = typer.Argument(None, help="MQT-LLaVA checkpoint directory or hub id (default: the shipped model)."),
     out: Path = typer.Option(Path("mqt-edge-bundle"), "--out", "-o", help="Bundle directory to write."),
     max_tokens: Optional[int] = typer.Option(None, help="Largest m the bundle serves (default: the model's M)."),
     quant: str = typer.Option("q4_k_m", help="LLM weights: f32 | f16 | q8_0 | q5_k_m | q4_k_m."),
@@ -106,10 +106,15 @@ def export_cmd(
     from .exporters import ExportOptions, export
 
     if model is None:
-        raise MQTEdgeError(
-            "no MODEL given and no default model is shipped yet",
-            "pass a checkpoint directory (try: mqt-edge synth --preset tiny --out models/tiny)",
-        )
+        from .defaults import default_model
+
+        shipped = default_model()
+        if shipped is None:
+            raise MQTEdgeError(
+                "no MODEL given and this install has no default model",
+                "pass a checkpoint directory (try: mqt-edge synth --preset tiny --out models/tiny)",
+            )
+        model = str(shipped)
     opts = ExportOptions(model=model, out=out, max_tokens=max_tokens, quant=quant, vision_tower=vision_tower,
                          tensorrt=tensorrt, optimize=optimize, opt_tokens=opt_tokens, max_batch=max_batch,
                          parity=not no_parity)

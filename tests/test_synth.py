@@ -73,7 +73,7 @@ def test_interrupted_write_leaves_nothing(tmp_path):
 
 
 def test_unknown_preset():
-    with pytest.raises(InputError, match="choose one of: tiny, bench, mqt-llava-7b"):
+    with pytest.raises(InputError, match="choose one of: tiny, shapes, bench, mqt-llava-7b"):
         write_checkpoint("huge", "/tmp/never")
 
 
