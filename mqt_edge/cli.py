@@ -302,7 +302,6 @@ def profiles_show(name: str = typer.Argument(..., help="Profile name, alias or .
 
     from rich.table import Table
 
-    from .profiles import load_profile
 
     p = _load_profile_cli(name, mode)
     table = Table(title=f"{p.name}{' (' + p.mode + ')' if p.mode else ''}: {p.description}")

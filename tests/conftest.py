@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -36,3 +38,12 @@ def scene(width: int = 200, height: int = 120, seed: int = 0) -> Image.Image:
         d.ellipse([x, y, x + s, y + s], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
     noise = rng.normal(0, 6, (height, width, 3))
     return Image.fromarray(np.clip(np.asarray(im) + noise, 0, 255).astype(np.uint8))
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    """Run `mqt-edge ARGS` in a fresh interpreter, as a user would."""
+    return subprocess.run([sys.executable, "-m", "mqt_edge", *args], capture_output=True, text=True)
+
+
+def stderr_lines(r: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in r.stderr.splitlines() if line.strip()]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import scene
+from conftest import scene, stderr_lines
 from mqt_edge.errors import CheckpointError, TokensError
 from mqt_edge.model import MQTLlava
 
@@ -259,7 +259,7 @@ def test_cli_errors_are_one_line_without_traceback(ckpt, tmp_path):
     for what, args in cases.items():
         r = subprocess.run([sys.executable, "-m", "mqt_edge", "reference", *args], capture_output=True, text=True)
         assert r.returncode != 0, what
-        lines = [l for l in r.stderr.splitlines() if l.strip()]
+        lines = stderr_lines(r)
         assert len(lines) == 1 and lines[0].startswith("error:"), (what, r.stderr)
         assert "Traceback" not in r.stderr + r.stdout
 

@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -11,18 +9,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import scene
+from conftest import cli, scene, stderr_lines
 from mqt_edge.bundle import Bundle, BundleError
-from mqt_edge.errors import InputError, MQTEdgeError, TokensError
 from mqt_edge.exporters import ExportError, ExportOptions, export
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "mqt_edge", *args], capture_output=True, text=True)
-
-
 def one_line_error(r):
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    lines = stderr_lines(r)
     return r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr
 
 

@@ -1,10 +1,11 @@
 """Device profiles, the planner, calibration, and planning inside `run`."""
 
 import json
-import subprocess
 import sys
 
 import pytest
+
+from conftest import cli, stderr_lines
 
 import mqt_edge.profiles as profiles
 from mqt_edge.profiles import DATASHEET, ProfileError, builtin_names, load_profile, parse_profile
@@ -15,10 +16,6 @@ EXPECTED = {"jetson-orin-nano-8gb", "jetson-orin-nx-16gb", "jetson-agx-orin-32gb
 # Measured on this project's build machine: `mqt-edge export` of the mqt-llava-7b preset at q4_k_m.
 REAL_7B_Q4_GGUF = 4_081_193_920
 REAL_7B_VISION_ONNX = 1_162_811_070  # fp32, 23 of 24 CLIP-L layers
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "mqt_edge", *args], capture_output=True, text=True)
 
 
 def test_builtin_set_and_sources():
@@ -197,7 +194,7 @@ def test_plan_cli_json_and_table():
 ])
 def test_cli_errors_are_one_line(args, match):
     r = cli(*args)
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    lines = stderr_lines(r)
     assert r.returncode == 2 and len(lines) == 1 and match in lines[0], r.stderr
 
 
@@ -208,7 +205,7 @@ def test_cli_errors_are_one_line(args, match):
 ])
 def test_more_cli_errors(args, match):
     r = cli(*args)
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    lines = stderr_lines(r)
     assert r.returncode == 2 and len(lines) == 1 and match in lines[0], r.stderr
 
 

@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import scene
+from conftest import cli, scene, stderr_lines
 from mqt_edge.bundle import BundleError
 from mqt_edge.errors import ImageError, InputError, MQTEdgeError, TokensError
 from mqt_edge.pipeline import Pipeline
@@ -28,10 +28,6 @@ def f32_bundle(tiny_ckpt, tmp_path_factory):
 def pipe(f32_bundle):
     with Pipeline.load(f32_bundle.root) as p:
         yield p
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "mqt_edge", *args], capture_output=True, text=True)
 
 
 TIE = 1e-3  # a top-2 logit gap below this is a float tie that llama.cpp and torch may break differently
@@ -243,7 +239,7 @@ def test_cli_errors_are_one_line(f32_bundle, tmp_path, args, message):
     scene().save(tmp_path / "img.png")
     args = ["--bundle", str(f32_bundle.root)] + args if "--bundle" not in args else args
     r = cli("run", str(tmp_path / "img.png"), Q, *args)
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    lines = stderr_lines(r)
     assert r.returncode == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr
 
 

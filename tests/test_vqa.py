@@ -1,19 +1,15 @@
 """The synthetic shapes VQA task and `mqt-edge eval`."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from conftest import cli, stderr_lines
+
 from mqt_edge.errors import InputError
 from mqt_edge.evaluate import first_word, load_items
 from mqt_edge.vqa import COLORS, Scene, Shape, random_scene, sample, write_dataset
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "mqt_edge", *args], capture_output=True, text=True)
 
 
 def test_scenes_follow_the_spec():
@@ -151,5 +147,5 @@ def test_eval_scores_the_same_answers_as_fresh_requests(bundle, tmp_path):
 def test_eval_errors_are_one_line(bundle, tmp_path, args, match):
     write_dataset(tmp_path / "set", 2, seed=1)
     r = cli("eval", "--bundle", str(bundle.root), "--data", str(tmp_path / "set" / "data.jsonl"), *args)
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    lines = stderr_lines(r)
     assert r.returncode == 2 and len(lines) == 1 and match in lines[0], r.stderr

@@ -252,7 +252,8 @@ def _export(opts: ExportOptions, on_stage: Callable[[str], None]) -> ExportResul
         raise TokensError(f"--max-tokens {max_tokens} is above the model's {M} queries", f"choose 1..{M}")
     is_synth = bool(raw.get("mqt_edge_synth"))
     inter = "f32" if quant.name == "f32" or (quant.name != "f16" and stored == "float32") else "f16"
-    vision_bytes = _vision_cost(model)["params"] * 4
+    vision_cost, mqt_cost = _vision_cost(model), _mqt_cost(model.mqt, max_tokens)
+    vision_bytes = vision_cost["params"] * 4
     need = vision_bytes * (2 if opts.optimize else 1) + llm_params * (4 if inter == "f32" else 2)
     need += 0 if quant.name == inter else int(llm_params * quant.bits / 8)
     free = _free_bytes(out.parent.resolve())
@@ -310,7 +311,6 @@ def _export(opts: ExportOptions, on_stage: Callable[[str], None]) -> ExportResul
                 done("parity: reference logits")
             spec, template, bos, eos = model.image_spec, model.template, model.bos_id, sorted(model.eos_ids)
             prefix_tokens = len(model.prompt_ids("?")[0])  # BOS + the prompt before <image>
-            vision_cost, mqt_cost = _vision_cost(model), _mqt_cost(model.mqt, max_tokens)
             del model
             gc.collect()
 
@@ -358,7 +358,7 @@ def _export(opts: ExportOptions, on_stage: Callable[[str], None]) -> ExportResul
             manifest_artifacts = {role: artifact_entry(tmp, rel) for role, rel in artifacts.items()}
             if opts.tensorrt:
                 stage("tensorrt")
-                manifest_artifacts |= _build_engines(tmp, tmp, graphs, max_tokens, opts)
+                manifest_artifacts |= _build_engines(tmp, tmp, graphs, max_tokens, opts.opt_tokens, opts.max_batch)
                 done("tensorrt")
 
             stage("manifest")
@@ -440,17 +440,17 @@ def _onnx_parity(model, tmp: Path, artifacts: dict, max_tokens: int, parity) -> 
     return out
 
 
-def _build_engines(src: Path, dst: Path, graphs: dict, max_tokens: int, opts: ExportOptions) -> dict:
+def _build_engines(src: Path, dst: Path, graphs: dict, max_tokens: int, opt_tokens: int, max_batch: int) -> dict:
     """vision.engine and mqt.engine in dst, built from src's ONNX files."""
     from . import tensorrt as trt_export
 
-    shapes = trt_export.engine_shapes({"graphs": graphs, "max_tokens": max_tokens}, opts.opt_tokens, opts.max_batch)
+    shapes = trt_export.engine_shapes({"graphs": graphs, "max_tokens": max_tokens}, opt_tokens, max_batch)
     entries = {}
     for role in ("vision", "mqt"):
         trt_export.build_engine(src / f"{role}.onnx", dst / f"{role}.engine", shapes[role])
         entries[f"{role}_trt"] = artifact_entry(dst, f"{role}.engine") | {
             "tensorrt": trt_export.tensorrt_version(), "gpu": trt_export.gpu_name(),
-            "opt_tokens": opts.opt_tokens, "max_batch": opts.max_batch,
+            "opt_tokens": opt_tokens, "max_batch": max_batch,
         }
     return entries
 
@@ -461,12 +461,11 @@ def build_engines_in_bundle(bundle_dir: Path, opt_tokens: int = 64, max_batch: i
 
     trt_export.load_tensorrt()
     bundle = Bundle.open(bundle_dir)
-    opts = ExportOptions(model=bundle.manifest["source"]["model"], opt_tokens=opt_tokens, max_batch=max_batch)
     tmp = bundle_dir / ".engines-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        entries = _build_engines(bundle_dir, tmp, bundle.manifest["graphs"], bundle.max_tokens, opts)
+        entries = _build_engines(bundle_dir, tmp, bundle.manifest["graphs"], bundle.max_tokens, opt_tokens, max_batch)
         for entry in entries.values():
             os.replace(tmp / entry["path"], bundle_dir / entry["path"])
         manifest = dict(bundle.manifest)

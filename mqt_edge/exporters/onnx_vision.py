@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
 from onnx import TensorProto, helper
 
 from ..model import MQTLlava

@@ -143,22 +143,37 @@ def _roofline_ms(flops: float, nbytes: float, tflops: float, gbs: float, eff_c: 
     return 1000 * max(flops / (tflops * 1e12 * eff_c), nbytes / (gbs * 1e9 * eff_b))
 
 
+def _n_ctx(f: ModelFacts, m: int, o: Options) -> int:
+    return f.prompt_tokens + m + QUESTION_TOKENS + o.max_new_tokens
+
+
+def _kv_bytes(f: ModelFacts, m: int, o: Options) -> int:
+    return _n_ctx(f, m, o) * f.layers * 2 * f.kv_heads * f.head_dim * 2  # f16 K and V
+
+
+def _vision_on_gpu(profile: Profile, o: Options) -> bool:
+    return profile.kind != "cpu" and not o.vision_on_cpu and profile.prefer.vision_backend.startswith("tensorrt")
+
+
+def _vision_bytes(profile: Profile, f: ModelFacts, o: Options) -> int:
+    """CLIP weights as loaded: an fp16 TensorRT engine, or the fp32 graph on onnxruntime."""
+    return f.vision_params * (2 if _vision_on_gpu(profile, o) else 4)
+
+
 def memory_breakdown(profile: Profile, f: ModelFacts, m: int, o: Options) -> dict:
     """Bytes of each part that counts against the device's memory limit, and the total in MB."""
     MB = 2**20
     gpu = profile.kind != "cpu"
-    n_ctx = f.prompt_tokens + m + QUESTION_TOKENS + o.max_new_tokens
-    vision_on_gpu = gpu and not o.vision_on_cpu and profile.prefer.vision_backend.startswith("tensorrt")
+    vision_on_gpu = _vision_on_gpu(profile, o)
     gpu_frac = _gpu_frac(o, f)
     # Discrete GPU: the budget is VRAM; CPU-side parts (vision on CPU, CPU layers) live in host RAM.
     on_budget = 1.0 if (profile.memory.unified or not gpu) else gpu_frac
     vision_counted = not (gpu and not profile.memory.unified and o.vision_on_cpu)
     parts = {
         "llm_weights": f.llm_bytes * on_budget,
-        "kv_cache": n_ctx * f.layers * 2 * f.kv_heads * f.head_dim * 2 * on_budget,  # f16 K and V
+        "kv_cache": _kv_bytes(f, m, o) * on_budget,
         "compute_buffers": 4 * 512 * (f.vocab + 8 * f.hidden),  # llama.cpp: logits + activations of a ubatch
-        # fp16 engine on TensorRT, fp32 graph on onnxruntime; the MQT graph is fp32 either way
-        "vision_weights": (f.vision_params * (2 if vision_on_gpu else 4) + f.mqt_bytes) * vision_counted,
+        "vision_weights": (_vision_bytes(profile, f, o) + f.mqt_bytes) * vision_counted,  # MQT graph: fp32
         "vision_activations": (4 * (f.patches + 1) * f.vision_width * 8
                                + (TRT_WORKSPACE_MB * MB if vision_on_gpu else 0)) * vision_counted,
     }
@@ -185,10 +200,8 @@ def _analytic(profile: Profile, f: ModelFacts, m: int, o: Options) -> dict[str, 
     """Roofline terms in ms: vision, mqt, prefill, decode (per token)."""
     mem, comp, eff = profile.memory, profile.compute, profile.efficiency
     gpu = profile.kind != "cpu"
-    n_ctx = f.prompt_tokens + m + QUESTION_TOKENS + o.max_new_tokens
-    kv_bytes = n_ctx * f.layers * 2 * f.kv_heads * f.head_dim * 2
-    vision_on_gpu = gpu and not o.vision_on_cpu and profile.prefer.vision_backend.startswith("tensorrt")
-    vision_w = f.vision_params * (2 if vision_on_gpu else 4) + f.mqt_bytes
+    kv_bytes = _kv_bytes(f, m, o)
+    vision_w = _vision_bytes(profile, f, o) + f.mqt_bytes
     cpu_tf = comp.cpu_gflops / 1000
     tf = comp.fp16_tflops if gpu else cpu_tf
     v_tf, v_eff = (cpu_tf, eff.cpu) if (o.vision_on_cpu or not gpu) else (tf, eff.compute)
@@ -229,9 +242,7 @@ def predict(profile: Profile, f: ModelFacts, m: int, o: Options) -> tuple[float,
         }
     vision_ms = t["vision"]
     if o.sequential_load:  # the vision graph is loaded again for each new image
-        gpu = profile.kind != "cpu"
-        on_gpu = gpu and not o.vision_on_cpu and profile.prefer.vision_backend.startswith("tensorrt")
-        vision_ms += 1000 * (f.vision_params * (2 if on_gpu else 4)) / (VISION_RELOAD_GBS * 1e9)
+        vision_ms += 1000 * _vision_bytes(profile, f, o) / (VISION_RELOAD_GBS * 1e9)
     ttft = vision_ms + t["mqt"] + t["prefill"]
     total = ttft + t["decode"] * max(o.max_new_tokens - 1, 0)
     return memory_mb, ttft, total
@@ -278,8 +289,7 @@ def _candidates(profile, facts, o, limits) -> list[Candidate]:
     out = []
     for m in sorted({c for c in CANDIDATES if c <= facts.max_tokens} | {facts.max_tokens}):
         mem, ttft, total = predict(profile, facts, m, o)
-        n_ctx = facts.prompt_tokens + m + QUESTION_TOKENS + o.max_new_tokens
-        fits = mem <= limits["memory_mb"] and ttft <= limits["ttft_ms"] and n_ctx <= facts.context_length
+        fits = mem <= limits["memory_mb"] and ttft <= limits["ttft_ms"] and _n_ctx(facts, m, o) <= facts.context_length
         out.append(Candidate(m, round(mem, 1), round(ttft, 2), round(total, 2), fits))
     return out
 
