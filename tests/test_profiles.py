@@ -4,6 +4,7 @@ import json
 import sys
 
 import pytest
+import numpy as np
 
 from conftest import cli, stderr_lines
 
@@ -292,3 +293,19 @@ def test_run_asks_the_planner_when_tokens_are_absent(bundle, tmp_path):
     r = cli("run", str(tmp_path / "img.png"), "Q?", "--bundle", str(bundle.root), "--profile", "cpu",
             "--ttft-ms", "0.001")
     assert r.returncode == 2 and "nothing fits" in r.stderr and "would fit" in r.stderr
+
+
+def test_calibration_line_fit_never_goes_negative():
+    from mqt_edge.profiles.calibrate import line_fit
+
+    # a plain fit of these timings has a negative intercept (the CI failure that motivated this)
+    x, y = [4, 4, 19, 19, 67, 67], [0.1, 0.2, 1.3, 1.0, 5.9, 6.3]
+    assert np.polyfit(x, y, 1)[1] < 0
+    fixed, slope = line_fit(x, y)
+    assert fixed == 0.0 and slope > 0
+    assert abs(slope - np.dot(x, y) / np.dot(x, x)) < 1e-12
+    # falling timings: flat at the mean
+    assert line_fit([1, 2, 3], [3.0, 2.0, 1.0]) == (2.0, 0.0)
+    # a clean line is recovered as is
+    f, s = line_fit([1, 2, 3, 4], [2.5, 3.0, 3.5, 4.0])
+    assert abs(f - 2.0) < 1e-9 and abs(s - 0.5) < 1e-9

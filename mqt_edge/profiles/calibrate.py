@@ -15,9 +15,25 @@ from pathlib import Path
 
 import numpy as np
 
-from . import Calibration, Profile, detect, load_profile
+from . import Calibration, Profile, detect, load_profile, parse_profile
 
 POINTS = (1, 16, 64, 128, 256)
+
+
+def line_fit(x, y) -> tuple[float, float]:
+    """(fixed, per_unit) of the least-squares line y = fixed + per_unit * x with both terms >= 0.
+
+    Timing noise on a busy machine can tilt an unconstrained fit below zero; the constrained optimum
+    lies either inside (the plain fit) or on a boundary (through the origin, or flat at the mean).
+    """
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    slope, fixed = np.polyfit(x, y, 1) if np.ptp(x) > 0 else (0.0, float(y.mean()))
+    if fixed >= 0 and slope >= 0:
+        return float(fixed), float(slope)
+    candidates = [(float(max(y.mean(), 0.0)), 0.0)]
+    if (x * x).sum() > 0:
+        candidates.append((0.0, float(max((x * y).sum() / (x * x).sum(), 0.0))))
+    return min(candidates, key=lambda c: float(((c[0] + c[1] * x - y) ** 2).sum()))
 
 
 def measure(bundle_dir: str, runs: int = 2, threads: int | None = None) -> Calibration:
@@ -42,15 +58,13 @@ def measure(bundle_dir: str, runs: int = 2, threads: int | None = None) -> Calib
                 rows.append((m, a))
         manifest = pipe.bundle.manifest
     t = lambda a, k: a.timings_ms[k]  # noqa: E731
-    ms = np.array([m for m, _ in rows], float)
-    mqt_fit = np.polyfit(ms, [t(a, "mqt") for _, a in rows], 1)
-    n = np.array([a.prefilled for _, a in rows], float)
-    prefill_fit = np.polyfit(n, [t(a, "prefill") for _, a in rows], 1)
+    mqt_fixed, mqt_slope = line_fit([m for m, _ in rows], [t(a, "mqt") for _, a in rows])
+    prefill_fixed, prefill_slope = line_fit([a.prefilled for _, a in rows], [t(a, "prefill") for _, a in rows])
     decode = [1000 / a.decode_tokens_per_s for _, a in rows if a.decode_tokens_per_s]
     return Calibration(
         vision_ms=round(statistics.median(t(a, "preprocess") + t(a, "vision") for _, a in rows), 2),
-        mqt_ms_fixed=round(max(mqt_fit[1], 0.0), 4), mqt_ms_per_token=round(max(mqt_fit[0], 0.0), 5),
-        prefill_ms_fixed=round(prefill_fit[1], 3), prefill_ms_per_token=round(max(prefill_fit[0], 0.0), 4),
+        mqt_ms_fixed=round(mqt_fixed, 4), mqt_ms_per_token=round(mqt_slope, 5),
+        prefill_ms_fixed=round(prefill_fixed, 3), prefill_ms_per_token=round(prefill_slope, 4),
         decode_ms_per_token=round(statistics.median(decode), 3) if decode else 0.0,
         peak_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         llm_params=int(manifest["llm"]["params"]), llm_bytes=int(manifest["llm"]["bytes"]),
@@ -96,6 +110,7 @@ def calibrate(bundle_dir: str, out: Path, base: str | None = None, runs: int = 2
     profile = replace(base_profile, name=name, calibration=cal, mode=None, path=str(out),
                       description=f"{base_profile.description}; calibrated on this device")
     text = to_toml(profile)
+    parse_profile(text, str(out), str(out))  # a profile that would not load is never written
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(out)
