@@ -475,30 +475,45 @@ def train(
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint directory to write (release layout)."),
     model: Optional[str] = typer.Option(None, help="Checkpoint to start from (default: a fresh --init preset)."),
     init: str = typer.Option("shapes", help="synth preset to start from when no --model is given."),
+    stage0_steps: int = typer.Option(0, min=0, help="Vision pretraining steps on dense scene labels."),
     stage1_steps: int = typer.Option(600, min=0, help="Stage 1 steps (m = M)."),
     stage2_steps: int = typer.Option(1200, min=0, help="Stage 2 steps (m drawn from 2, 4, ..., M)."),
     batch_size: int = typer.Option(16, min=1),
     lr: float = typer.Option(1e-3, help="Peak learning rate (cosine schedule, warm-up)."),
-    parts: str = typer.Option("vision,mqt,llm", help="Trained parts: any of vision, mqt, llm."),
+    parts: str = typer.Option("vision,mqt,llm", help="Trained parts in stages 1 and 2: any of vision, mqt, llm."),
+    aux_weight: float = typer.Option(0.0, min=0.0, help="Weight of the dense scene-label loss in stages 1 and 2."),
+    localize: bool = typer.Option(False, help="Start the MQT's attention maps as local Gaussians."),
     seed: int = typer.Option(0, help="Seed of the data stream, the init and the m draws."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (default: torch's)."),
+    keep_stages: bool = typer.Option(False, help="Also save the model after each stage, as OUT-stageN."),
 ) -> None:
     """Matryoshka training on the synthetic shapes task (stage 1: m = M, stage 2: random m)."""
     import tempfile
+    import time
 
     import numpy as np
+    import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .model import MQTLlava
     from .model.synth import write_checkpoint
-    from .train import StageConfig, save_checkpoint, synthetic_examples, train_stage
+    from .train import StageConfig, localize_queries, save_checkpoint, synthetic_examples, train_stage
 
+    if threads:
+        torch.set_num_threads(threads)
     chosen = tuple(p.strip() for p in parts.split(",") if p.strip())
-    stages = [StageConfig(1, stage1_steps, batch_size, lr, chosen), StageConfig(2, stage2_steps, batch_size, lr, chosen)]
+    stages = [StageConfig(0, stage0_steps, batch_size, lr, ("vision",)),
+              StageConfig(1, stage1_steps, batch_size, lr, chosen, aux_weight=aux_weight),
+              StageConfig(2, stage2_steps, batch_size, lr, chosen, aux_weight=aux_weight)]
+    started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         start = model or str(write_checkpoint(init, Path(tmp) / "init", seed=seed))
         net = MQTLlava.from_pretrained(start, dtype="float32")
+        torch.manual_seed(seed)
+        history: dict[str, list[float]] = {}
+        if localize:
+            history["localize_kl"] = [localize_queries(net)]
         data = synthetic_examples(seed)
-        history = {}
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
                       TextColumn("m {task.fields[m]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                       console=err) as bar:
@@ -509,9 +524,14 @@ def train(
                 history[f"stage{cfg.stage}"] = train_stage(
                     net, cfg, data, seed + cfg.stage,
                     on_step=lambda s, loss, m, t=task: bar.update(t, advance=1, loss=loss, m=m))
-        recipe = {"stage1_steps": stage1_steps, "stage2_steps": stage2_steps, "batch_size": batch_size,
-                  "lr": lr, "parts": list(chosen), "seed": seed, "init": model or init,
-                  "final_loss": {k: float(np.mean(v[-50:])) for k, v in history.items()}}
+                if keep_stages and cfg.stage:
+                    save_checkpoint(net, out.with_name(f"{out.name}-stage{cfg.stage}"))
+        recipe = {"stage0_steps": stage0_steps, "stage1_steps": stage1_steps, "stage2_steps": stage2_steps,
+                  "batch_size": batch_size, "lr": lr, "parts": list(chosen), "aux_weight": aux_weight,
+                  "localize": localize, "seed": seed, "init": model or init,
+                  "examples_seen": batch_size * (stage0_steps + stage1_steps + stage2_steps),
+                  "train_seconds": round(time.time() - started),
+                  "final_loss": {k: float(np.mean(v[-50:])) for k, v in history.items() if k.startswith("stage")}}
         save_checkpoint(net, out, {"mqt_edge_train": recipe})
     (Path(out) / "train_log.json").write_text(json.dumps(history))
     err.print(f"wrote {out}: final losses {recipe['final_loss']}", highlight=False)

@@ -7,6 +7,17 @@ frozen; a model trained from scratch also trains its vision tower). The loss is 
 cross-entropy on the answer tokens and EOS, with the llava_v1 prompt and the visual tokens spliced
 in exactly as at inference. Nothing here is specific to the tiny model: the same loop runs the real
 7B on a GPU (device=...), memory permitting.
+
+The release starts from a pretrained CLIP. A model trained from scratch has no such tower, and the
+answer loss alone, reaching the vision tower through a random MQT and LLM, barely moves it (our
+first attempt stayed at the answer priors). Two steps stand in for CLIP's pretraining:
+- stage 0 pretrains the vision tower on dense scene labels: every patch predicts the colour and
+  shape of the object under it (or background), the number of shapes and, with two shapes, whether
+  its object is the left or the right one. A linear head reads the features the MQT reads; the head
+  is discarded. The same loss can ride along in stages 1 and 2 (`aux_weight`).
+- `localize_queries` fits the MQT's (image-independent) attention maps to Gaussians around each
+  query's cell of the query grid, so that at the start every visual token summarises one region
+  instead of the whole image. Training then reshapes the maps freely.
 """
 
 from __future__ import annotations
@@ -28,22 +39,29 @@ from .model import MQTLlava
 PARTS = ("vision", "mqt", "llm")
 
 
+LABELS = (5, 4, 3, 2)  # classes per patch: colour (bg + 4), shape (bg + 3), count (1..3), side (left/right)
+
+
 @dataclass(frozen=True)
 class StageConfig:
-    stage: int  # 1: m = M; 2: m ~ U{2, 4, ..., M}
+    stage: int  # 0: vision on dense scene labels; 1: m = M; 2: m ~ U{2, 4, ..., M}
     steps: int
     batch_size: int = 16
     lr: float = 1e-3
     train: tuple[str, ...] = ("mqt",)
     weight_decay: float = 0.0
     warmup: int = 20
+    aux_weight: float = 0.0  # weight of the dense scene-label loss in stages 1 and 2
 
     def __post_init__(self) -> None:
-        if self.stage not in (1, 2):
-            raise InputError(f"stage {self.stage}", "use stage 1 (m = M) or 2 (m drawn from 2, 4, ..., M)")
+        if self.stage not in (0, 1, 2):
+            raise InputError(f"stage {self.stage}",
+                             "use stage 0 (vision pretraining), 1 (m = M) or 2 (m drawn from 2, 4, ..., M)")
         bad = [p for p in self.train if p not in PARTS]
         if bad or not self.train:
             raise InputError(f"cannot train {bad or 'nothing'}", f"choose from {', '.join(PARTS)}")
+        if self.stage == 0 and self.train != ("vision",):
+            raise InputError("stage 0 pretrains the vision tower only", "train=('vision',) in stage 0")
 
 
 @dataclass
@@ -51,16 +69,109 @@ class Example:
     pixel_values: torch.Tensor  # (3, H, W)
     question: str
     answer: str
+    labels: torch.Tensor | None = None  # (P, 4) dense scene labels, -100 where undefined
 
 
-def synthetic_examples(seed: int) -> Iterator[tuple[object, str, str]]:
-    """An endless, seeded stream of (image, question, answer) from the shapes task."""
+def synthetic_examples(seed: int) -> Iterator[tuple[object, str, str, object]]:
+    """An endless, seeded stream of (image, question, answer, scene) from the shapes task."""
     from .vqa import sample
 
     rng = np.random.default_rng(seed)
     while True:
         scene, _, question, answer = sample(rng)
-        yield scene.render(), question, answer
+        yield scene.render(), question, answer, scene
+
+
+def patch_labels(scene, spec, grid: tuple[int, int], sub: int = 3) -> np.ndarray:
+    """Dense labels (P, 4) of a scene on the vision tower's patch grid, int64, -100 = undefined.
+
+    Each patch looks at sub x sub points mapped back through the preprocessing (pad to a square,
+    resize, centre crop); the object covering most of them labels the patch, so shapes smaller
+    than a patch still label one.
+    """
+    gh, gw = grid
+    ch, cw = spec.crop
+    side = max(scene.width, scene.height) if spec.pad_to_square else None
+    if side is None:  # plain resize of the shorter edge, then the centre crop
+        scale = min(scene.width, scene.height) / spec.size
+        ox = (scene.width / scale - cw) / 2 * scale
+        oy = (scene.height / scale - ch) / 2 * scale
+    else:
+        scale = side / spec.size
+        ox = oy = (side / scale - cw) / 2 * scale  # 0 unless the crop is smaller than the resize
+        ox -= (side - scene.width) // 2
+        oy -= (side - scene.height) // 2
+    v = (np.arange(gh * sub) + 0.5) * (ch / (gh * sub))  # sample points in crop pixels
+    u = (np.arange(gw * sub) + 0.5) * (cw / (gw * sub))
+    x = u[None, :] * scale + ox  # (1, W*sub) in original pixels
+    y = v[:, None] * scale + oy  # (H*sub, 1)
+    hits = np.zeros((len(scene.shapes), gh, gw), np.int32)
+    for i, s in enumerate(scene.shapes):
+        x0, y0, x1, y1 = s.box()
+        if s.kind == "circle":
+            inside = (x - s.cx) ** 2 + (y - s.cy) ** 2 <= (s.size / 2) ** 2
+        elif s.kind == "square":
+            inside = (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
+        else:  # upward triangle: the half-width grows linearly from the apex
+            inside = (y >= y0) & (y <= y1) & (np.abs(x - s.cx) <= (y - y0) / max(y1 - y0, 1e-6) * s.size / 2)
+        hits[i] = inside.reshape(gh, sub, gw, sub).sum(axis=(1, 3))
+    from .vqa import COLORS, SHAPES
+
+    labels = np.full((gh * gw, 4), -100, np.int64)
+    labels[:, 0] = labels[:, 1] = 0
+    owner = hits.argmax(0).reshape(-1)
+    covered = hits.max(0).reshape(-1) > 0
+    n = len(scene.shapes)
+    for i, s in enumerate(scene.shapes):
+        at = covered & (owner == i)
+        labels[at, 0] = 1 + list(COLORS).index(s.color)
+        labels[at, 1] = 1 + SHAPES.index(s.kind)
+        labels[at, 2] = n - 1
+        if n == 2:
+            other = scene.shapes[1 - i]
+            labels[at, 3] = 0 if s.cx < other.cx else 1
+    return labels
+
+
+def localize_queries(model: MQTLlava, sigma: float = 1.0, steps: int = 300, lr: float = 0.05) -> float:
+    """Fit the MQT's attention maps to a Gaussian (sigma in key-grid patches) around each query's cell.
+
+    Only the parameters that shape the maps move (queries, the q/k projections, ln_q, ln_k); the
+    value path is untouched. Returns the final mean KL divergence (nats).
+    """
+    mqt = model.mqt
+    c = mqt.config
+    g, (gh, gw) = c.query_grid, c.key_grid
+    qy, qx = np.divmod(np.arange(c.num_queries), g)
+    cy, cx = (qy + 0.5) * gh / g - 0.5, (qx + 0.5) * gw / g - 0.5  # query cell centres in key patches
+    ky, kx = np.divmod(np.arange(gh * gw), gw)
+    d2 = (cy[:, None] - ky[None]) ** 2 + (cx[:, None] - kx[None]) ** 2
+    target = torch.softmax(torch.from_numpy(-d2 / (2 * sigma**2)).float(), dim=-1)  # (M, P)
+    w = mqt.attn.in_proj_weight
+    D, H = c.kv_dim, c.num_heads
+    hd = D // H
+    params = [mqt.query, mqt.ln_q.weight, mqt.ln_q.bias, mqt.ln_k.weight, mqt.ln_k.bias]
+    qk = torch.nn.Parameter(w[: 2 * D].detach().clone())
+    qk_bias = torch.nn.Parameter(mqt.attn.in_proj_bias[: 2 * D].detach().clone())
+    opt = torch.optim.Adam(params + [qk, qk_bias], lr=lr)
+    pos = mqt.pos_embed.float()
+    for p in params:
+        p.requires_grad_(True)
+    kl = torch.tensor(0.0)
+    for _ in range(steps):
+        q = F.linear(mqt.ln_q(mqt.query + pos), qk[:D], qk_bias[:D]).view(-1, H, hd).transpose(0, 1)
+        k = F.linear(mqt.ln_k(mqt.key_positions().float()), qk[D:], qk_bias[D:]).view(-1, H, hd).transpose(0, 1)
+        logp = torch.log_softmax(q @ k.transpose(1, 2) * hd**-0.5, dim=-1)  # (H, M, P)
+        kl = (target * (target.clamp_min(1e-12).log() - logp)).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        kl.backward()
+        opt.step()
+    with torch.no_grad():
+        w[: 2 * D].copy_(qk)
+        mqt.attn.in_proj_bias[: 2 * D].copy_(qk_bias)
+    for p in params:
+        p.requires_grad_(False)
+    return float(kl.detach())
 
 
 def _set_trainable(model: MQTLlava, parts: tuple[str, ...]) -> list[torch.nn.Parameter]:
@@ -74,10 +185,36 @@ def _set_trainable(model: MQTLlava, parts: tuple[str, ...]) -> list[torch.nn.Par
     return params
 
 
-def _batch_loss(model: MQTLlava, batch: list[Example], m: int) -> torch.Tensor:
+def _aux_head(model: MQTLlava) -> torch.nn.Linear:
+    """The training-only linear head of the dense scene labels (never saved)."""
+    head = getattr(model, "_scene_head", None)
+    if head is None:
+        head = torch.nn.Linear(model.vision.config.hidden_size, sum(LABELS)).to(model.device)
+        object.__setattr__(model, "_scene_head", head)  # not a submodule: stays out of the checkpoint
+    return head
+
+
+def _aux_loss(model: MQTLlava, feats: torch.Tensor, batch: list[Example]) -> torch.Tensor:
+    logits = _aux_head(model)(feats.float())  # (B, P, sum(LABELS))
+    labels = torch.stack([e.labels for e in batch]).to(feats.device)  # (B, P, 4)
+    loss, start = feats.new_zeros(()), 0
+    for j, n in enumerate(LABELS):
+        y = labels[..., j].reshape(-1)
+        if (y != -100).any():
+            loss = loss + F.cross_entropy(logits[..., start:start + n].reshape(-1, n), y, ignore_index=-100)
+        start += n
+    return loss
+
+
+def _features(model: MQTLlava, batch: list[Example]) -> torch.Tensor:
+    pixels = torch.stack([e.pixel_values for e in batch]).to(model.device)
+    return model.vision(pixels.to(model.mqt.query.dtype)).last_hidden_state[:, 1:]  # (B, P, C)
+
+
+def _batch_loss(model: MQTLlava, batch: list[Example], m: int, aux_weight: float = 0.0) -> torch.Tensor:
     dev = model.device
-    pixels = torch.stack([e.pixel_values for e in batch]).to(dev)
-    feats = model.vision(pixels.to(model.mqt.query.dtype)).last_hidden_state[:, 1:]  # (B, P, C)
+    feats = _features(model, batch)
+    aux = aux_weight * _aux_loss(model, feats, batch) if aux_weight else 0.0
     visual = model.mqt(feats, tokens=m)  # (B, m, hidden)
     embed = model.llm.get_input_embeddings()
     seqs, labels = [], []
@@ -96,7 +233,7 @@ def _batch_loss(model: MQTLlava, batch: list[Example], m: int) -> torch.Tensor:
         x[i, : len(s)], y[i, : len(s)], mask[i, : len(s)] = s, lab, 1
     logits = model.llm(inputs_embeds=x, attention_mask=mask).logits
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), y[:, 1:].reshape(-1),
-                           ignore_index=-100)
+                           ignore_index=-100) + aux
 
 
 def train_stage(model: MQTLlava, cfg: StageConfig, data: Iterator[tuple[object, str, str]], seed: int = 0,
@@ -106,6 +243,9 @@ def train_stage(model: MQTLlava, cfg: StageConfig, data: Iterator[tuple[object, 
     rng = np.random.default_rng(seed)
     M = model.num_queries
     params = _set_trainable(model, cfg.train)
+    dense = cfg.stage == 0 or cfg.aux_weight > 0
+    if dense:
+        params += list(_aux_head(model).parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)) * 0.5 * (1 + np.cos(np.pi * s / max(1, cfg.steps))))
@@ -114,10 +254,18 @@ def train_stage(model: MQTLlava, cfg: StageConfig, data: Iterator[tuple[object, 
     for step in range(cfg.steps):
         batch = []
         for _ in range(cfg.batch_size):
-            image, question, answer = next(data)
-            batch.append(Example(torch.from_numpy(preprocess(image, model.image_spec)[0]), question, answer))
-        m = M if cfg.stage == 1 else int(rng.choice(np.arange(2, M + 1, 2)))
-        loss = _batch_loss(model, batch, m)
+            image, question, answer, *scene = next(data)
+            if dense and not scene:
+                raise InputError("dense scene labels need scenes in the data stream",
+                                 "use synthetic_examples(), or aux_weight=0 and no stage 0")
+            labels = torch.from_numpy(patch_labels(scene[0], model.image_spec, model.mqt.config.key_grid)) \
+                if dense else None
+            batch.append(Example(torch.from_numpy(preprocess(image, model.image_spec)[0]), question, answer, labels))
+        m = M if cfg.stage in (0, 1) else int(rng.choice(np.arange(2, M + 1, 2)))
+        if cfg.stage == 0:
+            loss = _aux_loss(model, _features(model, batch), batch)
+        else:
+            loss = _batch_loss(model, batch, m, cfg.aux_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

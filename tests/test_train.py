@@ -1,12 +1,23 @@
 """Matryoshka training: the recipe runs, learns, and saves a checkpoint that loads back exactly."""
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import scene
 from mqt_edge.errors import InputError
 from mqt_edge.model import MQTLlava
-from mqt_edge.train import StageConfig, save_checkpoint, synthetic_examples, train_stage
+from mqt_edge.train import (
+    LABELS,
+    StageConfig,
+    localize_queries,
+    patch_labels,
+    save_checkpoint,
+    synthetic_examples,
+    train_stage,
+)
+from mqt_edge.image import preprocess
+from mqt_edge.vqa import COLORS, SHAPES, Scene, Shape
 
 
 def test_stages_learn_and_the_checkpoint_round_trips(tiny_ckpt, tmp_path):
@@ -37,3 +48,88 @@ def test_bad_stage_configs():
         StageConfig(3, steps=1)
     with pytest.raises(InputError):
         StageConfig(1, steps=1, train=("eyes",))
+    with pytest.raises(InputError):
+        StageConfig(0, steps=1, train=("mqt",))  # stage 0 is the vision tower's
+
+
+def test_dense_labels_match_the_preprocessed_pixels(tiny_model):
+    """Each labelled patch shows its object's colour after padding/resizing; background patches do not."""
+    spec, grid = tiny_model.image_spec, tiny_model.mqt.config.key_grid
+    for w, h in ((400, 120), (90, 300), (256, 256)):  # padded left/right, padded top/bottom, square
+        short = min(w, h)
+        shapes = (Shape("square", "red", COLORS["red"], w * 0.25, h * 0.5, 0.28 * short),
+                  Shape("circle", "blue", COLORS["blue"], w * 0.75, h * 0.5, 0.28 * short))
+        if h > w:
+            shapes = (Shape("square", "red", COLORS["red"], w * 0.5, h * 0.25, 0.28 * short),
+                      Shape("circle", "blue", COLORS["blue"], w * 0.5, h * 0.75, 0.28 * short))
+        sc = Scene(w, h, (230, 230, 230), shapes)
+        labels = patch_labels(sc, spec, grid)
+        assert labels.shape == (grid[0] * grid[1], len(LABELS))
+        pixels = preprocess(sc.render(), spec)[0]  # (3, H, W), normalised
+        ph, pw = pixels.shape[1] // grid[0], pixels.shape[2] // grid[1]
+        rgb = pixels.reshape(3, grid[0], ph, grid[1], pw).mean((2, 4)).reshape(3, -1).T
+        rgb = rgb * np.array(spec.std) + np.array(spec.mean)  # back to 0..1
+        for color_id, name in ((1 + list(COLORS).index("red"), "red"), (1 + list(COLORS).index("blue"), "blue")):
+            at = labels[:, 0] == color_id
+            assert at.sum() >= 2, (w, h, name)
+            # at least half of a labelled patch is the shape (3x3 points vote), so its mean leans to the colour
+            want = np.array(COLORS[name]) / 255
+            assert np.abs(rgb[at].mean(0) - want).sum() < np.abs(np.array([230 / 255] * 3) - want).sum() * 0.75
+        shape_of = {1 + list(COLORS).index("red"): 1 + SHAPES.index("square"),
+                    1 + list(COLORS).index("blue"): 1 + SHAPES.index("circle")}
+        for c, k in shape_of.items():
+            assert (labels[labels[:, 0] == c, 1] == k).all()
+        obj = labels[:, 0] > 0
+        assert (labels[obj, 2] == 1).all() and (labels[~obj, 2] == -100).all()  # "two" shapes; bg undefined
+        red = labels[:, 0] == 1 + list(COLORS).index("red")
+        assert (labels[red, 3] == 0).all() if w >= h else True  # the square is the left one
+        bg = rgb[~obj].mean(0)
+        assert np.abs(bg - 230 / 255).max() < 0.1 or (w, h) != (256, 256)
+
+
+def test_localized_queries_attend_to_their_cells(tiny_ckpt):
+    model = MQTLlava.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    c = model.mqt.config
+    im = scene(seed=4)
+    v_before = model.mqt.ln_v.weight.clone()
+    kl = localize_queries(model, sigma=1.0, steps=200)
+    assert kl < 0.1
+    assert torch.equal(model.mqt.ln_v.weight, v_before)  # the value path is untouched
+    # probe: a feature map that is zero except one patch; the query over that cell must respond most
+    g = c.query_grid
+    D = c.kv_dim
+    w_q, w_k, _ = model.mqt.attn.in_proj_weight.chunk(3)
+    b_q, b_k, _ = model.mqt.attn.in_proj_bias.chunk(3)
+    q = torch.nn.functional.linear(model.mqt.ln_q(model.mqt.query + model.mqt.pos_embed.float()), w_q, b_q)
+    k = torch.nn.functional.linear(model.mqt.ln_k(model.mqt.key_positions().float()), w_k, b_k)
+    hd = D // c.num_heads
+    att = torch.softmax(q.view(-1, c.num_heads, hd).transpose(0, 1) @ k.view(-1, c.num_heads, hd).permute(1, 2, 0)
+                        * hd**-0.5, -1).mean(0)  # (M, P)
+    gh, gw = c.key_grid
+    for i in (0, g + 1, c.num_queries // 2 + g // 2, c.num_queries - 1):
+        r, col = divmod(int(att[i].argmax()), gw)
+        qr, qc = divmod(i, g)
+        assert abs(r - (qr + 0.5) * gh / g) <= 1.5 and abs(col - (qc + 0.5) * gw / g) <= 1.5
+    # nesting still holds after the change
+    full = model.encode_image(im)
+    assert torch.allclose(model.encode_image(im, tokens=10), full[:, :10] if full.dim() == 3 else full[:10], atol=1e-6)
+
+
+def test_stage0_trains_only_the_vision_tower_on_dense_labels(tiny_ckpt):
+    model = MQTLlava.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    keep = {k: v.clone() for k, v in list(model.mqt.state_dict().items()) + list(model.llm.state_dict().items())}
+    vision = {k: v.clone() for k, v in model.vision.state_dict().items()}
+    losses = train_stage(model, StageConfig(0, steps=30, batch_size=4, lr=3e-3, train=("vision",), warmup=2),
+                         synthetic_examples(1))
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    state = dict(model.mqt.state_dict()) | dict(model.llm.state_dict())
+    assert all(torch.equal(v, state[k]) for k, v in keep.items())
+    assert any(not torch.equal(v, model.vision.state_dict()[k]) for k, v in vision.items())
+    assert "_scene_head" not in dict(model.named_modules())  # the head never reaches a checkpoint
+
+
+def test_dense_loss_needs_scenes(tiny_ckpt):
+    model = MQTLlava.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    plain = ((im, q, a) for im, q, a, _ in synthetic_examples(0))
+    with pytest.raises(InputError, match="scenes"):
+        train_stage(model, StageConfig(1, steps=1, batch_size=2, train=("mqt",), aux_weight=0.5), plain)
