@@ -482,7 +482,9 @@ def train(
     lr: float = typer.Option(1e-3, help="Peak learning rate (cosine schedule, warm-up)."),
     parts: str = typer.Option("vision,mqt,llm", help="Trained parts in stages 1 and 2: any of vision, mqt, llm."),
     aux_weight: float = typer.Option(0.0, min=0.0, help="Weight of the dense scene-label loss in stages 1 and 2."),
+    stage0_lr: Optional[float] = typer.Option(None, help="Peak learning rate of stage 0 (default: --lr)."),
     localize: bool = typer.Option(False, help="Start the MQT's attention maps as local Gaussians."),
+    local_init: bool = typer.Option(False, help="Start the ViT local: sin-cos positions, mimetic q/k, edge filters."),
     seed: int = typer.Option(0, help="Seed of the data stream, the init and the m draws."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (default: torch's)."),
     keep_stages: bool = typer.Option(False, help="Also save the model after each stage, as OUT-stageN."),
@@ -497,12 +499,19 @@ def train(
 
     from .model import MQTLlava
     from .model.synth import write_checkpoint
-    from .train import StageConfig, localize_queries, save_checkpoint, synthetic_examples, train_stage
+    from .train import (
+        StageConfig,
+        local_vision_init,
+        localize_queries,
+        save_checkpoint,
+        synthetic_examples,
+        train_stage,
+    )
 
     if threads:
         torch.set_num_threads(threads)
     chosen = tuple(p.strip() for p in parts.split(",") if p.strip())
-    stages = [StageConfig(0, stage0_steps, batch_size, lr, ("vision",)),
+    stages = [StageConfig(0, stage0_steps, batch_size, stage0_lr or lr, ("vision",)),
               StageConfig(1, stage1_steps, batch_size, lr, chosen, aux_weight=aux_weight),
               StageConfig(2, stage2_steps, batch_size, lr, chosen, aux_weight=aux_weight)]
     started = time.time()
@@ -511,6 +520,8 @@ def train(
         net = MQTLlava.from_pretrained(start, dtype="float32")
         torch.manual_seed(seed)
         history: dict[str, list[float]] = {}
+        if local_init:
+            local_vision_init(net, seed=seed)
         if localize:
             history["localize_kl"] = [localize_queries(net)]
         data = synthetic_examples(seed)
@@ -528,7 +539,8 @@ def train(
                     save_checkpoint(net, out.with_name(f"{out.name}-stage{cfg.stage}"))
         recipe = {"stage0_steps": stage0_steps, "stage1_steps": stage1_steps, "stage2_steps": stage2_steps,
                   "batch_size": batch_size, "lr": lr, "parts": list(chosen), "aux_weight": aux_weight,
-                  "localize": localize, "seed": seed, "init": model or init,
+                  "stage0_lr": stage0_lr or lr, "localize": localize, "local_init": local_init, "seed": seed,
+                  "init": model or init,
                   "examples_seen": batch_size * (stage0_steps + stage1_steps + stage2_steps),
                   "train_seconds": round(time.time() - started),
                   "final_loss": {k: float(np.mean(v[-50:])) for k, v in history.items() if k.startswith("stage")}}

@@ -1,6 +1,8 @@
 """`mqt-edge export`: bundles that match an independent reference, atomic writes, bad input."""
 
 import json
+import subprocess
+import sys
 import shutil
 
 import numpy as np
@@ -287,5 +289,10 @@ def test_engine_command_without_tensorrt(q4_bundle):
 
 
 def test_export_without_model_says_how_to_get_one(tmp_path):
-    r = cli("export", "--out", str(tmp_path / "b"))
+    """An install without the shipped model (e.g. its assets removed) says how to get a checkpoint."""
+    code = ("import sys, pathlib, mqt_edge.defaults as d; d.DEFAULT_MODEL = pathlib.Path(sys.argv[1]); "
+            "from mqt_edge.cli import main; sys.argv = ['mqt-edge', 'export', '--out', sys.argv[2]]; main()")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "nothing"), str(tmp_path / "b")],
+                       capture_output=True, text=True)
     assert one_line_error(r) and "mqt-edge synth" in r.stderr
+    assert not (tmp_path / "b").exists()

@@ -75,12 +75,12 @@ def test_dense_labels_match_the_preprocessed_pixels(tiny_model):
             # at least half of a labelled patch is the shape (3x3 points vote), so its mean leans to the colour
             want = np.array(COLORS[name]) / 255
             assert np.abs(rgb[at].mean(0) - want).sum() < np.abs(np.array([230 / 255] * 3) - want).sum() * 0.75
-        shape_of = {1 + list(COLORS).index("red"): 1 + SHAPES.index("square"),
-                    1 + list(COLORS).index("blue"): 1 + SHAPES.index("circle")}
+        shape_of = {1 + list(COLORS).index("red"): SHAPES.index("square"),
+                    1 + list(COLORS).index("blue"): SHAPES.index("circle")}
         for c, k in shape_of.items():
             assert (labels[labels[:, 0] == c, 1] == k).all()
         obj = labels[:, 0] > 0
-        assert (labels[obj, 2] == 1).all() and (labels[~obj, 2] == -100).all()  # "two" shapes; bg undefined
+        assert (labels[obj, 2] == 1).all() and (labels[~obj, 1:] == -100).all()  # "two" shapes; bg undefined
         red = labels[:, 0] == 1 + list(COLORS).index("red")
         assert (labels[red, 3] == 0).all() if w >= h else True  # the square is the left one
         bg = rgb[~obj].mean(0)
@@ -133,3 +133,35 @@ def test_dense_loss_needs_scenes(tiny_ckpt):
     plain = ((im, q, a) for im, q, a, _ in synthetic_examples(0))
     with pytest.raises(InputError, match="scenes"):
         train_stage(model, StageConfig(1, steps=1, batch_size=2, train=("mqt",), aux_weight=0.5), plain)
+
+
+def test_local_vision_init_makes_attention_local_and_keeps_the_architecture(tiny_ckpt):
+    from mqt_edge.train import local_vision_init
+
+    model = MQTLlava.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    shapes = {k: v.shape for k, v in model.vision.state_dict().items()}
+    local_vision_init(model, seed=0)
+    assert {k: v.shape for k, v in model.vision.state_dict().items()} == shapes
+    cfg = model.vision.config
+    g, H = cfg.image_size // cfg.patch_size, cfg.num_attention_heads
+    pos = model.vision.vision_model.embeddings.position_embedding.weight[1:].detach()  # (P, D)
+    heads = pos.view(g * g, H, -1)
+    centre = (g // 2) * g + g // 2
+    for h in range(H):  # every head's slice of the code peaks at the same position and falls off with distance
+        sim = heads[:, h] @ heads[centre, h]
+        assert int(sim.argmax()) == centre
+        assert sim[centre + 1] > sim[centre + 4] and sim[centre + g] > sim[centre + 4 * g]
+    # layer-0 attention of a blank image: each patch attends mostly to its neighbourhood
+    vm = model.vision.vision_model
+    with torch.no_grad():
+        x = vm.pre_layrnorm(vm.embeddings(torch.zeros(1, 3, cfg.image_size, cfg.image_size)))
+        x = vm.encoder.layers[0].layer_norm1(x)[0, 1:]  # (P, D), class token left out
+        attn = vm.encoder.layers[0].self_attn
+        hd = cfg.hidden_size // H
+        q = attn.q_proj(x).view(-1, H, hd).transpose(0, 1)
+        k = attn.k_proj(x).view(-1, H, hd).transpose(0, 1)
+        att = torch.softmax(q @ k.transpose(1, 2) * hd**-0.5, -1).mean(0)  # (P, P)
+    r, c = divmod(int(att[centre].argmax()), g)
+    assert abs(r - g // 2) <= 1 and abs(c - g // 2) <= 1
+    near = att[centre].view(g, g)[g // 2 - 2: g // 2 + 3, g // 2 - 2: g // 2 + 3].sum()
+    assert near > 0.3  # uniform attention would give these 25 patches 25/P (0.04 on the release grid)
