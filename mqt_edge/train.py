@@ -40,7 +40,10 @@ from .model import MQTLlava
 PARTS = ("vision", "mqt", "llm")
 
 
-LABELS = (5, 3, 3, 2)  # classes per patch: colour (bg + 4), shape (3), count (1..3), side (left/right)
+# Classes of each dense label column. Local (the object under the patch): colour (bg + 4), shape,
+# side; scene-wide (the same on every patch): count, then per (colour, shape) presence, the colour of
+# each shape kind, the shape of each colour, the side of each shape kind.
+LABELS = (5, 3, 3, 2) + (2,) * 12 + (4,) * 3 + (3,) * 4 + (2,) * 3
 
 
 @dataclass(frozen=True)
@@ -120,19 +123,40 @@ def patch_labels(scene, spec, grid: tuple[int, int], sub: int = 3) -> np.ndarray
 
     # Only the colour label marks background: the other labels are defined on object patches alone,
     # so the easy object-vs-background split (~90% of patches) does not drown the shape signal.
-    labels = np.full((gh * gw, 4), -100, np.int64)
+    labels = np.full((gh * gw, len(LABELS)), -100, np.int64)
     labels[:, 0] = 0
     owner = hits.argmax(0).reshape(-1)
     covered = hits.max(0).reshape(-1) > 0
     n = len(scene.shapes)
+    colors = list(COLORS)
     for i, s in enumerate(scene.shapes):
         at = covered & (owner == i)
-        labels[at, 0] = 1 + list(COLORS).index(s.color)
+        labels[at, 0] = 1 + colors.index(s.color)
         labels[at, 1] = SHAPES.index(s.kind)
-        labels[at, 2] = n - 1
         if n == 2:
             other = scene.shapes[1 - i]
             labels[at, 3] = 0 if s.cx < other.cx else 1
+    # Scene-wide facts on every patch, so that any visual token can carry the whole scene.
+    labels[:, 2] = n - 1
+    present = {(s.color, s.kind) for s in scene.shapes}
+    col = 4
+    for c in colors:
+        for k in SHAPES:
+            labels[:, col] = int((c, k) in present)
+            col += 1
+    kinds = [s.kind for s in scene.shapes]
+    hues = [s.color for s in scene.shapes]
+    for k in SHAPES:
+        if kinds.count(k) == 1:
+            s = scene.shapes[kinds.index(k)]
+            labels[:, col] = colors.index(s.color)
+            if n == 2:
+                labels[:, col + 7] = 0 if s.cx < scene.shapes[1 - kinds.index(k)].cx else 1
+        col += 1
+    for c in colors:
+        if hues.count(c) == 1:
+            labels[:, col] = SHAPES.index(scene.shapes[hues.index(c)].kind)
+        col += 1
     return labels
 
 
