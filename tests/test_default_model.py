@@ -10,6 +10,11 @@ from conftest import cli, stderr_lines
 from mqt_edge.defaults import DEFAULT_MODEL, default_model
 from mqt_edge.evaluate import first_word
 
+pytestmark = pytest.mark.skipif(
+    default_model() is None,
+    reason="the default model is not shipped yet (issue 6: trained runs so far stay below the accuracy bar)",
+)
+
 EXAMPLE = Path(__file__).parent.parent / "examples" / "shapes.png"
 # examples/shapes.png: a red circle on the left, a blue square on the right (see examples/README.md)
 FACTS = {
