@@ -272,6 +272,7 @@ def _aux_head(model: MQTLlava) -> torch.nn.Linear:
 
 
 def _aux_loss(model: MQTLlava, feats: torch.Tensor, batch: list[Example]) -> torch.Tensor:
+    """Sum (not mean) of the cross-entropies of every label column; the recorded runs used this scale."""
     logits = _aux_head(model)(feats.float())  # (B, P, sum(LABELS))
     labels = torch.stack([e.labels for e in batch]).to(feats.device)  # (B, P, 4)
     loss, start = feats.new_zeros(()), 0
