@@ -511,7 +511,8 @@ def train(
     if threads:
         torch.set_num_threads(threads)
     chosen = tuple(p.strip() for p in parts.split(",") if p.strip())
-    stages = [StageConfig(0, stage0_steps, batch_size, stage0_lr or lr, ("vision",)),
+    stage0_lr = stage0_lr or lr
+    stages = [StageConfig(0, stage0_steps, batch_size, stage0_lr, ("vision",)),
               StageConfig(1, stage1_steps, batch_size, lr, chosen, aux_weight=aux_weight),
               StageConfig(2, stage2_steps, batch_size, lr, chosen, aux_weight=aux_weight)]
     started = time.time()
@@ -539,7 +540,7 @@ def train(
                     save_checkpoint(net, out.with_name(f"{out.name}-stage{cfg.stage}"))
         recipe = {"stage0_steps": stage0_steps, "stage1_steps": stage1_steps, "stage2_steps": stage2_steps,
                   "batch_size": batch_size, "lr": lr, "parts": list(chosen), "aux_weight": aux_weight,
-                  "stage0_lr": stage0_lr or lr, "localize": localize, "local_init": local_init, "seed": seed,
+                  "stage0_lr": stage0_lr, "localize": localize, "local_init": local_init, "seed": seed,
                   "init": model or init,
                   "examples_seen": batch_size * (stage0_steps + stage1_steps + stage2_steps),
                   "train_seconds": round(time.time() - started),

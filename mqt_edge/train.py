@@ -12,9 +12,9 @@ The release starts from a pretrained CLIP. A model trained from scratch has no s
 answer loss alone, reaching the vision tower through a random MQT and LLM, barely moves it (our
 first attempt stayed at the answer priors). Two steps stand in for CLIP's pretraining:
 - stage 0 pretrains the vision tower on dense scene labels: every patch predicts the colour and
-  shape of the object under it (or background), the number of shapes and, with two shapes, whether
-  its object is the left or the right one. A linear head reads the features the MQT reads; the head
-  is discarded. The same loss can ride along in stages 1 and 2 (`aux_weight`).
+  shape of the object under it (or background) and its side, plus scene-wide facts (see LABELS). A
+  linear head reads the features the MQT reads; the head is discarded. The same loss can ride
+  along in stages 1 and 2 (`aux_weight`).
 - `localize_queries` fits the MQT's (image-independent) attention maps to Gaussians around each
   query's cell of the query grid, so that at the start every visual token summarises one region
   instead of the whole image. Training then reshapes the maps freely.
@@ -73,7 +73,7 @@ class Example:
     pixel_values: torch.Tensor  # (3, H, W)
     question: str
     answer: str
-    labels: torch.Tensor | None = None  # (P, 4) dense scene labels, -100 where undefined
+    labels: torch.Tensor | None = None  # (P, len(LABELS)) dense scene labels, -100 where undefined
 
 
 def synthetic_examples(seed: int) -> Iterator[tuple[object, str, str, object]]:
@@ -87,7 +87,7 @@ def synthetic_examples(seed: int) -> Iterator[tuple[object, str, str, object]]:
 
 
 def patch_labels(scene, spec, grid: tuple[int, int], sub: int = 3) -> np.ndarray:
-    """Dense labels (P, 4) of a scene on the vision tower's patch grid, int64, -100 = undefined.
+    """Dense labels (P, len(LABELS)) of a scene on the vision tower's patch grid, int64, -100 = undefined.
 
     Each patch looks at sub x sub points mapped back through the preprocessing (pad to a square,
     resize, centre crop); the object covering most of them labels the patch, so shapes smaller
@@ -95,16 +95,15 @@ def patch_labels(scene, spec, grid: tuple[int, int], sub: int = 3) -> np.ndarray
     """
     gh, gw = grid
     ch, cw = spec.crop
-    side = max(scene.width, scene.height) if spec.pad_to_square else None
-    if side is None:  # plain resize of the shorter edge, then the centre crop
-        scale = min(scene.width, scene.height) / spec.size
-        ox = (scene.width / scale - cw) / 2 * scale
-        oy = (scene.height / scale - ch) / 2 * scale
+    w, h = scene.width, scene.height
+    if spec.pad_to_square:  # padded (centred, floor) to a square before the resize
+        fw = fh = max(w, h)
+        pad_x, pad_y = (fw - w) // 2, (fh - h) // 2
     else:
-        scale = side / spec.size
-        ox = oy = (side / scale - cw) / 2 * scale  # 0 unless the crop is smaller than the resize
-        ox -= (side - scene.width) // 2
-        oy -= (side - scene.height) // 2
+        fw, fh, pad_x, pad_y = w, h, 0, 0
+    scale = min(fw, fh) / spec.size  # original pixels per resized pixel (shorter edge -> spec.size)
+    ox = (fw / scale - cw) / 2 * scale - pad_x  # the centre crop's origin in original pixels
+    oy = (fh / scale - ch) / 2 * scale - pad_y
     v = (np.arange(gh * sub) + 0.5) * (ch / (gh * sub))  # sample points in crop pixels
     u = (np.arange(gw * sub) + 0.5) * (cw / (gw * sub))
     x = u[None, :] * scale + ox  # (1, W*sub) in original pixels
@@ -224,28 +223,22 @@ def localize_queries(model: MQTLlava, sigma: float = 1.0, steps: int = 300, lr: 
     ky, kx = np.divmod(np.arange(gh * gw), gw)
     d2 = (cy[:, None] - ky[None]) ** 2 + (cx[:, None] - kx[None]) ** 2
     target = torch.softmax(torch.from_numpy(-d2 / (2 * sigma**2)).float(), dim=-1)  # (M, P)
-    w = mqt.attn.in_proj_weight
-    D, H = c.kv_dim, c.num_heads
-    hd = D // H
-    params = [mqt.query, mqt.ln_q.weight, mqt.ln_q.bias, mqt.ln_k.weight, mqt.ln_k.bias]
-    qk = torch.nn.Parameter(w[: 2 * D].detach().clone())
-    qk_bias = torch.nn.Parameter(mqt.attn.in_proj_bias[: 2 * D].detach().clone())
-    opt = torch.optim.Adam(params + [qk, qk_bias], lr=lr)
-    pos = mqt.pos_embed.float()
+    D = c.kv_dim
+    w, b = mqt.attn.in_proj_weight, mqt.attn.in_proj_bias
+    params = [mqt.query, mqt.ln_q.weight, mqt.ln_q.bias, mqt.ln_k.weight, mqt.ln_k.bias, w, b]
+    opt = torch.optim.Adam(params, lr=lr)
     for p in params:
         p.requires_grad_(True)
+    ids = torch.arange(c.num_queries)
     kl = torch.tensor(0.0)
     for _ in range(steps):
-        q = F.linear(mqt.ln_q(mqt.query + pos), qk[:D], qk_bias[:D]).view(-1, H, hd).transpose(0, 1)
-        k = F.linear(mqt.ln_k(mqt.key_positions().float()), qk[D:], qk_bias[D:]).view(-1, H, hd).transpose(0, 1)
-        logp = torch.log_softmax(q @ k.transpose(1, 2) * hd**-0.5, dim=-1)  # (H, M, P)
+        logp = torch.log_softmax(mqt.attention_logits(ids).float(), dim=-1)  # (H, M, P)
         kl = (target * (target.clamp_min(1e-12).log() - logp)).sum(-1).mean()
         opt.zero_grad(set_to_none=True)
         kl.backward()
+        w.grad[2 * D:] = 0  # the value rows stay as they are (Adam moves nothing with no gradient)
+        b.grad[2 * D:] = 0
         opt.step()
-    with torch.no_grad():
-        w[: 2 * D].copy_(qk)
-        mqt.attn.in_proj_bias[: 2 * D].copy_(qk_bias)
     for p in params:
         p.requires_grad_(False)
     return float(kl.detach())
@@ -274,7 +267,7 @@ def _aux_head(model: MQTLlava) -> torch.nn.Linear:
 def _aux_loss(model: MQTLlava, feats: torch.Tensor, batch: list[Example]) -> torch.Tensor:
     """Sum (not mean) of the cross-entropies of every label column; the recorded runs used this scale."""
     logits = _aux_head(model)(feats.float())  # (B, P, sum(LABELS))
-    labels = torch.stack([e.labels for e in batch]).to(feats.device)  # (B, P, 4)
+    labels = torch.stack([e.labels for e in batch]).to(feats.device)  # (B, P, len(LABELS))
     loss, start = feats.new_zeros(()), 0
     for j, n in enumerate(LABELS):
         y = labels[..., j].reshape(-1)

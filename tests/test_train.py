@@ -107,19 +107,14 @@ def test_localized_queries_attend_to_their_cells(tiny_ckpt):
     c = model.mqt.config
     im = scene(seed=4)
     v_before = model.mqt.ln_v.weight.clone()
+    v_rows = model.mqt.attn.in_proj_weight[2 * c.kv_dim:].clone()
     kl = localize_queries(model, sigma=1.0, steps=200)
     assert kl < 0.1
     assert torch.equal(model.mqt.ln_v.weight, v_before)  # the value path is untouched
-    # probe: a feature map that is zero except one patch; the query over that cell must respond most
+    assert torch.equal(model.mqt.attn.in_proj_weight[2 * c.kv_dim:], v_rows)
+    # each query's strongest key lies within 1.5 patches of its cell's centre
     g = c.query_grid
-    D = c.kv_dim
-    w_q, w_k, _ = model.mqt.attn.in_proj_weight.chunk(3)
-    b_q, b_k, _ = model.mqt.attn.in_proj_bias.chunk(3)
-    q = torch.nn.functional.linear(model.mqt.ln_q(model.mqt.query + model.mqt.pos_embed.float()), w_q, b_q)
-    k = torch.nn.functional.linear(model.mqt.ln_k(model.mqt.key_positions().float()), w_k, b_k)
-    hd = D // c.num_heads
-    att = torch.softmax(q.view(-1, c.num_heads, hd).transpose(0, 1) @ k.view(-1, c.num_heads, hd).permute(1, 2, 0)
-                        * hd**-0.5, -1).mean(0)  # (M, P)
+    att = torch.softmax(model.mqt.attention_logits(torch.arange(c.num_queries)), -1).mean(0)  # (M, P)
     gh, gw = c.key_grid
     for i in (0, g + 1, c.num_queries // 2 + g // 2, c.num_queries - 1):
         r, col = divmod(int(att[i].argmax()), gw)

@@ -119,6 +119,23 @@ class MatryoshkaQueryTransformer(nn.Module):
         resized = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
         return resized.permute(0, 2, 3, 1).reshape(h * w, -1).to(torch.float16)
 
+    def attention_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Scaled q.k of queries `ids` against every key position: (H, m, P), before the softmax.
+
+        Depends on the weights only (neither side sees the image); training code fits it directly.
+        """
+        c = self.config
+        dtype = self.query.dtype
+        H, hd = c.num_heads, c.kv_dim // c.num_heads
+        pos = self.pos_embed.to(torch.float16)
+        q = self.ln_q(self.query[ids] + pos[ids].to(dtype))  # (m, D)
+        k = self.ln_k(self.key_positions().to(dtype))  # (P, D)
+        w_q, w_k, _ = self.attn.in_proj_weight.chunk(3)
+        b_q, b_k, _ = self.attn.in_proj_bias.chunk(3)
+        q = F.linear(q, w_q, b_q).view(-1, H, hd).transpose(0, 1)  # (H, m, hd)
+        k = F.linear(k, w_k, b_k).view(-1, H, hd).transpose(0, 1)  # (H, P, hd)
+        return (q @ k.transpose(1, 2)) * hd**-0.5
+
     def forward(
         self,
         features: torch.Tensor,
@@ -131,22 +148,13 @@ class MatryoshkaQueryTransformer(nn.Module):
         if (P, D) != (c.key_grid[0] * c.key_grid[1], c.kv_dim):
             raise ValueError(f"expected features (B, {c.key_grid[0] * c.key_grid[1]}, {c.kv_dim})")
         ids = self.query_ids(tokens, query_ids).to(features.device)
-        dtype = self.query.dtype
         H, hd = c.num_heads, D // c.num_heads
-
-        pos = self.pos_embed.to(torch.float16)
-        q = self.ln_q(self.query[ids] + pos[ids].to(dtype))  # (m, D)
-        k = self.ln_k(self.key_positions().to(dtype))  # (P, D)
-        v = self.ln_v(features.to(dtype))  # (B, P, D)
-
-        w_q, w_k, w_v = self.attn.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.attn.in_proj_bias.chunk(3)
-        q = F.linear(q, w_q, b_q).view(-1, H, hd).transpose(0, 1)  # (H, m, hd)
-        k = F.linear(k, w_k, b_k).view(P, H, hd).transpose(0, 1)  # (H, P, hd)
-        v = F.linear(v, w_v, b_v).view(B, P, H, hd).transpose(1, 2)  # (B, H, P, hd)
-
         # Image-independent attention weights (H, m, P), shared by the whole batch.
-        weights = torch.softmax((q @ k.transpose(1, 2)) * hd**-0.5, dim=-1)
+        weights = torch.softmax(self.attention_logits(ids), dim=-1)
+        _, _, w_v = self.attn.in_proj_weight.chunk(3)
+        _, _, b_v = self.attn.in_proj_bias.chunk(3)
+        v = self.ln_v(features.to(self.query.dtype))  # (B, P, D)
+        v = F.linear(v, w_v, b_v).view(B, P, H, hd).transpose(1, 2)  # (B, H, P, hd)
         out = (weights.unsqueeze(0) @ v).transpose(1, 2).reshape(B, -1, D)  # (B, m, D)
         out = self.attn.out_proj(out)
         return out @ self.proj  # (B, m, hidden)
