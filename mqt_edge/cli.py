@@ -485,6 +485,8 @@ def train(
     stage0_lr: Optional[float] = typer.Option(None, help="Peak learning rate of stage 0 (default: --lr)."),
     localize: bool = typer.Option(False, help="Start the MQT's attention maps as local Gaussians."),
     local_init: bool = typer.Option(False, help="Start the ViT local: sin-cos positions, mimetic q/k, edge filters."),
+    turns: int = typer.Option(1, min=1, max=16, help="Questions per image in stages 1 and 2: a multi-turn "
+                              "conversation, every answer supervised (LLaVA's multi-turn data)."),
     seed: int = typer.Option(0, help="Seed of the data stream, the init and the m draws."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (default: torch's)."),
     keep_stages: bool = typer.Option(False, help="Also save the model after each stage, as OUT-stageN."),
@@ -525,7 +527,7 @@ def train(
             local_vision_init(net, seed=seed)
         if localize:
             history["localize_kl"] = [localize_queries(net)]
-        data = synthetic_examples(seed)
+        data = synthetic_examples(seed, turns)
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
                       TextColumn("m {task.fields[m]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                       console=err) as bar:
@@ -540,7 +542,7 @@ def train(
                     save_checkpoint(net, out.with_name(f"{out.name}-stage{cfg.stage}"))
         recipe = {"stage0_steps": stage0_steps, "stage1_steps": stage1_steps, "stage2_steps": stage2_steps,
                   "batch_size": batch_size, "lr": lr, "parts": list(chosen), "aux_weight": aux_weight,
-                  "stage0_lr": stage0_lr, "localize": localize, "local_init": local_init, "seed": seed,
+                  "stage0_lr": stage0_lr, "localize": localize, "local_init": local_init, "turns": turns, "seed": seed,
                   "init": model or init,
                   "examples_seen": batch_size * (stage0_steps + stage1_steps + stage2_steps),
                   "train_seconds": round(time.time() - started),

@@ -71,19 +71,34 @@ class StageConfig:
 @dataclass
 class Example:
     pixel_values: torch.Tensor  # (3, H, W)
-    question: str
-    answer: str
+    question: str | tuple[str, ...]  # a tuple is a conversation about the image, one question per turn
+    answer: str | tuple[str, ...]
     labels: torch.Tensor | None = None  # (P, len(LABELS)) dense scene labels, -100 where undefined
 
+    def turns(self) -> list[tuple[str, str]]:
+        if isinstance(self.question, str):
+            return [(self.question, self.answer)]
+        return list(zip(self.question, self.answer, strict=True))
 
-def synthetic_examples(seed: int) -> Iterator[tuple[object, str, str, object]]:
-    """An endless, seeded stream of (image, question, answer, scene) from the shapes task."""
-    from .vqa import sample
+
+def synthetic_examples(seed: int, turns: int = 1) -> Iterator[tuple[object, object, object, object]]:
+    """An endless, seeded stream of (image, question, answer, scene) from the shapes task.
+
+    With turns > 1, question and answer are tuples: a conversation of up to `turns` distinct questions
+    about one image, as in LLaVA's multi-turn training data. The first turn is exactly the inference
+    prompt; every turn's answer is supervised, so one image (the expensive part of a step) teaches
+    several answers.
+    """
+    from .vqa import conversation, sample
 
     rng = np.random.default_rng(seed)
     while True:
-        scene, _, question, answer = sample(rng)
-        yield scene.render(), question, answer, scene
+        if turns == 1:  # the single-question stream of the earlier recorded runs, draw for draw
+            scene, _, question, answer = sample(rng)
+            yield scene.render(), question, answer, scene
+        else:
+            scene, qs = conversation(rng, turns)
+            yield scene.render(), tuple(q for _, q, _ in qs), tuple(a for _, _, a in qs), scene
 
 
 def patch_labels(scene, spec, grid: tuple[int, int], sub: int = 3) -> np.ndarray:
@@ -282,6 +297,24 @@ def _features(model: MQTLlava, batch: list[Example]) -> torch.Tensor:
     return model.vision(pixels.to(model.mqt.query.dtype)).last_hidden_state[:, 1:]  # (B, P, C)
 
 
+def conversation_ids(model: MQTLlava, turns: list[tuple[str, str]]) -> tuple[list[int], list[int], list[int]]:
+    """(ids before the visual tokens, ids after them, the targets of the latter: -100 where not scored).
+
+    The first turn is exactly the inference prompt; a later turn continues the llava_v1 conversation
+    as "</s>USER: {q} ASSISTANT:". Each answer and its EOS is scored, as in the release ("answer</s>").
+    """
+    tpl, eos = model.template, min(model.eos_ids)
+    before, text = model.prompt_ids(turns[0][0])
+    target = [-100] * len(text)
+    for k, (question, answer) in enumerate(turns):
+        if k:
+            asked = model.tokenizer.encode(f"{tpl.user}: {question}{tpl.sep}{tpl.assistant}:")
+            text, target = text + asked, target + [-100] * len(asked)
+        said = model.tokenizer.encode(answer) + [eos]
+        text, target = text + said, target + said
+    return before, text, target
+
+
 def _batch_loss(model: MQTLlava, batch: list[Example], m: int, aux_weight: float = 0.0) -> torch.Tensor:
     dev = model.device
     feats = _features(model, batch)
@@ -290,21 +323,20 @@ def _batch_loss(model: MQTLlava, batch: list[Example], m: int, aux_weight: float
     embed = model.llm.get_input_embeddings()
     seqs, labels = [], []
     for e, vis in zip(batch, visual):
-        before, after = model.prompt_ids(e.question)
-        answer = model.tokenizer.encode(e.answer) + [min(model.eos_ids)]  # as the release: "answer</s>"
-        ids = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
-        seqs.append(torch.cat([embed(ids(before)), vis, embed(ids(after + answer))]))
-        n_prompt = len(before) + m + len(after)
-        labels.append(torch.tensor([-100] * n_prompt + answer, device=dev))
+        before, text, target = conversation_ids(model, e.turns())
+        ids = torch.tensor(before + text, dtype=torch.long, device=dev)
+        seqs.append(torch.cat([embed(ids[: len(before)]), vis, embed(ids[len(before):])]))
+        labels.append(torch.tensor([-100] * (len(before) + m) + target, dtype=torch.long, device=dev))
     T = max(s.shape[0] for s in seqs)
     x = torch.zeros(len(seqs), T, seqs[0].shape[1], device=dev, dtype=seqs[0].dtype)
     y = torch.full((len(seqs), T), -100, dtype=torch.long, device=dev)
     mask = torch.zeros(len(seqs), T, dtype=torch.long, device=dev)
     for i, (s, lab) in enumerate(zip(seqs, labels)):
         x[i, : len(s)], y[i, : len(s)], mask[i, : len(s)] = s, lab, 1
-    logits = model.llm(inputs_embeds=x, attention_mask=mask).logits
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), y[:, 1:].reshape(-1),
-                           ignore_index=-100) + aux
+    hidden = model.llm.model(inputs_embeds=x, attention_mask=mask).last_hidden_state
+    scored = y[:, 1:] != -100  # the LM head runs only where a token is predicted
+    logits = model.llm.lm_head(hidden[:, :-1][scored])
+    return F.cross_entropy(logits.float(), y[:, 1:][scored]) + aux
 
 
 def train_stage(model: MQTLlava, cfg: StageConfig, data: Iterator[tuple[object, str, str]], seed: int = 0,
@@ -325,7 +357,7 @@ def train_stage(model: MQTLlava, cfg: StageConfig, data: Iterator[tuple[object, 
     for step in range(cfg.steps):
         batch = []
         for _ in range(cfg.batch_size):
-            image, question, answer, *scene = next(data)
+            image, question, answer, *scene = next(data)  # question, answer: str, or tuples (turns)
             if dense and not scene:
                 raise InputError("dense scene labels need scenes in the data stream",
                                  "use synthetic_examples(), or aux_weight=0 and no stage 0")

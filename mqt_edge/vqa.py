@@ -125,15 +125,30 @@ def _apart(a: Shape, b: Shape, gap: float = 2.0) -> bool:
 def sample(rng: np.random.Generator, **kw) -> tuple[Scene, str, str, str]:
     """A scene and one question: the type is drawn uniformly among those valid for the scene."""
     scene = random_scene(rng, **kw)
+    t, question, answer = _pick(scene.questions(), rng)
+    return scene, t, question, answer
+
+
+def conversation(rng: np.random.Generator, turns: int, **kw) -> tuple[Scene, list[tuple[str, str, str]]]:
+    """A scene and up to `turns` distinct questions about it, each drawn as `sample` draws one."""
+    scene = random_scene(rng, **kw)
     qs = scene.questions()
+    chosen: list[tuple[str, str, str]] = []
+    for _ in range(turns):
+        q = _pick(qs, rng)
+        if q not in chosen:
+            chosen.append(q)
+    return scene, chosen
+
+
+def _pick(qs: list[tuple[str, str, str]], rng: np.random.Generator) -> tuple[str, str, str]:
     types = sorted({t for t, _, _ in qs})
     qtype = types[int(rng.integers(len(types)))]
     pool = [q for q in qs if q[0] == qtype]
     if qtype == "exists":  # balance yes and no
         want = "yes" if rng.random() < 0.5 else "no"
         pool = [q for q in pool if q[2] == want] or pool
-    t, question, answer = pool[int(rng.integers(len(pool)))]
-    return scene, t, question, answer
+    return pool[int(rng.integers(len(pool)))]
 
 
 def write_dataset(out: Path, n: int, seed: int, force: bool = False) -> Path:

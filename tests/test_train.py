@@ -11,7 +11,10 @@ from mqt_edge.errors import InputError
 from mqt_edge.model import MQTLlava
 from mqt_edge.train import (
     LABELS,
+    Example,
     StageConfig,
+    _batch_loss,
+    conversation_ids,
     localize_queries,
     patch_labels,
     save_checkpoint,
@@ -43,6 +46,40 @@ def test_stages_learn_and_the_checkpoint_round_trips(tiny_ckpt, tmp_path):
     q = "What color is the circle?"
     assert again.generate(im, q, tokens=16, max_new_tokens=6).token_ids == \
         model.generate(im, q, tokens=16, max_new_tokens=6).token_ids
+
+
+def test_conversations_ask_distinct_valid_questions_and_score_every_answer(tiny_model):
+    data = synthetic_examples(4, turns=5)
+    lengths = set()
+    for _ in range(30):
+        image, questions, answers, sc = next(data)
+        valid = {(q, a) for _, q, a in sc.questions()}
+        turns = list(zip(questions, answers))
+        assert image.size == (sc.width, sc.height) and set(turns) <= valid and len(set(turns)) == len(turns)
+        lengths.add(len(turns))
+    assert max(lengths) == 5 and min(lengths) >= 1
+    first = next(synthetic_examples(4))  # one turn: the earlier stream, unchanged
+    assert isinstance(first[1], str) and isinstance(first[2], str)
+
+    tok, eos = tiny_model.tokenizer, min(tiny_model.eos_ids)
+    turns = [("What color is the circle?", "red"), ("How many shapes are there?", "two")]
+    before, text, target = conversation_ids(tiny_model, turns)
+    single = conversation_ids(tiny_model, turns[:1])
+    assert single[0] == before and text[: len(single[1])] == single[1]  # turn 1 is the inference prompt
+    assert (before, single[1][: -len(tok.encode("red")) - 1]) == tiny_model.prompt_ids(turns[0][0])
+    scored = [t for t in target if t != -100]
+    assert scored == tok.encode("red") + [eos] + tok.encode("two") + [eos]
+    asked = [i for i, t in zip(text, target) if t == -100][len(single[1]) - len(tok.encode("red")) - 1:]
+    assert tok.decode(asked) == "USER: How many shapes are there? ASSISTANT:"
+
+    # the 2-turn loss averages both answers: its turn-1 tokens score exactly as the 1-turn example (causal
+    # masking), so total(both) - total(one) is turn 2's own loss, which must be there and positive
+    pix = torch.from_numpy(preprocess(scene(seed=1), tiny_model.image_spec)[0])
+    with torch.no_grad():
+        one = _batch_loss(tiny_model, [Example(pix, "What color is the circle?", "red")], 16)
+        both = _batch_loss(tiny_model, [Example(pix, *zip(*turns))], 16)
+    n1, n2 = len(tok.encode("red")) + 1, len(tok.encode("two")) + 1
+    assert float(both) * (n1 + n2) - float(one) * n1 > 0.1 * n2
 
 
 def test_bad_stage_configs():
