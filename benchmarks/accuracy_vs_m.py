@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--plot")
     ap.add_argument("--save", action="store_true")
+    ap.add_argument("--name", default="the default model", help="what the model is, for the titles")
     args = ap.parse_args()
     ms = [int(t) for t in args.tokens.split(",")]
     items = load_items(Path(args.data))
@@ -43,9 +44,9 @@ def main() -> None:
               "max_gap_points": max(abs(a.accuracy - b.accuracy) * 100 for a, b in zip(ref, rows))}
     print(json.dumps(report, indent=1))
     if args.plot:
-        plot(rows, Path(args.plot), f"default model, {quant} bundle: accuracy and TTFT against m ({len(items)} questions)")
+        plot(rows, Path(args.plot), f"{args.name}, {quant} bundle: accuracy and TTFT against m ({len(items)} questions)")
     if args.out:
-        lines = ["# Accuracy against m (the default model)", "",
+        lines = [f"# Accuracy against m ({args.name})", "",
                  f"Held-out set: {len(items)} questions from `benchmarks/independent_vqa.py` (written from the "
                  "task's spec, not from the project's generator). Scoring: first word, case and punctuation ignored.",
                  f"Bundle: {quant}, onnxruntime CPU + llama.cpp; reference: PyTorch fp32. 2-core CPU machine.", "",

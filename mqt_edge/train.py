@@ -5,7 +5,8 @@ and uses only the first m queries, so every prefix of the queries learns to stan
 parts train is a choice (the release: stage 1 the MQT only, stage 2 the MQT and the LLM, CLIP
 frozen; a model trained from scratch also trains its vision tower). The loss is the LLM's
 cross-entropy on the answer tokens and EOS, with the llava_v1 prompt and the visual tokens spliced
-in exactly as at inference. Nothing here is specific to the tiny model: the same loop runs the real
+in exactly as at inference; with several questions per image (a multi-turn conversation) every
+answer is scored. Nothing here is specific to the tiny model: the same loop runs the real
 7B on a GPU (device=...), memory permitting.
 
 The release starts from a pretrained CLIP. A model trained from scratch has no such tower, and the

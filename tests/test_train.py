@@ -221,7 +221,8 @@ def test_the_training_command_is_reproducible(tmp_path):
     from conftest import cli
 
     args = ["train", "--init", "tiny", "--stage0-steps", "2", "--stage1-steps", "2", "--stage2-steps", "2",
-            "--batch-size", "2", "--aux-weight", "0.5", "--local-init", "--localize", "--seed", "7", "--threads", "1"]
+            "--batch-size", "2", "--aux-weight", "0.5", "--local-init", "--localize", "--turns", "3", "--seed", "7",
+            "--threads", "1"]
     for name in ("a", "b"):
         r = cli(*args, "--out", str(tmp_path / name))
         assert r.returncode == 0, r.stderr
@@ -229,4 +230,4 @@ def test_the_training_command_is_reproducible(tmp_path):
         a, b = load_file(tmp_path / "a" / f), load_file(tmp_path / "b" / f)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     recipe = json.loads((tmp_path / "a" / "config.json").read_text())["mqt_edge_train"]
-    assert recipe["seed"] == 7 and recipe["examples_seen"] == 12 and recipe["local_init"]
+    assert recipe["seed"] == 7 and recipe["examples_seen"] == 12 and recipe["local_init"] and recipe["turns"] == 3
