@@ -125,7 +125,8 @@ def plot(rows: list[Row], out: Path, title: str) -> None:
     ax2 = ax.twinx()
     ax2.plot(ms, [r.ttft_ms for r in rows], "s--", color="tab:red", label="TTFT")
     ax2.set_ylabel("TTFT (ms)", color="tab:red")
-    ax.set_title(title)
+    ax2.set_ylim(0, max(r.ttft_ms for r in rows) * 1.1)  # from zero: timing noise must not look like a trend
+    ax.set_title(title, fontsize=10, wrap=True)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
