@@ -41,10 +41,14 @@ from .model import MQTLlava
 PARTS = ("vision", "mqt", "llm")
 
 
-# Classes of each dense label column. Local (the object under the patch): colour (bg + 4), shape,
-# side; scene-wide (the same on every patch): count, then per (colour, shape) presence, the colour of
-# each shape kind, the shape of each colour, the side of each shape kind.
-LABELS = (5, 3, 3, 2) + (2,) * 12 + (4,) * 3 + (3,) * 4 + (2,) * 3
+# The dense label columns: (name, columns, classes each). Local (the object under the patch): colour
+# (bg + 4), shape, side; scene-wide (the same on every patch): count, then per (colour, shape) presence,
+# the colour of each shape kind, the shape of each colour, the side of each shape kind.
+_LAYOUT = (("colour", 1, 5), ("shape", 1, 3), ("count", 1, 3), ("side", 1, 2), ("presence", 12, 2),
+           ("colour_of_kind", 3, 4), ("shape_of_colour", 4, 3), ("side_of_kind", 3, 2))
+LABELS = tuple(n for _, cols, n in _LAYOUT for _ in range(cols))  # classes of each column
+COLUMN = dict(zip((name for name, _, _ in _LAYOUT),
+                  np.cumsum([0] + [cols for _, cols, _ in _LAYOUT[:-1]]).tolist()))  # first column of each
 
 
 @dataclass(frozen=True)
@@ -139,39 +143,34 @@ def patch_labels(scene, spec, grid: tuple[int, int], sub: int = 3) -> np.ndarray
     # Only the colour label marks background: the other labels are defined on object patches alone,
     # so the easy object-vs-background split (~90% of patches) does not drown the shape signal.
     labels = np.full((gh * gw, len(LABELS)), -100, np.int64)
-    labels[:, 0] = 0
+    labels[:, COLUMN["colour"]] = 0
     owner = hits.argmax(0).reshape(-1)
     covered = hits.max(0).reshape(-1) > 0
     n = len(scene.shapes)
     colors = list(COLORS)
     for i, s in enumerate(scene.shapes):
         at = covered & (owner == i)
-        labels[at, 0] = 1 + colors.index(s.color)
-        labels[at, 1] = SHAPES.index(s.kind)
+        labels[at, COLUMN["colour"]] = 1 + colors.index(s.color)
+        labels[at, COLUMN["shape"]] = SHAPES.index(s.kind)
         if n == 2:
             other = scene.shapes[1 - i]
-            labels[at, 3] = 0 if s.cx < other.cx else 1
+            labels[at, COLUMN["side"]] = 0 if s.cx < other.cx else 1
     # Scene-wide facts on every patch, so that any visual token can carry the whole scene.
-    labels[:, 2] = n - 1
+    labels[:, COLUMN["count"]] = n - 1
     present = {(s.color, s.kind) for s in scene.shapes}
-    col = 4
-    for c in colors:
-        for k in SHAPES:
-            labels[:, col] = int((c, k) in present)
-            col += 1
+    for j, (c, k) in enumerate((c, k) for c in colors for k in SHAPES):
+        labels[:, COLUMN["presence"] + j] = int((c, k) in present)
     kinds = [s.kind for s in scene.shapes]
     hues = [s.color for s in scene.shapes]
-    for k in SHAPES:
+    for j, k in enumerate(SHAPES):
         if kinds.count(k) == 1:
             s = scene.shapes[kinds.index(k)]
-            labels[:, col] = colors.index(s.color)
+            labels[:, COLUMN["colour_of_kind"] + j] = colors.index(s.color)
             if n == 2:
-                labels[:, col + 7] = 0 if s.cx < scene.shapes[1 - kinds.index(k)].cx else 1
-        col += 1
-    for c in colors:
+                labels[:, COLUMN["side_of_kind"] + j] = 0 if s.cx < scene.shapes[1 - kinds.index(k)].cx else 1
+    for j, c in enumerate(colors):
         if hues.count(c) == 1:
-            labels[:, col] = SHAPES.index(scene.shapes[hues.index(c)].kind)
-        col += 1
+            labels[:, COLUMN["shape_of_colour"] + j] = SHAPES.index(scene.shapes[hues.index(c)].kind)
     return labels
 
 
@@ -340,7 +339,7 @@ def _batch_loss(model: MQTLlava, batch: list[Example], m: int, aux_weight: float
     return F.cross_entropy(logits.float(), y[:, 1:][scored]) + aux
 
 
-def train_stage(model: MQTLlava, cfg: StageConfig, data: Iterator[tuple[object, str, str]], seed: int = 0,
+def train_stage(model: MQTLlava, cfg: StageConfig, data: Iterator[tuple], seed: int = 0,
                 on_step: Callable[[int, float, int], None] = lambda step, loss, m: None) -> list[float]:
     """Run one stage; returns the loss of every step."""
     torch.manual_seed(seed)

@@ -79,6 +79,7 @@ def test_conversations_ask_distinct_valid_questions_and_score_every_answer(tiny_
         one = _batch_loss(tiny_model, [Example(pix, "What color is the circle?", "red")], 16)
         both = _batch_loss(tiny_model, [Example(pix, *zip(*turns))], 16)
     n1, n2 = len(tok.encode("red")) + 1, len(tok.encode("two")) + 1
+    assert not torch.isclose(both, one)  # turn 2 is scored (were it not, the two means would be equal)
     assert float(both) * (n1 + n2) - float(one) * n1 > 0.1 * n2
 
 
