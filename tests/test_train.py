@@ -232,3 +232,28 @@ def test_the_training_command_is_reproducible(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     recipe = json.loads((tmp_path / "a" / "config.json").read_text())["mqt_edge_train"]
     assert recipe["seed"] == 7 and recipe["examples_seen"] == 12 and recipe["local_init"] and recipe["turns"] == 3
+
+
+def test_the_default_chain_script_passes_only_options_train_accepts():
+    """scripts/train_default.sh runs for hours: a mistyped option must fail here, not in its 9th link."""
+    import shlex
+    from pathlib import Path
+
+    from typer.main import get_command
+
+    from mqt_edge.cli import app
+
+    train = get_command(app).commands["train"]
+    script = Path(__file__).parent.parent / "scripts" / "train_default.sh"
+    links = [shlex.split(line)[1:] for line in script.read_text().splitlines() if line.startswith("link ")]
+    names = [args[0] for args in links]
+    assert names == ["s0", "g", "h", "i", "j", "k", "k0", "k1", "k3", "k4"]
+    for name, *args in links:
+        args = [a.replace("$W", "runs/default") for a in args]
+        assert "--seed" in args and "--threads" in args, name  # what bit-reproducibility needs
+        ctx = train.make_context("train", ["--out", f"runs/default/{name}", *args])  # raises on a bad option
+        assert ctx.params["seed"] == int(args[args.index("--seed") + 1])
+        if name != "s0":
+            assert ctx.params["model"] == f"runs/default/{names[names.index(name) - 1]}", name  # a chain
+    with pytest.raises(Exception, match="No such option"):  # the check above can fail
+        train.make_context("train", ["--out", "x", "--stage2-step", "5"])
