@@ -248,12 +248,12 @@ def test_the_default_chain_script_passes_only_options_train_accepts():
     links = [shlex.split(line)[1:] for line in script.read_text().splitlines() if line.startswith("link ")]
     names = [args[0] for args in links]
     assert names == ["s0", "g", "h", "i", "j", "k", "k0", "k1", "k3", "k4"]
-    for name, *args in links:
+    for i, (name, *args) in enumerate(links):
         args = [a.replace("$W", "runs/default") for a in args]
         assert "--seed" in args and "--threads" in args, name  # what bit-reproducibility needs
         ctx = train.make_context("train", ["--out", f"runs/default/{name}", *args])  # raises on a bad option
         assert ctx.params["seed"] == int(args[args.index("--seed") + 1])
-        if name != "s0":
-            assert ctx.params["model"] == f"runs/default/{names[names.index(name) - 1]}", name  # a chain
+        if i:
+            assert ctx.params["model"] == f"runs/default/{names[i - 1]}", name  # a chain
     with pytest.raises(Exception, match="No such option"):  # the check above can fail
         train.make_context("train", ["--out", "x", "--stage2-step", "5"])

@@ -20,15 +20,8 @@ from mqt_edge.model import MQTLlava
 from mqt_edge.train import COLUMN, LABELS, Example, _features
 from mqt_edge.vqa import COLORS, SHAPES
 
+from ridge import fit
 from shape import collect
-
-
-def fit(x: torch.Tensor, y: torch.Tensor, classes: int):
-    keep = y != -100
-    mu, sd = x.mean(0), x.std(0) + 1e-6
-    a = torch.cat([((x - mu) / sd)[keep], torch.ones(int(keep.sum()), 1)], 1)
-    w = torch.linalg.solve(a.T @ a + torch.eye(a.shape[1]), a.T @ torch.nn.functional.one_hot(y[keep], classes).float())
-    return lambda f: (torch.cat([(f - mu) / sd, torch.ones(f.shape[0], 1)], 1) @ w).argmax(1)
 
 
 def main() -> None:
@@ -42,17 +35,18 @@ def main() -> None:
     gh, gw = net.mqt.config.key_grid
     ph, pw = pixels.shape[1] // gh, pixels.shape[2] // gw
     on_object = pixels.reshape(3, gh, ph, gw, pw).mean((2, 4)).std(0) > 0.3  # colourful, not background
-    shape = fit(x, y[:, COLUMN["shape"]], 3)(f).reshape(gh, gw)
+    shape = fit(x, y[:, COLUMN["shape"]], 3)(f).argmax(1).reshape(gh, gw)
     for r in range(gh):
         print("".join("csT"[int(shape[r, c])] if on_object[r, c] else "." for c in range(gw)))
     sub = slice(None, None, 9)  # scene-wide columns repeat on every patch: every 9th is enough to fit
+    x_sub, y_sub = torch.cat([v[sub] for v in feats]), torch.cat([v[sub] for v in labels])
     wide = {"count (one, two, three)": COLUMN["count"]}
     wide |= {f"colour of the {k} ({', '.join(COLORS)})": COLUMN["colour_of_kind"] + i for i, k in enumerate(SHAPES)}
     wide |= {f"shape of the {c} object ({', '.join(SHAPES)})": COLUMN["shape_of_colour"] + i for i, c in enumerate(COLORS)}
     wide |= {f"{c} {k} present (no, yes)": COLUMN["presence"] + i * len(SHAPES) + j
              for i, c in enumerate(COLORS) for j, k in enumerate(SHAPES)}
     for name, col in wide.items():
-        votes = fit(torch.cat([v[sub] for v in feats]), torch.cat([v[sub, col] for v in labels]), LABELS[col])(f)
+        votes = fit(x_sub, y_sub[:, col], LABELS[col])(f).argmax(1)
         print(f"{name}: {torch.bincount(votes, minlength=LABELS[col]).tolist()} of {f.shape[0]} patches")
 
 

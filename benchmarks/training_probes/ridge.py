@@ -38,16 +38,21 @@ def collect(net: MQTLlava, seed: int, n: int):
     return torch.cat(feats), torch.cat(tokens), torch.cat(labels)
 
 
+def fit(x: torch.Tensor, y: torch.Tensor, classes: int):
+    """Ridge (inputs standardised on all rows, lambda = 1, one-hot targets) on the rows labelled != -100;
+    returns the class scores of new rows (argmax: the predicted class)."""
+    keep = y != -100
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    a = torch.cat([((x - mu) / sd)[keep], torch.ones(int(keep.sum()), 1)], 1)
+    w = torch.linalg.solve(a.T @ a + torch.eye(a.shape[1]), a.T @ torch.nn.functional.one_hot(y[keep], classes).float())
+    return lambda rows: (torch.cat([(rows - mu) / sd, torch.ones(rows.shape[0], 1)], 1) @ w)
+
+
 def ridge_accuracy(xtr, ytr, xte, yte, col: int) -> float:
-    n = LABELS[col]
     a, b = xtr.reshape(-1, xtr.shape[-1]), xte.reshape(-1, xte.shape[-1])
     ya, yb = ytr[:, col].repeat_interleave(xtr.shape[1]), yte[:, col].repeat_interleave(xte.shape[1])
-    mu, sd = a.mean(0), a.std(0) + 1e-6
-    a, b = (a - mu) / sd, (b - mu) / sd
-    keep, keep_b = ya != -100, yb != -100
-    a1 = torch.cat([a[keep], torch.ones(int(keep.sum()), 1)], 1)
-    w = torch.linalg.solve(a1.T @ a1 + torch.eye(a1.shape[1]), a1.T @ torch.nn.functional.one_hot(ya[keep], n).float())
-    pred = (torch.cat([b[keep_b], torch.ones(int(keep_b.sum()), 1)], 1) @ w).argmax(1)
+    keep_b = yb != -100
+    pred = fit(a, ya, LABELS[col])(b[keep_b]).argmax(1)
     return float((pred == yb[keep_b]).float().mean())
 
 

@@ -19,6 +19,8 @@ from mqt_edge.image import preprocess
 from mqt_edge.model import MQTLlava
 from mqt_edge.train import COLUMN, Example, _features, patch_labels, synthetic_examples
 
+from ridge import fit
+
 
 def collect(net: MQTLlava, seed: int, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     data = synthetic_examples(seed)
@@ -38,15 +40,11 @@ def main() -> None:
     shape, colour = COLUMN["shape"], COLUMN["colour"]
     ftr, ytr = collect(net, 21, 200)
     fte, yte = collect(net, 22, 150)
-    a, ya = torch.cat(ftr), torch.cat(ytr)[:, shape]
-    keep = ya != -100
-    mu, sd = a.mean(0), a.std(0) + 1e-6
-    a1 = torch.cat([((a - mu) / sd)[keep], torch.ones(int(keep.sum()), 1)], 1)
-    w = torch.linalg.solve(a1.T @ a1 + torch.eye(a1.shape[1]), a1.T @ torch.nn.functional.one_hot(ya[keep], 3).float())
+    scores_of = fit(torch.cat(ftr), torch.cat(ytr)[:, shape], 3)
     right = total = 0
     objects: dict[str, list[int]] = {"small": [0, 0], "mid": [0, 0], "big": [0, 0]}
     for f, y in zip(fte, yte):
-        scores = torch.cat([(f - mu) / sd, torch.ones(f.shape[0], 1)], 1) @ w
+        scores = scores_of(f)
         on = y[:, shape] != -100
         right += int((scores[on].argmax(1) == y[on, shape]).sum())
         total += int(on.sum())
