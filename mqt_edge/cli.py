@@ -482,6 +482,8 @@ def train(
     lr: float = typer.Option(1e-3, help="Peak learning rate (cosine schedule, warm-up)."),
     parts: str = typer.Option("vision,mqt,llm", help="Trained parts in stages 1 and 2: any of vision, mqt, llm."),
     aux_weight: float = typer.Option(0.0, min=0.0, help="Weight of the dense scene-label loss in stages 1 and 2."),
+    token_aux_weight: float = typer.Option(0.0, min=0.0, help="Weight of the scene-wide label loss on the "
+                                           "visual tokens in stages 1 and 2."),
     stage0_lr: Optional[float] = typer.Option(None, help="Peak learning rate of stage 0 (default: --lr)."),
     localize: bool = typer.Option(False, help="Start the MQT's attention maps as local Gaussians."),
     local_init: bool = typer.Option(False, help="Start the ViT local: sin-cos positions, mimetic q/k, edge filters."),
@@ -515,8 +517,10 @@ def train(
     chosen = tuple(p.strip() for p in parts.split(",") if p.strip())
     stage0_lr = stage0_lr or lr
     stages = [StageConfig(0, stage0_steps, batch_size, stage0_lr, ("vision",)),
-              StageConfig(1, stage1_steps, batch_size, lr, chosen, aux_weight=aux_weight),
-              StageConfig(2, stage2_steps, batch_size, lr, chosen, aux_weight=aux_weight)]
+              StageConfig(1, stage1_steps, batch_size, lr, chosen, aux_weight=aux_weight,
+                          token_aux_weight=token_aux_weight),
+              StageConfig(2, stage2_steps, batch_size, lr, chosen, aux_weight=aux_weight,
+                          token_aux_weight=token_aux_weight)]
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         start = model or str(write_checkpoint(init, Path(tmp) / "init", seed=seed))
@@ -542,6 +546,7 @@ def train(
                     save_checkpoint(net, out.with_name(f"{out.name}-stage{cfg.stage}"))
         recipe = {"stage0_steps": stage0_steps, "stage1_steps": stage1_steps, "stage2_steps": stage2_steps,
                   "batch_size": batch_size, "lr": lr, "parts": list(chosen), "aux_weight": aux_weight,
+                  "token_aux_weight": token_aux_weight,
                   "stage0_lr": stage0_lr, "localize": localize, "local_init": local_init, "turns": turns, "seed": seed,
                   "init": model or init,
                   "examples_seen": batch_size * (stage0_steps + stage1_steps + stage2_steps),

@@ -15,7 +15,8 @@ first attempt stayed at the answer priors). Two steps stand in for CLIP's pretra
 - stage 0 pretrains the vision tower on dense scene labels: every patch predicts the colour and
   shape of the object under it (or background) and its side, plus scene-wide facts (see LABELS). A
   linear head reads the features the MQT reads; the head is discarded. The same loss can ride
-  along in stages 1 and 2 (`aux_weight`).
+  along in stages 1 and 2 (`aux_weight`); its scene-wide part can also be asked of every visual
+  token (`token_aux_weight`, a second discarded head), so the MQT passes each fact on linearly.
 - `localize_queries` fits the MQT's (image-independent) attention maps to Gaussians around each
   query's cell of the query grid, so that at the start every visual token summarises one region
   instead of the whole image. Training then reshapes the maps freely.
@@ -49,6 +50,7 @@ _LAYOUT = (("colour", 1, 5), ("shape", 1, 3), ("count", 1, 3), ("side", 1, 2), (
 LABELS = tuple(n for _, cols, n in _LAYOUT for _ in range(cols))  # classes of each column
 COLUMN = dict(zip((name for name, _, _ in _LAYOUT),
                   np.cumsum([0] + [cols for _, cols, _ in _LAYOUT[:-1]]).tolist()))  # first column of each
+SCENE_COLUMNS = (COLUMN["count"], *range(COLUMN["presence"], len(LABELS)))  # the same on every patch
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class StageConfig:
     weight_decay: float = 0.0
     warmup: int = 20
     aux_weight: float = 0.0  # weight of the dense scene-label loss in stages 1 and 2
+    token_aux_weight: float = 0.0  # weight of the scene-wide label loss on the visual tokens (stages 1, 2)
 
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2):
@@ -270,21 +273,38 @@ def _set_trainable(model: MQTLlava, parts: tuple[str, ...]) -> list[torch.nn.Par
     return params
 
 
-def _aux_head(model: MQTLlava) -> torch.nn.Linear:
-    """The training-only linear head of the dense scene labels (never saved)."""
-    head = getattr(model, "_scene_head", None)
+def _aux_head(model: MQTLlava, tokens: bool = False) -> torch.nn.Module:
+    """A training-only linear head (never saved): the dense labels from the vision features, or
+    (tokens=True) the scene-wide labels from the visual tokens, normalised first as each LLaMA layer
+    normalises its input (the tokens' scale is the LLM's embedding scale, far from 1)."""
+    name = "_token_head" if tokens else "_scene_head"
+    head = getattr(model, name, None)
     if head is None:
-        head = torch.nn.Linear(model.vision.config.hidden_size, sum(LABELS)).to(model.device)
-        object.__setattr__(model, "_scene_head", head)  # not a submodule: stays out of the checkpoint
+        if tokens:
+            head = torch.nn.Sequential(torch.nn.LayerNorm(model.mqt.config.hidden_size, elementwise_affine=False),
+                                       torch.nn.Linear(model.mqt.config.hidden_size,
+                                                       sum(LABELS[j] for j in SCENE_COLUMNS)))
+        else:
+            head = torch.nn.Linear(model.vision.config.hidden_size, sum(LABELS))
+        head = head.to(model.device)
+        object.__setattr__(model, name, head)  # not a submodule: stays out of the checkpoint
     return head
 
 
-def _aux_loss(model: MQTLlava, feats: torch.Tensor, batch: list[Example]) -> torch.Tensor:
-    """Sum (not mean) of the cross-entropies of every label column; the recorded runs used this scale."""
-    logits = _aux_head(model)(feats.float())  # (B, P, sum(LABELS))
-    labels = torch.stack([e.labels for e in batch]).to(feats.device)  # (B, P, len(LABELS))
-    loss, start = feats.new_zeros(()), 0
-    for j, n in enumerate(LABELS):
+def _aux_loss(model: MQTLlava, x: torch.Tensor, batch: list[Example], tokens: bool = False) -> torch.Tensor:
+    """Sum (not mean) of the cross-entropies of the label columns; the recorded runs used this scale.
+
+    x is the vision features (B, P, C), every dense column scored on its patch; or, with tokens=True,
+    the visual tokens (B, m, hidden), each asked every scene-wide column.
+    """
+    logits = _aux_head(model, tokens)(x.float())  # (B, N, classes)
+    labels = torch.stack([e.labels for e in batch]).to(x.device)  # (B, P, len(LABELS))
+    columns = SCENE_COLUMNS if tokens else range(len(LABELS))
+    if tokens:  # scene-wide: any patch's row, for every token
+        labels = labels[:, :1].expand(-1, x.shape[1], -1)
+    loss, start = x.new_zeros(()), 0
+    for j in columns:
+        n = LABELS[j]
         y = labels[..., j].reshape(-1)
         if (y != -100).any():
             loss = loss + F.cross_entropy(logits[..., start:start + n].reshape(-1, n), y, ignore_index=-100)
@@ -315,11 +335,14 @@ def conversation_ids(model: MQTLlava, turns: list[tuple[str, str]]) -> tuple[lis
     return before, text, target
 
 
-def _batch_loss(model: MQTLlava, batch: list[Example], m: int, aux_weight: float = 0.0) -> torch.Tensor:
+def _batch_loss(model: MQTLlava, batch: list[Example], m: int, aux_weight: float = 0.0,
+                token_aux_weight: float = 0.0) -> torch.Tensor:
     dev = model.device
     feats = _features(model, batch)
     aux = aux_weight * _aux_loss(model, feats, batch) if aux_weight else 0.0
     visual = model.mqt(feats, tokens=m)  # (B, m, hidden)
+    if token_aux_weight:
+        aux = aux + token_aux_weight * _aux_loss(model, visual, batch, tokens=True)
     embed = model.llm.get_input_embeddings()
     seqs, labels = [], []
     for e, vis in zip(batch, visual):
@@ -346,9 +369,11 @@ def train_stage(model: MQTLlava, cfg: StageConfig, data: Iterator[tuple], seed: 
     rng = np.random.default_rng(seed)
     M = model.num_queries
     params = _set_trainable(model, cfg.train)
-    dense = cfg.stage == 0 or cfg.aux_weight > 0
-    if dense:
+    dense = cfg.stage == 0 or cfg.aux_weight > 0 or cfg.token_aux_weight > 0
+    if cfg.stage == 0 or cfg.aux_weight > 0:
         params += list(_aux_head(model).parameters())
+    if cfg.token_aux_weight > 0 and cfg.stage:
+        params += list(_aux_head(model, tokens=True).parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)) * 0.5 * (1 + np.cos(np.pi * s / max(1, cfg.steps))))
@@ -360,7 +385,7 @@ def train_stage(model: MQTLlava, cfg: StageConfig, data: Iterator[tuple], seed: 
             image, question, answer, *scene = next(data)  # question, answer: str, or tuples (turns)
             if dense and not scene:
                 raise InputError("dense scene labels need scenes in the data stream",
-                                 "use synthetic_examples(), or aux_weight=0 and no stage 0")
+                                 "use synthetic_examples(), or no aux weights and no stage 0")
             labels = torch.from_numpy(patch_labels(scene[0], model.image_spec, model.mqt.config.key_grid)) \
                 if dense else None
             batch.append(Example(torch.from_numpy(preprocess(image, model.image_spec)[0]), question, answer, labels))
@@ -368,7 +393,7 @@ def train_stage(model: MQTLlava, cfg: StageConfig, data: Iterator[tuple], seed: 
         if cfg.stage == 0:
             loss = _aux_loss(model, _features(model, batch), batch)
         else:
-            loss = _batch_loss(model, batch, m, cfg.aux_weight)
+            loss = _batch_loss(model, batch, m, cfg.aux_weight, cfg.token_aux_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

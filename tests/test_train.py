@@ -176,6 +176,24 @@ def test_stage0_trains_only_the_vision_tower_on_dense_labels(tiny_ckpt):
     assert "_scene_head" not in dict(model.named_modules())  # the head never reaches a checkpoint
 
 
+def test_token_labels_reach_the_mqt_and_stay_out_of_the_checkpoint(tiny_ckpt):
+    """token_aux_weight asks every visual token the scene-wide facts through a discarded head."""
+    runs = {}
+    for w in (0.0, 1.0):
+        model = MQTLlava.from_pretrained(tiny_ckpt, dtype=torch.float32)
+        losses = train_stage(model, StageConfig(1, steps=30, batch_size=4, lr=3e-3, train=("mqt",), warmup=2,
+                                                token_aux_weight=w), synthetic_examples(3), seed=3)
+        runs[w] = model, losses
+    (plain, plain_losses), (aux, aux_losses) = runs[0.0], runs[1.0]
+    # the first step's loss adds the token head's cross-entropies: 23 scene-wide columns, 2-4 classes each
+    assert aux_losses[0] - plain_losses[0] > 10, (aux_losses[0], plain_losses[0])
+    # the head learns (from a tiny random tower, mostly the label priors: 124.5 -> 111.3 here)
+    assert sum(aux_losses[-5:]) < 0.95 * sum(aux_losses[:5]), aux_losses
+    assert any(not torch.equal(v, aux.mqt.state_dict()[k]) for k, v in plain.mqt.state_dict().items())
+    assert hasattr(aux, "_token_head") and not hasattr(plain, "_token_head")
+    assert not any("token_head" in k for k in aux.state_dict())
+
+
 def test_dense_loss_needs_scenes(tiny_ckpt):
     model = MQTLlava.from_pretrained(tiny_ckpt, dtype=torch.float32)
     plain = ((im, q, a) for im, q, a, _ in synthetic_examples(0))
@@ -222,8 +240,8 @@ def test_the_training_command_is_reproducible(tmp_path):
     from conftest import cli
 
     args = ["train", "--init", "tiny", "--stage0-steps", "2", "--stage1-steps", "2", "--stage2-steps", "2",
-            "--batch-size", "2", "--aux-weight", "0.5", "--local-init", "--localize", "--turns", "3", "--seed", "7",
-            "--threads", "1"]
+            "--batch-size", "2", "--aux-weight", "0.5", "--token-aux-weight", "0.2", "--local-init", "--localize",
+            "--turns", "3", "--seed", "7", "--threads", "1"]
     for name in ("a", "b"):
         r = cli(*args, "--out", str(tmp_path / name))
         assert r.returncode == 0, r.stderr
@@ -232,6 +250,7 @@ def test_the_training_command_is_reproducible(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     recipe = json.loads((tmp_path / "a" / "config.json").read_text())["mqt_edge_train"]
     assert recipe["seed"] == 7 and recipe["examples_seen"] == 12 and recipe["local_init"] and recipe["turns"] == 3
+    assert recipe["token_aux_weight"] == 0.2
 
 
 def test_the_default_chain_script_passes_only_options_train_accepts():
