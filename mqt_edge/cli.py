@@ -489,6 +489,8 @@ def train(
     local_init: bool = typer.Option(False, help="Start the ViT local: sin-cos positions, mimetic q/k, edge filters."),
     turns: int = typer.Option(1, min=1, max=16, help="Questions per image in stages 1 and 2: a multi-turn "
                               "conversation, every answer supervised (LLaVA's multi-turn data)."),
+    separate_turns: bool = typer.Option(False, help="Each question of an image sees only the image and "
+                                        "itself (a block attention mask), exactly as at inference."),
     seed: int = typer.Option(0, help="Seed of the data stream, the init and the m draws."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (default: torch's)."),
     keep_stages: bool = typer.Option(False, help="Also save the model after each stage, as OUT-stageN."),
@@ -518,9 +520,9 @@ def train(
     stage0_lr = stage0_lr or lr
     stages = [StageConfig(0, stage0_steps, batch_size, stage0_lr, ("vision",)),
               StageConfig(1, stage1_steps, batch_size, lr, chosen, aux_weight=aux_weight,
-                          token_aux_weight=token_aux_weight),
+                          token_aux_weight=token_aux_weight, separate_turns=separate_turns),
               StageConfig(2, stage2_steps, batch_size, lr, chosen, aux_weight=aux_weight,
-                          token_aux_weight=token_aux_weight)]
+                          token_aux_weight=token_aux_weight, separate_turns=separate_turns)]
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         start = model or str(write_checkpoint(init, Path(tmp) / "init", seed=seed))
@@ -546,7 +548,7 @@ def train(
                     save_checkpoint(net, out.with_name(f"{out.name}-stage{cfg.stage}"))
         recipe = {"stage0_steps": stage0_steps, "stage1_steps": stage1_steps, "stage2_steps": stage2_steps,
                   "batch_size": batch_size, "lr": lr, "parts": list(chosen), "aux_weight": aux_weight,
-                  "token_aux_weight": token_aux_weight,
+                  "token_aux_weight": token_aux_weight, "separate_turns": separate_turns,
                   "stage0_lr": stage0_lr, "localize": localize, "local_init": local_init, "turns": turns, "seed": seed,
                   "init": model or init,
                   "examples_seen": batch_size * (stage0_steps + stage1_steps + stage2_steps),

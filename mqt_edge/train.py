@@ -64,6 +64,7 @@ class StageConfig:
     warmup: int = 20
     aux_weight: float = 0.0  # weight of the dense scene-label loss in stages 1 and 2
     token_aux_weight: float = 0.0  # weight of the scene-wide label loss on the visual tokens (stages 1, 2)
+    separate_turns: bool = False  # each question sees only the image and itself, as at inference
 
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2):
@@ -335,8 +336,23 @@ def conversation_ids(model: MQTLlava, turns: list[tuple[str, str]]) -> tuple[lis
     return before, text, target
 
 
+def separate_turn_ids(model: MQTLlava, turns: list[tuple[str, str]]) -> tuple[list[int], list[tuple[list[int], list[int]]]]:
+    """(ids before the visual tokens, one (ids, targets) segment per turn) for separate turns: each
+    segment is the inference prompt's text after the image, then the answer and EOS (scored)."""
+    eos = min(model.eos_ids)
+    before, segments = [], []
+    for question, answer in turns:
+        before, text = model.prompt_ids(question)  # the same `before` for every question
+        said = model.tokenizer.encode(answer) + [eos]
+        segments.append((text + said, [-100] * len(text) + said))
+    return before, segments
+
+
 def _batch_loss(model: MQTLlava, batch: list[Example], m: int, aux_weight: float = 0.0,
-                token_aux_weight: float = 0.0) -> torch.Tensor:
+                token_aux_weight: float = 0.0, separate_turns: bool = False) -> torch.Tensor:
+    """The answer loss (plus the weighted dense label losses). With separate_turns, every question of an
+    image sees the system prompt, the visual tokens and itself only (a block attention mask, positions
+    restarting after the image), exactly as at inference; otherwise the turns form one conversation."""
     dev = model.device
     feats = _features(model, batch)
     aux = aux_weight * _aux_loss(model, feats, batch) if aux_weight else 0.0
@@ -344,19 +360,41 @@ def _batch_loss(model: MQTLlava, batch: list[Example], m: int, aux_weight: float
     if token_aux_weight:
         aux = aux + token_aux_weight * _aux_loss(model, visual, batch, tokens=True)
     embed = model.llm.get_input_embeddings()
-    seqs, labels = [], []
+    seqs, labels, spans = [], [], []
     for e, vis in zip(batch, visual):
-        before, text, target = conversation_ids(model, e.turns())
+        if separate_turns:
+            before, segments = separate_turn_ids(model, e.turns())
+        else:
+            before, text, target = conversation_ids(model, e.turns())
+            segments = [(text, target)]
+        text = [t for ids, _ in segments for t in ids]
         ids = torch.tensor(before + text, dtype=torch.long, device=dev)
         seqs.append(torch.cat([embed(ids[: len(before)]), vis, embed(ids[len(before):])]))
+        target = [t for _, tgt in segments for t in tgt]
         labels.append(torch.tensor([-100] * (len(before) + m) + target, dtype=torch.long, device=dev))
+        spans.append((len(before) + m, [len(ids) for ids, _ in segments]))
     T = max(s.shape[0] for s in seqs)
     x = torch.zeros(len(seqs), T, seqs[0].shape[1], device=dev, dtype=seqs[0].dtype)
     y = torch.full((len(seqs), T), -100, dtype=torch.long, device=dev)
     mask = torch.zeros(len(seqs), T, dtype=torch.long, device=dev)
     for i, (s, lab) in enumerate(zip(seqs, labels)):
         x[i, : len(s)], y[i, : len(s)], mask[i, : len(s)] = s, lab, 1
-    hidden = model.llm.model(inputs_embeds=x, attention_mask=mask).last_hidden_state
+    if separate_turns:
+        block = torch.eye(T, dtype=torch.bool, device=dev).repeat(len(seqs), 1, 1)  # padding sees itself
+        pos = torch.zeros(len(seqs), T, dtype=torch.long, device=dev)
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+        for i, (prefix, lengths) in enumerate(spans):
+            block[i, :prefix, :prefix] = causal[:prefix, :prefix]
+            pos[i, :prefix] = torch.arange(prefix)
+            start = prefix
+            for n in lengths:
+                block[i, start:start + n, :prefix] = True
+                block[i, start:start + n, start:start + n] = causal[:n, :n]
+                pos[i, start:start + n] = torch.arange(prefix, prefix + n)
+                start += n
+        hidden = model.llm.model(inputs_embeds=x, attention_mask=block[:, None], position_ids=pos).last_hidden_state
+    else:
+        hidden = model.llm.model(inputs_embeds=x, attention_mask=mask).last_hidden_state
     scored = y[:, 1:] != -100  # the LM head runs only where a token is predicted
     logits = model.llm.lm_head(hidden[:, :-1][scored])
     return F.cross_entropy(logits.float(), y[:, 1:][scored]) + aux
@@ -393,7 +431,7 @@ def train_stage(model: MQTLlava, cfg: StageConfig, data: Iterator[tuple], seed: 
         if cfg.stage == 0:
             loss = _aux_loss(model, _features(model, batch), batch)
         else:
-            loss = _batch_loss(model, batch, m, cfg.aux_weight, cfg.token_aux_weight)
+            loss = _batch_loss(model, batch, m, cfg.aux_weight, cfg.token_aux_weight, cfg.separate_turns)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

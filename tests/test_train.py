@@ -15,6 +15,7 @@ from mqt_edge.train import (
     StageConfig,
     _batch_loss,
     conversation_ids,
+    separate_turn_ids,
     localize_queries,
     patch_labels,
     save_checkpoint,
@@ -81,6 +82,31 @@ def test_conversations_ask_distinct_valid_questions_and_score_every_answer(tiny_
     n1, n2 = len(tok.encode("red")) + 1, len(tok.encode("two")) + 1
     assert not torch.isclose(both, one)  # turn 2 is scored (were it not, the two means would be equal)
     assert float(both) * (n1 + n2) - float(one) * n1 > 0.1 * n2
+
+
+def test_separate_turns_score_each_question_exactly_as_if_asked_alone(tiny_model):
+    """With separate_turns, a 3-question example's loss is the token-weighted mean of the three
+    one-question losses (block mask, positions restarting after the image), in a padded batch."""
+    tok = tiny_model.tokenizer
+    turns = [("What color is the circle?", "red"), ("How many shapes are there?", "three"),
+             ("Is there a blue square?", "no")]
+    pix = torch.from_numpy(preprocess(scene(seed=1), tiny_model.image_spec)[0])
+    other = Example(torch.from_numpy(preprocess(scene(seed=2), tiny_model.image_spec)[0]), "What color is the "
+                    "square?", "blue")  # shorter: padding in the batch
+    with torch.no_grad():
+        alone = [float(_batch_loss(tiny_model, [Example(pix, q, a)], 16)) for q, a in turns]
+        together = float(_batch_loss(tiny_model, [Example(pix, *zip(*turns))], 16, separate_turns=True))
+        conversation = float(_batch_loss(tiny_model, [Example(pix, *zip(*turns))], 16))
+        pair = float(_batch_loss(tiny_model, [Example(pix, *zip(*turns)), other], 16, separate_turns=True))
+        other_alone = float(_batch_loss(tiny_model, [other], 16))
+    n = [len(tok.encode(a)) + 1 for _, a in turns]
+    assert together == pytest.approx(sum(x * k for x, k in zip(alone, n)) / sum(n), rel=1e-4)
+    assert abs(conversation - together) > 1e-3  # a conversation's later turns see the earlier ones
+    n_other = len(tok.encode("blue")) + 1
+    assert pair == pytest.approx((together * sum(n) + other_alone * n_other) / (sum(n) + n_other), rel=1e-4)
+    before, segments = separate_turn_ids(tiny_model, turns)
+    assert [(before, ids[: len(ids) - k]) for (ids, _), k in zip(segments, n)] == \
+        [tiny_model.prompt_ids(q) for q, _ in turns]
 
 
 def test_bad_stage_configs():
@@ -241,7 +267,7 @@ def test_the_training_command_is_reproducible(tmp_path):
 
     args = ["train", "--init", "tiny", "--stage0-steps", "2", "--stage1-steps", "2", "--stage2-steps", "2",
             "--batch-size", "2", "--aux-weight", "0.5", "--token-aux-weight", "0.2", "--local-init", "--localize",
-            "--turns", "3", "--seed", "7", "--threads", "1"]
+            "--turns", "3", "--separate-turns", "--seed", "7", "--threads", "1"]
     for name in ("a", "b"):
         r = cli(*args, "--out", str(tmp_path / name))
         assert r.returncode == 0, r.stderr
@@ -250,7 +276,7 @@ def test_the_training_command_is_reproducible(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     recipe = json.loads((tmp_path / "a" / "config.json").read_text())["mqt_edge_train"]
     assert recipe["seed"] == 7 and recipe["examples_seen"] == 12 and recipe["local_init"] and recipe["turns"] == 3
-    assert recipe["token_aux_weight"] == 0.2
+    assert recipe["token_aux_weight"] == 0.2 and recipe["separate_turns"]
 
 
 def test_the_default_chain_script_passes_only_options_train_accepts():

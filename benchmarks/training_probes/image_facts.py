@@ -1,13 +1,14 @@
 """What do the vision features of one image say? Ridge probes, read patch by patch.
 
-    python benchmarks/training_probes/image_facts.py CHECKPOINT IMAGE
+    python benchmarks/training_probes/image_facts.py CHECKPOINT IMAGE [--tokens]
     (docs/training.md: run k1 on examples/shapes.png)
 
 Ridge regressions (standardised inputs, lambda = 1, one-hot targets) are fitted on single patch
 features of 200 images of the project's generator (seed 21), one per dense label column, then
 applied to every patch of IMAGE. It prints the local shape map (c/s/T on patches that differ from
 the background, '.' elsewhere) and, for each scene-wide column, how many of the patches vote for
-each class: what an LLM could read from any one visual token if the MQT passed it on.
+each class: what an LLM could read from any one visual token if the MQT passed it on. With --tokens
+the scene-wide columns are fitted and read on the visual tokens at m = 256 instead: what it can read.
 """
 
 import sys
@@ -40,6 +41,12 @@ def main() -> None:
         print("".join("csT"[int(shape[r, c])] if on_object[r, c] else "." for c in range(gw)))
     sub = slice(None, None, 9)  # scene-wide columns repeat on every patch: every 9th is enough to fit
     x_sub, y_sub = torch.cat([v[sub] for v in feats]), torch.cat([v[sub] for v in labels])
+    if "--tokens" in sys.argv[3:]:  # every 4th token of each image, with its image's scene-wide row
+        with torch.no_grad():
+            tokens = [net.mqt(v[None], tokens=net.num_queries)[0] for v in feats]
+            f = net.mqt(f[None], tokens=net.num_queries)[0]
+        x_sub = torch.cat([t[::4] for t in tokens])
+        y_sub = torch.cat([v[:1].expand(t[::4].shape[0], -1) for v, t in zip(labels, tokens)])
     wide = {"count (one, two, three)": COLUMN["count"]}
     wide |= {f"colour of the {k} ({', '.join(COLORS)})": COLUMN["colour_of_kind"] + i for i, k in enumerate(SHAPES)}
     wide |= {f"shape of the {c} object ({', '.join(SHAPES)})": COLUMN["shape_of_colour"] + i for i, c in enumerate(COLORS)}
@@ -47,7 +54,8 @@ def main() -> None:
              for i, c in enumerate(COLORS) for j, k in enumerate(SHAPES)}
     for name, col in wide.items():
         votes = fit(x_sub, y_sub[:, col], LABELS[col])(f).argmax(1)
-        print(f"{name}: {torch.bincount(votes, minlength=LABELS[col]).tolist()} of {f.shape[0]} patches")
+        print(f"{name}: {torch.bincount(votes, minlength=LABELS[col]).tolist()} of {f.shape[0]} "
+              f"{'tokens' if '--tokens' in sys.argv[3:] else 'patches'}")
 
 
 if __name__ == "__main__":
