@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from mqt_edge.model import MQTLlava
-from mqt_edge.train import COLUMN, LABELS, patch_labels
+from mqt_edge.train import LABELS, SCENE_COLUMNS, patch_labels
 from mqt_edge.vqa import COLORS, SHAPES, sample
 
-WIDE = [COLUMN["count"], *range(COLUMN["presence"], len(LABELS))]  # the scene-wide label columns
+WIDE = SCENE_COLUMNS  # the scene-wide label columns
 N_TOKENS, BATCH = 32, 16
 
 
