@@ -489,6 +489,8 @@ def train(
     local_init: bool = typer.Option(False, help="Start the ViT local: sin-cos positions, mimetic q/k, edge filters."),
     turns: int = typer.Option(1, min=1, max=16, help="Questions per image in stages 1 and 2: a multi-turn "
                               "conversation, every answer supervised (LLaVA's multi-turn data)."),
+    colour_twins: bool = typer.Option(False, help="Follow each scene of two or more colours with its colour "
+                                      "twin (colours permuted among the shapes, same questions)."),
     separate_turns: bool = typer.Option(False, help="Each question of an image sees only the image and "
                                         "itself (a block attention mask), exactly as at inference."),
     seed: int = typer.Option(0, help="Seed of the data stream, the init and the m draws."),
@@ -533,7 +535,7 @@ def train(
             local_vision_init(net, seed=seed)
         if localize:
             history["localize_kl"] = [localize_queries(net)]
-        data = synthetic_examples(seed, turns)
+        data = synthetic_examples(seed, turns, colour_twins)
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
                       TextColumn("m {task.fields[m]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                       console=err) as bar:
@@ -549,6 +551,7 @@ def train(
         recipe = {"stage0_steps": stage0_steps, "stage1_steps": stage1_steps, "stage2_steps": stage2_steps,
                   "batch_size": batch_size, "lr": lr, "parts": list(chosen), "aux_weight": aux_weight,
                   "token_aux_weight": token_aux_weight, "separate_turns": separate_turns,
+                  "colour_twins": colour_twins,
                   "stage0_lr": stage0_lr, "localize": localize, "local_init": local_init, "turns": turns, "seed": seed,
                   "init": model or init,
                   "examples_seen": batch_size * (stage0_steps + stage1_steps + stage2_steps),

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -90,24 +90,52 @@ class Example:
         return list(zip(self.question, self.answer, strict=True))
 
 
-def synthetic_examples(seed: int, turns: int = 1) -> Iterator[tuple[object, object, object, object]]:
+def synthetic_examples(seed: int, turns: int = 1, twins: bool = False) -> Iterator[tuple[object, object, object, object]]:
     """An endless, seeded stream of (image, question, answer, scene) from the shapes task.
 
     With turns > 1, question and answer are tuples: a conversation of up to `turns` distinct questions
     about one image, as in LLaVA's multi-turn training data. The first turn is exactly the inference
     prompt; every turn's answer is supervised, so one image (the expensive part of a step) teaches
     several answers.
+
+    With twins, a scene of two or more colours is followed by its colour twin: the same shapes and
+    places with the colours permuted among them (at least one shape changes colour), asked the same
+    questions. A twin has the same bag of colours and kinds, so only binding each colour to its shape
+    tells the two apart.
     """
     from .vqa import conversation, sample
+
+    def example(scene, qs):
+        if turns == 1:
+            return scene.render(), qs[0][1], qs[0][2], scene
+        return scene.render(), tuple(q for _, q, _ in qs), tuple(a for _, _, a in qs), scene
 
     rng = np.random.default_rng(seed)
     while True:
         if turns == 1:  # the single-question stream of the earlier recorded runs, draw for draw
-            scene, _, question, answer = sample(rng)
-            yield scene.render(), question, answer, scene
+            scene, qtype, question, answer = sample(rng)
+            qs = [(qtype, question, answer)]
         else:
             scene, qs = conversation(rng, turns)
-            yield scene.render(), tuple(q for _, q, _ in qs), tuple(a for _, _, a in qs), scene
+        yield example(scene, qs)
+        twin = colour_twin(scene, rng) if twins else None
+        if twin is not None:
+            answers = {q: a for _, q, a in twin.questions()}  # the same questions stay valid
+            yield example(twin, [(t, q, answers[q]) for t, q, _ in qs])
+
+
+def colour_twin(scene, rng: np.random.Generator):
+    """The scene with its colours (and their exact RGB) permuted among its shapes, at least one shape
+    changing colour; None when all its shapes share one colour."""
+    colours = [s.color for s in scene.shapes]
+    if len(set(colours)) < 2:
+        return None
+    while True:
+        order = rng.permutation(len(colours))
+        if any(colours[i] != c for i, c in zip(order, colours)):
+            break
+    shapes = tuple(replace(s, color=scene.shapes[i].color, rgb=scene.shapes[i].rgb) for s, i in zip(scene.shapes, order))
+    return replace(scene, shapes=shapes)
 
 
 def patch_labels(scene, spec, grid: tuple[int, int], sub: int = 3) -> np.ndarray:

@@ -109,6 +109,28 @@ def test_separate_turns_score_each_question_exactly_as_if_asked_alone(tiny_model
         [tiny_model.prompt_ids(q) for q, _ in turns]
 
 
+def test_colour_twins_permute_colours_and_keep_the_questions():
+    data = synthetic_examples(6, turns=4, twins=True)
+    twins = 0
+    previous = next(data)
+    for _ in range(40):
+        item = next(data)
+        a, b = previous[3], item[3]
+        same_layout = [(s.kind, s.cx, s.cy, s.size) for s in a.shapes] == [(s.kind, s.cx, s.cy, s.size) for s in b.shapes]
+        if same_layout and (a.width, a.height, a.background) == (b.width, b.height, b.background):
+            twins += 1
+            assert sorted((s.color, s.rgb) for s in a.shapes) == sorted((s.color, s.rgb) for s in b.shapes)
+            assert [s.color for s in a.shapes] != [s.color for s in b.shapes]
+            assert item[1] == previous[1]  # the same questions ...
+            truth = {q: ans for _, q, ans in b.questions()}
+            assert item[2] == tuple(truth[q] for q in item[1])  # ... answered for the twin
+            item = next(data)  # a twin is not twinned again
+        elif len({s.color for s in a.shapes}) > 1:
+            raise AssertionError("a scene of two or more colours was not followed by its twin")
+        previous = item
+    assert twins >= 10
+
+
 def test_bad_stage_configs():
     with pytest.raises(InputError):
         StageConfig(3, steps=1)
@@ -267,7 +289,7 @@ def test_the_training_command_is_reproducible(tmp_path):
 
     args = ["train", "--init", "tiny", "--stage0-steps", "2", "--stage1-steps", "2", "--stage2-steps", "2",
             "--batch-size", "2", "--aux-weight", "0.5", "--token-aux-weight", "0.2", "--local-init", "--localize",
-            "--turns", "3", "--separate-turns", "--seed", "7", "--threads", "1"]
+            "--turns", "3", "--separate-turns", "--colour-twins", "--seed", "7", "--threads", "1"]
     for name in ("a", "b"):
         r = cli(*args, "--out", str(tmp_path / name))
         assert r.returncode == 0, r.stderr
@@ -276,7 +298,7 @@ def test_the_training_command_is_reproducible(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     recipe = json.loads((tmp_path / "a" / "config.json").read_text())["mqt_edge_train"]
     assert recipe["seed"] == 7 and recipe["examples_seen"] == 12 and recipe["local_init"] and recipe["turns"] == 3
-    assert recipe["token_aux_weight"] == 0.2 and recipe["separate_turns"]
+    assert recipe["token_aux_weight"] == 0.2 and recipe["separate_turns"] and recipe["colour_twins"]
 
 
 def test_the_default_chain_script_passes_only_options_train_accepts():
