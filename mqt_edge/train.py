@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -134,8 +134,7 @@ def colour_twin(scene, rng: np.random.Generator):
         order = rng.permutation(len(colours))
         if any(colours[i] != c for i, c in zip(order, colours)):
             break
-    shapes = tuple(replace(s, color=scene.shapes[i].color, rgb=scene.shapes[i].rgb) for s, i in zip(scene.shapes, order))
-    return replace(scene, shapes=shapes)
+    return scene.recoloured(order)
 
 
 def patch_labels(scene, spec, grid: tuple[int, int], sub: int = 3) -> np.ndarray:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,11 @@ class Scene:
     height: int
     background: tuple[int, int, int]
     shapes: tuple[Shape, ...]
+
+    def recoloured(self, order) -> "Scene":
+        """The same shapes in the same places, shape k taking the colour (and exact RGB) of shape order[k]."""
+        return replace(self, shapes=tuple(replace(s, color=self.shapes[i].color, rgb=self.shapes[i].rgb)
+                                          for s, i in zip(self.shapes, order)))
 
     def render(self) -> Image.Image:
         im = Image.new("RGB", (self.width, self.height), self.background)

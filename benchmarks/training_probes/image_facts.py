@@ -39,14 +39,15 @@ def main() -> None:
     shape = fit(x, y[:, COLUMN["shape"]], 3)(f).argmax(1).reshape(gh, gw)
     for r in range(gh):
         print("".join("csT"[int(shape[r, c])] if on_object[r, c] else "." for c in range(gw)))
-    sub = slice(None, None, 9)  # scene-wide columns repeat on every patch: every 9th is enough to fit
-    x_sub, y_sub = torch.cat([v[sub] for v in feats]), torch.cat([v[sub] for v in labels])
-    if "--tokens" in sys.argv[3:]:  # every 4th token of each image, with its image's scene-wide row
+    on_tokens = "--tokens" in sys.argv[3:]
+    if on_tokens:  # every 4th token of each image, with its image's scene-wide row
         with torch.no_grad():
-            tokens = [net.mqt(v[None], tokens=net.num_queries)[0] for v in feats]
+            tokens = [net.mqt(v[None], tokens=net.num_queries)[0, ::4] for v in feats]
             f = net.mqt(f[None], tokens=net.num_queries)[0]
-        x_sub = torch.cat([t[::4] for t in tokens])
-        y_sub = torch.cat([v[:1].expand(t[::4].shape[0], -1) for v, t in zip(labels, tokens)])
+        x_sub = torch.cat(tokens)
+        y_sub = torch.cat([v[:1].expand(t.shape[0], -1) for v, t in zip(labels, tokens)])
+    else:  # scene-wide columns repeat on every patch: every 9th is enough to fit
+        x_sub, y_sub = torch.cat([v[::9] for v in feats]), torch.cat([v[::9] for v in labels])
     wide = {"count (one, two, three)": COLUMN["count"]}
     wide |= {f"colour of the {k} ({', '.join(COLORS)})": COLUMN["colour_of_kind"] + i for i, k in enumerate(SHAPES)}
     wide |= {f"shape of the {c} object ({', '.join(SHAPES)})": COLUMN["shape_of_colour"] + i for i, c in enumerate(COLORS)}
@@ -55,7 +56,7 @@ def main() -> None:
     for name, col in wide.items():
         votes = fit(x_sub, y_sub[:, col], LABELS[col])(f).argmax(1)
         print(f"{name}: {torch.bincount(votes, minlength=LABELS[col]).tolist()} of {f.shape[0]} "
-              f"{'tokens' if '--tokens' in sys.argv[3:] else 'patches'}")
+              f"{'tokens' if on_tokens else 'patches'}")
 
 
 if __name__ == "__main__":

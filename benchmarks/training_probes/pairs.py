@@ -14,7 +14,6 @@ answer changes when the colours are permuted among the scene's shapes.
 import itertools
 import sys
 from collections import Counter
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -47,10 +46,8 @@ def binding_critical(conversations: int = 3000, turns: int = 10) -> Counter:
     rng = np.random.default_rng(0)
     for _ in range(conversations):
         scene, asked = conversation(rng, turns)
-        permuted = []
-        for order in itertools.permutations(range(len(scene.shapes))):
-            shapes = tuple(replace(s, color=scene.shapes[i].color) for s, i in zip(scene.shapes, order))
-            permuted.append({q: a for _, q, a in Scene(scene.width, scene.height, scene.background, shapes).questions()})
+        permuted = [{q: a for _, q, a in scene.recoloured(order).questions()}
+                    for order in itertools.permutations(range(len(scene.shapes)))]
         for qtype, question, answer in asked:
             counts[qtype, "all"] += 1
             counts[qtype, "critical"] += any(p.get(question, answer) != answer for p in permuted)
