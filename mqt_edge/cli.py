@@ -493,6 +493,10 @@ def train(
                                       "twin (colours permuted among the shapes, same questions)."),
     separate_turns: bool = typer.Option(False, help="Each question of an image sees only the image and "
                                         "itself (a block attention mask), exactly as at inference."),
+    reset_llm: bool = typer.Option(False, help="Start from a freshly initialised LLM (seeded), keeping the "
+                                   "vision tower, the MQT and the tokenizer."),
+    visual_norm: Optional[float] = typer.Option(None, help="With --reset-llm: scale the MQT's output so the "
+                                                "visual tokens' mean norm is this (the text embeddings' is ~0.3)."),
     seed: int = typer.Option(0, help="Seed of the data stream, the init and the m draws."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (default: torch's)."),
     keep_stages: bool = typer.Option(False, help="Also save the model after each stage, as OUT-stageN."),
@@ -511,6 +515,7 @@ def train(
         StageConfig,
         local_vision_init,
         localize_queries,
+        reset_llm as reset_llm_weights,
         save_checkpoint,
         synthetic_examples,
         train_stage,
@@ -519,6 +524,8 @@ def train(
     if threads:
         torch.set_num_threads(threads)
     chosen = tuple(p.strip() for p in parts.split(",") if p.strip())
+    if visual_norm is not None and not reset_llm:
+        raise InputError("--visual-norm rescales the visual tokens for a fresh LLM", "add --reset-llm")
     stage0_lr = stage0_lr or lr
     stages = [StageConfig(0, stage0_steps, batch_size, stage0_lr, ("vision",)),
               StageConfig(1, stage1_steps, batch_size, lr, chosen, aux_weight=aux_weight,
@@ -535,6 +542,8 @@ def train(
             local_vision_init(net, seed=seed)
         if localize:
             history["localize_kl"] = [localize_queries(net)]
+        if reset_llm:
+            history["visual_norm_before"] = [reset_llm_weights(net, seed, visual_norm)]
         data = synthetic_examples(seed, turns, colour_twins)
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
                       TextColumn("m {task.fields[m]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -551,7 +560,7 @@ def train(
         recipe = {"stage0_steps": stage0_steps, "stage1_steps": stage1_steps, "stage2_steps": stage2_steps,
                   "batch_size": batch_size, "lr": lr, "parts": list(chosen), "aux_weight": aux_weight,
                   "token_aux_weight": token_aux_weight, "separate_turns": separate_turns,
-                  "colour_twins": colour_twins,
+                  "colour_twins": colour_twins, "reset_llm": reset_llm, "visual_norm": visual_norm,
                   "stage0_lr": stage0_lr, "localize": localize, "local_init": local_init, "turns": turns, "seed": seed,
                   "init": model or init,
                   "examples_seen": batch_size * (stage0_steps + stage1_steps + stage2_steps),

@@ -290,6 +290,32 @@ def localize_queries(model: MQTLlava, sigma: float = 1.0, steps: int = 300, lr: 
     return float(kl.detach())
 
 
+def reset_llm(model: MQTLlava, seed: int, visual_norm: float | None = None, images: int = 16) -> float:
+    """Re-initialise the LLM (transformers' LLaMA init, seeded), keeping the vision tower, the MQT and
+    the tokenizer; with visual_norm, then scale the MQT's output projection so that the visual tokens
+    (m = M) of `images` generator scenes have that mean norm. Returns their mean norm before.
+
+    Why: a long run from scratch can leave the visual tokens a thousand times the norm of the text
+    embeddings. The LLM then grows outputs that size, the question words drown in them, and its answer
+    stops depending on them (docs/training.md: the word-blind LLM). A fresh LLM on visual tokens of the
+    text embeddings' scale learns to read the question from the start.
+    """
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    fresh = LlamaForCausalLM(model.llm.config)
+    model.llm.load_state_dict(fresh.state_dict())
+    data = synthetic_examples(seed)
+    pixels = torch.stack([torch.from_numpy(preprocess(next(data)[0], model.image_spec)[0]) for _ in range(images)])
+    with torch.no_grad():
+        before = float(model.mqt(model.image_features(pixels), tokens=model.num_queries).norm(dim=-1).mean())
+        if visual_norm is not None:
+            if not visual_norm > 0:
+                raise InputError(f"visual norm {visual_norm}", "give a positive norm, such as 1.0")
+            model.mqt.proj.mul_(visual_norm / before)
+    return before
+
+
 def _set_trainable(model: MQTLlava, parts: tuple[str, ...]) -> list[torch.nn.Parameter]:
     modules = {"vision": model.vision, "mqt": model.mqt, "llm": model.llm}
     params = []

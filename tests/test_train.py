@@ -242,6 +242,33 @@ def test_token_labels_reach_the_mqt_and_stay_out_of_the_checkpoint(tiny_ckpt):
     assert not any("token_head" in k for k in aux.state_dict())
 
 
+def test_reset_llm_redraws_the_llm_and_rescales_only_the_visual_tokens(tiny_ckpt):
+    """--reset-llm: a fresh, seeded LLM; the vision tower and the MQT kept, the MQT's output scaled."""
+    from mqt_edge.train import reset_llm
+
+    model = MQTLlava.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    old = {name: {k: v.clone() for k, v in getattr(model, name).state_dict().items()} for name in ("vision", "mqt", "llm")}
+    before = reset_llm(model, seed=1, visual_norm=0.5)
+    assert before > 0
+    matrices = [k for k, v in old["llm"].items() if v.dim() == 2]
+    assert matrices and all(not torch.equal(model.llm.state_dict()[k], old["llm"][k]) for k in matrices)
+    assert all(torch.equal(v, old["vision"][k]) for k, v in model.vision.state_dict().items())
+    for k, v in model.mqt.state_dict().items():
+        if k == "proj":
+            torch.testing.assert_close(v, old["mqt"][k] * (0.5 / before))
+        else:
+            assert torch.equal(v, old["mqt"][k]), k
+    # the same images' tokens now have mean norm 0.5 (a second reset measures them and scales nothing)
+    assert abs(reset_llm(model, seed=1) - 0.5) < 1e-4
+    again = MQTLlava.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    reset_llm(again, seed=1)
+    assert all(torch.equal(v, model.llm.state_dict()[k]) for k, v in again.llm.state_dict().items())  # seeded
+    reset_llm(again, seed=2)
+    assert not torch.equal(again.llm.lm_head.weight, model.llm.lm_head.weight)
+    with pytest.raises(InputError, match="positive"):
+        reset_llm(again, seed=1, visual_norm=0.0)
+
+
 def test_dense_loss_needs_scenes(tiny_ckpt):
     model = MQTLlava.from_pretrained(tiny_ckpt, dtype=torch.float32)
     plain = ((im, q, a) for im, q, a, _ in synthetic_examples(0))
@@ -285,11 +312,12 @@ def test_the_training_command_is_reproducible(tmp_path):
     """The documented command, shortened: the same seed gives the same weights, bit for bit."""
     from safetensors.torch import load_file
 
-    from conftest import cli
+    from conftest import cli, stderr_lines
 
     args = ["train", "--init", "tiny", "--stage0-steps", "2", "--stage1-steps", "2", "--stage2-steps", "2",
             "--batch-size", "2", "--aux-weight", "0.5", "--token-aux-weight", "0.2", "--local-init", "--localize",
-            "--turns", "3", "--separate-turns", "--colour-twins", "--seed", "7", "--threads", "1"]
+            "--turns", "3", "--separate-turns", "--colour-twins", "--reset-llm", "--visual-norm", "2.0",
+            "--seed", "7", "--threads", "1"]
     for name in ("a", "b"):
         r = cli(*args, "--out", str(tmp_path / name))
         assert r.returncode == 0, r.stderr
@@ -299,6 +327,10 @@ def test_the_training_command_is_reproducible(tmp_path):
     recipe = json.loads((tmp_path / "a" / "config.json").read_text())["mqt_edge_train"]
     assert recipe["seed"] == 7 and recipe["examples_seen"] == 12 and recipe["local_init"] and recipe["turns"] == 3
     assert recipe["token_aux_weight"] == 0.2 and recipe["separate_turns"] and recipe["colour_twins"]
+    assert recipe["reset_llm"] and recipe["visual_norm"] == 2.0
+    r = cli("train", "--init", "tiny", "--out", str(tmp_path / "c"), "--visual-norm", "1")  # no --reset-llm
+    assert r.returncode == 2 and len(stderr_lines(r)) == 1 and "add --reset-llm" in r.stderr, r.stderr
+    assert not (tmp_path / "c").exists()
 
 
 def test_the_default_chain_script_passes_only_options_train_accepts():
