@@ -6,7 +6,7 @@
 # Every link is one `mqt-edge train` command with its seed and thread count; torch on the same CPU
 # and thread count gives bit-identical weights, so each checkpoint matches the recorded one. A link
 # whose checkpoint already exists is skipped, so an interrupted run resumes where it stopped.
-# About 5 hours on a 2-core CPU (the sum of the recorded training times); each checkpoint is 8 MB.
+# About 6.5 hours on a 2-core CPU (the sum of the recorded training times); each checkpoint is 8 MB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-runs/default}
@@ -32,4 +32,9 @@ link k3 --model "$W/k1" --stage1-steps 0 --stage2-steps 4000 --parts mqt,llm --t
 link k4 --model "$W/k3" --stage1-steps 0 --stage2-steps 4000 --parts mqt,llm --turns 10 --batch-size 8 --lr 1e-3 --seed 10 --threads 2
 link k6 --model "$W/k4" --stage1-steps 0 --stage2-steps 4000 --parts mqt,llm --turns 10 --batch-size 8 --lr 1e-3 --token-aux-weight 0.1 --seed 12 --threads 1
 link k7 --model "$W/k6" --stage1-steps 0 --stage2-steps 4000 --parts mqt,llm --turns 10 --batch-size 8 --lr 1e-3 --token-aux-weight 0.1 --seed 14 --threads 1
-echo "done: $W/k7 (docs/training.md lists each link's held-out accuracy)"
+link k10 --model "$W/k7" --stage1-steps 0 --stage2-steps 3000 --parts mqt,llm --turns 10 --batch-size 8 --lr 1e-3 --token-aux-weight 0.1 --colour-twins --seed 17 --threads 1
+# A fresh LLM on k10's vision tower and MQT (frozen), the visual tokens rescaled to the text scale:
+# k10's LLM had stopped reading the question's object word (docs/training.md: the word-blind LLM).
+link r1 --model "$W/k10" --reset-llm --visual-norm 1.0 --stage1-steps 0 --stage2-steps 4000 --parts llm --turns 10 --batch-size 8 --lr 1e-3 --colour-twins --seed 20 --threads 2
+link r2 --model "$W/r1" --stage1-steps 0 --stage2-steps 4000 --parts llm --turns 10 --batch-size 8 --lr 1e-3 --colour-twins --seed 21 --threads 2
+echo "done: $W/r2 = mqt_edge/assets/default-model (docs/training.md lists each link's held-out accuracy)"

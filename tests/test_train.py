@@ -346,7 +346,7 @@ def test_the_default_chain_script_passes_only_options_train_accepts():
     script = Path(__file__).parent.parent / "scripts" / "train_default.sh"
     links = [shlex.split(line)[1:] for line in script.read_text().splitlines() if line.startswith("link ")]
     names = [args[0] for args in links]
-    assert names == ["s0", "g", "h", "i", "j", "k", "k0", "k1", "k3", "k4", "k6", "k7"]
+    assert names == ["s0", "g", "h", "i", "j", "k", "k0", "k1", "k3", "k4", "k6", "k7", "k10", "r1", "r2"]
     for i, (name, *args) in enumerate(links):
         args = [a.replace("$W", "runs/default") for a in args]
         assert "--seed" in args and "--threads" in args, name  # what bit-reproducibility needs
