@@ -302,6 +302,8 @@ def reset_llm(model: MQTLlava, seed: int, visual_norm: float | None = None, imag
     """
     from transformers import LlamaForCausalLM
 
+    if visual_norm is not None and not visual_norm > 0:
+        raise InputError(f"visual norm {visual_norm}", "give a positive norm, such as 1.0")
     torch.manual_seed(seed)
     fresh = LlamaForCausalLM(model.llm.config)
     model.llm.load_state_dict(fresh.state_dict())
@@ -310,8 +312,6 @@ def reset_llm(model: MQTLlava, seed: int, visual_norm: float | None = None, imag
     with torch.no_grad():
         before = float(model.mqt(model.image_features(pixels), tokens=model.num_queries).norm(dim=-1).mean())
         if visual_norm is not None:
-            if not visual_norm > 0:
-                raise InputError(f"visual norm {visual_norm}", "give a positive norm, such as 1.0")
             model.mqt.proj.mul_(visual_norm / before)
     return before
 

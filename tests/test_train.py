@@ -265,8 +265,10 @@ def test_reset_llm_redraws_the_llm_and_rescales_only_the_visual_tokens(tiny_ckpt
     assert all(torch.equal(v, model.llm.state_dict()[k]) for k, v in again.llm.state_dict().items())  # seeded
     reset_llm(again, seed=2)
     assert not torch.equal(again.llm.lm_head.weight, model.llm.lm_head.weight)
+    kept = again.llm.lm_head.weight.clone()
     with pytest.raises(InputError, match="positive"):
         reset_llm(again, seed=1, visual_norm=0.0)
+    assert torch.equal(again.llm.lm_head.weight, kept)  # refused before any change
 
 
 def test_dense_loss_needs_scenes(tiny_ckpt):
