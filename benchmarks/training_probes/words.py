@@ -24,12 +24,8 @@ PAIRS = (("What color is the circle?", "What color is the square?"),
 
 
 def next_token_probs(net: MQTLlava, visual: torch.Tensor, question: str) -> torch.Tensor:
-    before, after = net.prompt_ids(question)
-    embed = net.llm.get_input_embeddings()
-    ids = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-    x = torch.cat([embed(ids(before)), visual, embed(ids(after))])[None]
     with torch.no_grad():
-        return net.llm(inputs_embeds=x).logits[0, -1].float().softmax(-1)
+        return net.llm(inputs_embeds=net.prompt_embeds(question, visual)[None]).logits[0, -1].float().softmax(-1)
 
 
 def main() -> None:

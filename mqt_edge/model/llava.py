@@ -309,6 +309,15 @@ class MQTLlava(nn.Module):
         return split_prompt(question, self.tokenizer.encode, self.bos_id, self.template)
 
     @torch.no_grad()
+    def prompt_embeds(self, question: str, visual: torch.Tensor) -> torch.Tensor:
+        """The LLM's input for a question: the prompt's embeddings with the visual tokens (m, hidden)
+        spliced in where the release puts the image, (T, hidden)."""
+        before, after = self.prompt_ids(question)
+        embed = self.llm.get_input_embeddings()
+        ids = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
+        return torch.cat([embed(ids(before)), visual.to(embed.weight.dtype), embed(ids(after))])
+
+    @torch.no_grad()
     def generate(
         self,
         image: ImageInput,
@@ -324,11 +333,9 @@ class MQTLlava(nn.Module):
             raise InputError(f"max_new_tokens={max_new_tokens}", "ask for at least one new token")
         if temperature < 0 or not 0 < top_p <= 1:
             raise InputError("temperature must be >= 0 and top_p in (0, 1]", "fix the sampling settings")
-        before, after = self.prompt_ids(question)
-        visual = self.encode_image(image, tokens=tokens)  # (m, hidden)
+        prompt = self.prompt_embeds(question, self.encode_image(image, tokens=tokens))
         embed = self.llm.get_input_embeddings()
         ids = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
-        prompt = torch.cat([embed(ids(before)), visual.to(embed.weight.dtype), embed(ids(after))])
         ctx = int(self.llm.config.max_position_embeddings)
         if prompt.shape[0] + max_new_tokens > ctx:
             raise InputError(
