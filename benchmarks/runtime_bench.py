@@ -107,9 +107,9 @@ def bench_llava_baseline(pipe, image, runs, patches=576):
 
 
 def bench_plain_llama(gguf: Path, runs: int, threads: int) -> float:
-    from llama_cpp import Llama
+    from mqt_edge.runtimes.llama import plain_llama
 
-    llm = Llama(str(gguf), n_ctx=512, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = plain_llama(gguf, n_ctx=512, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
     prompt = "A chat between a curious human and an artificial intelligence assistant. USER: " + QUESTION + " ASSISTANT:"
     rates = []
     for _ in range(runs):

@@ -115,13 +115,13 @@ def q4_bundle(tiny_ckpt, tmp_path_factory):
 
 
 def test_q4_k_m_loads_and_generates(q4_bundle):
-    from llama_cpp import Llama
+    from mqt_edge.runtimes.llama import plain_llama
 
     m = q4_bundle.manifest
     assert m["llm"]["quant"] == "q4_k_m" and q4_bundle.path("llm").name == "llm-q4_k_m.gguf"
     assert m["parity"]["gguf_f32"]["pass"]  # the conversion is gated before quantisation
     assert "kl" in m["parity"]["gguf_q4_k_m"] and "top1" in m["parity"]["gguf_q4_k_m"]
-    llm = Llama(str(q4_bundle.path("llm")), n_ctx=128, verbose=False)
+    llm = plain_llama(q4_bundle.path("llm"), n_ctx=128, verbose=False)
     out = llm.create_completion("What color is", max_tokens=6, temperature=0)
     assert out["usage"]["completion_tokens"] > 0
     llm.close()

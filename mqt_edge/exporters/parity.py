@@ -99,10 +99,10 @@ def tokenizer_report(path: Path, pieces: tuple[str, str], before: list[int], aft
 
 def gguf_logits(path: Path, ids: list[int], threads: int | None = None) -> np.ndarray:
     """llama.cpp's logits for every position of `ids` (CPU, no GPU offload)."""
-    from llama_cpp import Llama
+    from ..runtimes.llama import plain_llama
 
     # f32 K/V and no flash attention: llama.cpp's default f16 K/V would add ~1e-3 of its own error
-    llm = Llama(str(path), n_ctx=max(64, len(ids) + 8), n_batch=max(64, len(ids)), logits_all=True,
+    llm = plain_llama(path, n_ctx=max(64, len(ids) + 8), n_batch=max(64, len(ids)), logits_all=True,
                 n_gpu_layers=0, verbose=False, n_threads=threads, type_k=0, type_v=0, flash_attn=False)
     try:
         llm.eval(ids)

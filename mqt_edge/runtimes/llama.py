@@ -6,17 +6,28 @@ array for visual tokens, `llama_memory_seq_rm` to cut the KV cache back to a pos
 
 One `LlamaModel` (the weights, shared) gives any number of `LlamaContext`s (a KV cache each), so
 sessions never share state.
+
+Every GGUF this project loads goes through `model_params()`, which holds the AMX guard: pip builds
+llama.cpp with GGML_NATIVE, so on an Intel CPU with AMX it compiles ggml's AMX kernels and repacks
+q4/q8 weights into an AMX buffer, and the first `llama_decode` then crashes (SIGSEGV in
+ggml_backend_amx_mul_mat; llama.cpp issue 20824). When the build reports AMX_INT8 and the CPU has AMX,
+the model is loaded with `use_extra_bufts = false`, which keeps the weights in plain CPU buffers
+(docs/runtime.md has the measurements). `MQT_EDGE_EXTRA_BUFFERS=on|off` overrides the decision.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import threading
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import MQTEdgeError, require
+from ..device import cpu_info
+from ..errors import InputError, MQTEdgeError, require
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 
@@ -42,14 +53,80 @@ def _lib():
     return llama_cpp
 
 
+EXTRA_BUFFERS_ENV = "MQT_EDGE_EXTRA_BUFFERS"  # auto (default) | on | off
+
+
+@lru_cache(maxsize=1)
+def system_info() -> str:
+    """llama.cpp's own account of its build: `CPU : SSE3 = 1 | AVX2 = 1 | ... | AMX_INT8 = 1 | ...`."""
+    lib = _lib()
+    lib.llama_backend_init()
+    return lib.llama_print_system_info().decode(errors="replace").strip()
+
+
+def build_has_amx() -> bool:
+    return "AMX_INT8 = 1" in system_info()
+
+
+def amx_guard() -> tuple[bool, str]:
+    """(load without extra buffer types?, why). Costs a /proc/cpuinfo read; no llama.cpp call on
+    CPUs without AMX, since only an AMX CPU can reach the AMX kernels."""
+    choice = os.environ.get(EXTRA_BUFFERS_ENV, "auto").strip().lower()
+    if choice not in ("auto", "on", "off"):
+        raise InputError(f"{EXTRA_BUFFERS_ENV}={choice!r} is not auto, on or off",
+                         f"unset {EXTRA_BUFFERS_ENV} or set it to auto, on or off")
+    if choice != "auto":
+        return choice == "off", f"{EXTRA_BUFFERS_ENV}={choice}"
+    if not cpu_info().has_amx:
+        return False, "CPU without AMX"
+    if not build_has_amx():
+        return False, "llama.cpp built without AMX"
+    return True, "AMX CPU and a llama.cpp build with AMX_INT8: extra buffer types off"
+
+
+def model_params(n_gpu_layers: int = 0, defaults=None):
+    """llama_model_params with the AMX guard applied: the one way this project loads a GGUF."""
+    params = (defaults or _lib().llama_model_default_params)()
+    params.n_gpu_layers = n_gpu_layers
+    if amx_guard()[0]:
+        params.use_extra_bufts = False
+    return params
+
+
+_PATCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def guarded_llama_defaults():
+    """For llama-cpp-python's high-level `Llama` (benchmarks, tests), which builds its own model
+    params: while inside, its defaults carry the AMX guard. Serialised, since it swaps a module
+    attribute."""
+    raw = require("llama_cpp.llama_cpp", "cpu")
+    with _PATCH_LOCK:
+        original = raw.llama_model_default_params
+        raw.llama_model_default_params = lambda: model_params(0, original)
+        try:
+            yield
+        finally:
+            raw.llama_model_default_params = original
+
+
+def plain_llama(path: str | os.PathLike, **kwargs):
+    """`llama_cpp.Llama(path, **kwargs)` loaded through the AMX guard."""
+    from llama_cpp import Llama
+
+    with guarded_llama_defaults():
+        return Llama(str(path), **kwargs)
+
+
 class LlamaModel:
     """A GGUF loaded once; `n_gpu_layers` layers offloaded when llama.cpp was built with CUDA."""
 
     def __init__(self, path: Path, n_gpu_layers: int = 0) -> None:
         self.lib = lib = _lib()
         lib.llama_backend_init()
-        params = lib.llama_model_default_params()
-        params.n_gpu_layers = n_gpu_layers
+        params = model_params(n_gpu_layers)
+        self.extra_buffers = bool(params.use_extra_bufts)
         self.ptr = lib.llama_model_load_from_file(str(path).encode(), params)
         if not self.ptr:
             raise LlamaError(f"llama.cpp cannot load {path}", "re-export the bundle (the GGUF may be corrupt)")
