@@ -87,7 +87,7 @@ def bench_llava_baseline(pipe, image, runs, patches=576):
     rng = np.random.default_rng(0)
     w1 = rng.standard_normal((C, hidden), np.float32) * 0.02
     w2 = rng.standard_normal((hidden, hidden), np.float32) * 0.02
-    q_ids = pipe._question_ids(QUESTION)
+    q_ids = pipe.question_ids(QUESTION)
     ttfts = []
     for _ in range(runs):
         t0 = time.perf_counter()

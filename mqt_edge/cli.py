@@ -210,59 +210,24 @@ def run(
     from .pipeline import Pipeline
 
     gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    with Pipeline.load(bundle, vision_backend=vision_backend, n_gpu_layers=n_gpu_layers, threads=threads,
-                       sequential=sequential) as pipe:
-        if refine is not None:
-            pipe._check_tokens(refine)
-            if tokens is not None and refine <= tokens:
-                raise InputError(f"--refine {refine} is not above --tokens {tokens}",
-                                 "refine to a larger m, e.g. --refine " + str(min(4 * tokens, pipe.max_tokens)))
-        from .prompt import check_question
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
 
-        check_question(question)
-        profile_name, predicted = None, None
+    with Pipeline.load(bundle, profile=profile, vision_backend=vision_backend, n_gpu_layers=n_gpu_layers,
+                       threads=threads, sequential=sequential, mode=mode) as pipe:
         if profile is not None or tokens is None:
-            from .profiles.planner import ModelFacts, PlanError, plan
-
-            prof = _load_profile_cli(profile or "auto", mode)
-            profile_name = prof.name + (f" ({prof.mode})" if prof.mode else "")
-            facts = ModelFacts.from_bundle(pipe.bundle)
-            if tokens is None:
-                options = _plan_options(vision_backend, n_gpu_layers, sequential, facts)
-                result = plan(prof, facts, ttft_ms, memory_mb, max_new_tokens, options)
-                if result.chosen_tokens is None:
-                    tip = result.suggestions[0]
-                    raise PlanError(f"{result.reason} on {profile_name}",
-                                    f"would fit: {tip['change']} (m = {tip['tokens']}); or pass --tokens")
-                tokens = result.chosen_tokens
-                c = next(c for c in result.candidates if c.tokens == tokens)
-                predicted = {"memory_mb": c.memory_mb, "ttft_ms": c.ttft_ms, "total_ms": c.total_ms,
-                             "reason": result.reason}
-        reserve = len(pipe._question_ids(question)) + max_new_tokens
-        with pipe.look(image, tokens=tokens, reserve=reserve, refinable=refine is not None) as session:
-            g = session.generate(question, **gen)
-            attempt = None
-            if refine is not None and refine > session.m and g.first_token_prob < confidence:
-                g.cancel()
-                attempt = g.answer
-                session.refine(refine)
-                g = session.generate(question, **gen)
-            for piece in g:
-                if not as_json:
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-            answer = g.answer
-    answer.profile, answer.predicted = profile_name, predicted
-    if attempt is not None:
-        answer.refined_from = {"tokens": attempt.tokens, "first_token_prob": attempt.first_token_prob,
-                               "timings_ms": attempt.timings_ms, "prefilled": attempt.prefilled}
+            _profile_note(profile or "auto")
+        answer = pipe.answer(image, question, tokens=tokens, refine_to=refine, confidence=confidence,
+                             ttft_ms=ttft_ms, memory_mb=memory_mb, on_piece=None if as_json else show, **gen)
+    attempt = answer.refined_from
     if as_json:
         print(json.dumps(answer.to_dict()))
         return
     print()
     t = answer.timings_ms
     speed = f", {answer.decode_tokens_per_s:.1f} tok/s" if answer.decode_tokens_per_s else ""
-    refined = f" (refined from m={attempt.tokens}, p={attempt.first_token_prob:.2f})" if attempt else ""
+    refined = f" (refined from m={attempt['tokens']}, p={attempt['first_token_prob']:.2f})" if attempt else ""
     err.print(f"m={answer.tokens}{refined} · vision {answer.backends['vision']} · llm {answer.backends['llm']} · "
               f"TTFT {t['ttft']:.0f} ms{speed}", highlight=False)
 
@@ -320,22 +285,21 @@ def profiles_show(name: str = typer.Argument(..., help="Profile name, alias or .
 
 
 def _load_profile_cli(name: str, mode: str | None = None):
-    from .profiles import ORIN_FALLBACK, detect, detect_jetson, load_profile
+    from .profiles import load_profile
+
+    _profile_note(name)
+    return load_profile(name, mode)
+
+
+def _profile_note(name: str) -> None:
+    """Say what an alias resolves to on this machine (stderr)."""
+    from .profiles import ORIN_FALLBACK, detect, detect_jetson
 
     if name == "jetson-orin" and detect_jetson() is None:
         err.print(f"note: not on a Jetson, so jetson-orin means {ORIN_FALLBACK}", highlight=False)
     if name == "auto":
         found, how = detect()
         err.print(f"profile auto: {found} ({how})", highlight=False)
-    return load_profile(name, mode)
-
-
-def _plan_options(vision_backend: str, n_gpu_layers: int | None, sequential: bool, facts):
-    """The planner's view of run's flags: vision on the CPU, LLM layers on the GPU, sequential load."""
-    from .profiles.planner import Options
-
-    layers = None if n_gpu_layers is None or n_gpu_layers >= facts.layers else n_gpu_layers
-    return Options(vision_on_cpu=vision_backend.endswith("/cpu"), sequential_load=sequential, gpu_layers=layers)
 
 
 @app.command("plan")
@@ -357,14 +321,14 @@ def plan_cmd(
     from rich.table import Table
 
     from .bundle import Bundle
-    from .profiles.planner import ModelFacts, plan
+    from .profiles.planner import ModelFacts, Options, plan
 
     if (bundle is None) == (preset is None):
         raise InputError("give exactly one of --bundle and --preset", "e.g. --preset mqt-llava-7b --quant q4_k_m")
     facts = ModelFacts.from_bundle(Bundle.open(bundle, verify=False)) if bundle else ModelFacts.from_preset(preset, quant)
     prof = _load_profile_cli(profile, mode)
     result = plan(prof, facts, ttft_ms, memory_mb, max_new_tokens,
-                  _plan_options(vision_backend, n_gpu_layers, sequential, facts))
+                  Options.for_run(vision_backend, n_gpu_layers, sequential, facts))
     if as_json:
         print(json.dumps(result.to_dict()))
         return
@@ -451,7 +415,7 @@ def eval_cmd(
     items = load_items(data, limit)
     with Pipeline.load(bundle, threads=threads) as pipe:
         for m in ms:
-            pipe._check_tokens(m)
+            pipe.check_tokens(m)
         with err.status(f"evaluating {len(items)} questions at m = {', '.join(map(str, ms))}") as status:
             rows = evaluate(pipe, items, ms, timing_samples,
                             on_item=lambda i: status.update(f"evaluating: {i + 1}/{len(items)}"))

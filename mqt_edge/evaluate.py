@@ -69,7 +69,7 @@ def evaluate(pipe, items: list[Item], tokens: list[int], timing_samples: int = 5
              max_new_tokens: int = 8, on_item=lambda i: None) -> list[Row]:
     ms = sorted(set(tokens))
     for m in ms:
-        pipe._check_tokens(m)
+        pipe.check_tokens(m)
     correct = {m: 0 for m in ms}
     for i, item in enumerate(items):
         with pipe.look(item.image, tokens=ms[0], reserve=64 + max_new_tokens) as session:

@@ -69,6 +69,15 @@ def _ms(seconds: float) -> float:
     return round(1000 * seconds, 2)
 
 
+@dataclass(frozen=True)
+class TokenChoice:
+    """The m chosen for a request, the profile that chose it and the planner's prediction."""
+
+    tokens: int
+    profile: str | None = None  # "name (mode)" when a profile was consulted
+    predicted: dict | None = None  # memory_mb, ttft_ms, total_ms, reason: when the planner chose m
+
+
 @dataclass
 class _Pending:
     """Costs spent on a session since its last answer (image encoding, refinement)."""
@@ -91,7 +100,7 @@ class Generation:
         self.temperature, self.top_p = temperature, top_p
         self.rng = np.random.default_rng(seed)
         self.max_new_tokens = max_new_tokens
-        ids = self.pipe._question_ids(question)
+        ids = self.pipe.question_ids(question)
         need = session.n_prefix + len(ids) + max_new_tokens
         if need > session.ctx.n_ctx:
             raise InputError(
@@ -209,7 +218,7 @@ class Session:
     def __init__(self, pipe: Pipeline, image: ImageInput, tokens: int | None, reserve: int,
                  refinable: bool = True) -> None:
         self.pipe = pipe
-        m = pipe._check_tokens(tokens)
+        m = pipe.check_tokens(tokens)
         # A plain Lock (not RLock): a generation abandoned by its thread may be released by the GC.
         self._lock = threading.Lock()
         self._owner: int | None = None  # thread holding the lock through an unfinished Generation
@@ -251,7 +260,7 @@ class Session:
 
     def refine(self, tokens: int) -> None:
         """Grow the visual prefix from m to `tokens` by computing only the new queries."""
-        m1 = self.pipe._check_tokens(tokens)
+        m1 = self.pipe.check_tokens(tokens)
         if self._owner == threading.get_ident():
             raise InputError("this thread still has an unfinished answer on this session",
                              "read it to the end or call .cancel() on it before refining")
@@ -296,20 +305,32 @@ class Pipeline:
     profile: str | None = None
     sequential: bool = False  # free the vision graph after each encoding (memory-tight devices)
     prefix_ids: list[int] = field(default_factory=list)  # BOS + the prompt before <image>
+    vision_backend: str = "auto"  # as asked at load: the planner's view of where vision runs
+    n_gpu_layers: int = 0
+    mode: str | None = None  # the profile's power mode, e.g. super
     _vision_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _device_profile: object = field(default=None, repr=False)  # the loaded Profile, once asked for
 
     @classmethod
-    def load(cls, bundle: str | os.PathLike = DEFAULT_BUNDLE, profile: str | None = None,
+    def load(cls, bundle: str | os.PathLike = DEFAULT_BUNDLE, profile=None,
              vision_backend: str | None = None, n_gpu_layers: int = 0, threads: int | None = None,
-             max_pixels: int = DEFAULT_MAX_PIXELS, verify: bool = True, sequential: bool = False) -> Pipeline:
-        """Open a bundle (checking every sha256 unless verify=False) and start its backends."""
+             max_pixels: int = DEFAULT_MAX_PIXELS, verify: bool = True, sequential: bool = False,
+             mode: str | None = None) -> Pipeline:
+        """Open a bundle (checking every sha256 unless verify=False) and start its backends.
+
+        profile: a device profile (name, alias, .toml path or a loaded Profile) for the planner;
+        None plans with `auto` whenever a request leaves m to the planner."""
         b = Bundle.open(bundle, verify=verify)
         vision = make_vision(b, vision_backend, threads).activate()
         llm = LlamaModel(b.path("llm"), n_gpu_layers)
         fields = PromptTemplate.__dataclass_fields__
         template = PromptTemplate(**{k: v for k, v in b.manifest["prompt"].items() if k in fields})
+        name = profile if profile is None or isinstance(profile, str) else profile.name
         pipe = cls(b, vision, llm, ImageSpec.from_dict(b.manifest["preprocess"]), template, threads,
-                   max_pixels, profile, sequential)
+                   max_pixels, name, sequential, vision_backend=vision_backend or "auto",
+                   n_gpu_layers=n_gpu_layers, mode=mode)
+        if profile is not None and not isinstance(profile, str):
+            pipe._device_profile = profile
         before, _ = pipe.template.split("?")
         pipe.prefix_ids = llm.tokenize(before, add_bos=True)
         return pipe
@@ -328,7 +349,8 @@ class Pipeline:
         return {"vision": self.vision.name, "mqt": self.vision.name,
                 "llm": f"llama.cpp/{'gpu:' + str(gpu) + ' layers' if gpu else 'cpu'}"}
 
-    def _check_tokens(self, tokens: int | None) -> int:
+    def check_tokens(self, tokens: int | None) -> int:
+        """m as an int in 1..max_tokens (None: the bundle's largest), or a one-line TokensError."""
         m = self.max_tokens if tokens is None else tokens
         if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
             raise TokensError(f"tokens={m!r} is out of range", f"choose an integer in 1..{self.max_tokens}")
@@ -337,9 +359,81 @@ class Pipeline:
                               f"choose 1..{self.max_tokens}, or re-export with --max-tokens {m}")
         return int(m)
 
-    def _question_ids(self, question: str) -> list[int]:
+    def question_ids(self, question: str) -> list[int]:
+        """The ids prefilled after the visual tokens: the question and the template's tail."""
         _, after = self.template.split(check_question(question))
         return self.llm.tokenize(after, add_bos=False)
+
+    _check_tokens = check_tokens  # the names earlier callers used
+    _question_ids = question_ids
+
+    # -- policy: which m, when to refine (every front end calls these, none re-implements them) ----
+    def device_profile(self):
+        """The Profile the planner uses (loaded once): the one given at load, else `auto`."""
+        if self._device_profile is None:
+            from .profiles import load_profile
+
+            self._device_profile = load_profile(self.profile or "auto", self.mode)
+        return self._device_profile
+
+    def choose_tokens(self, tokens: int | None = None, max_new_tokens: int = 128, ttft_ms: float | None = None,
+                      memory_mb: float | None = None) -> TokenChoice:
+        """m for one request: `tokens` when given, else the planner's choice for this device."""
+        if tokens is not None and self.profile is None and self._device_profile is None:
+            return TokenChoice(self.check_tokens(tokens))
+        from .profiles.planner import ModelFacts, Options, PlanError, plan
+
+        prof = self.device_profile()
+        name = prof.name + (f" ({prof.mode})" if prof.mode else "")
+        if tokens is not None:
+            return TokenChoice(self.check_tokens(tokens), name)
+        facts = ModelFacts.from_bundle(self.bundle)
+        options = Options.for_run(self.vision_backend, self.n_gpu_layers, self.sequential, facts)
+        result = plan(prof, facts, ttft_ms, memory_mb, max_new_tokens, options)
+        if result.chosen_tokens is None:
+            tip = result.suggestions[0]
+            raise PlanError(f"{result.reason} on {name}",
+                            f"would fit: {tip['change']} (m = {tip['tokens']}); or pass tokens (--tokens)")
+        c = next(c for c in result.candidates if c.tokens == result.chosen_tokens)
+        predicted = {"memory_mb": c.memory_mb, "ttft_ms": c.ttft_ms, "total_ms": c.total_ms, "reason": result.reason}
+        return TokenChoice(result.chosen_tokens, name, predicted)
+
+    def answer(self, image: ImageInput, question: str, tokens: int | None = None, refine_to: int | None = None,
+               confidence: float = 0.5, ttft_ms: float | None = None, memory_mb: float | None = None,
+               on_piece=None, **gen) -> Answer:
+        """One request with the library's policy: m from `tokens` or the planner; with `refine_to`,
+        when the first token's probability is below `confidence`, the same session grows to
+        `refine_to` tokens (only the new queries are computed) and answers again, exactly as a
+        fresh request at that m would. `on_piece(text)` receives the text as it is decoded."""
+        check_question(question)
+        max_new = gen.get("max_new_tokens", 128)
+        _check_sampling(max_new, gen.get("temperature", 0.0), gen.get("top_p", 1.0))
+        if refine_to is not None:
+            self.check_tokens(refine_to)
+            if tokens is not None and refine_to <= tokens:
+                raise InputError(f"refine_to={refine_to} is not above tokens={tokens}",
+                                 f"refine to a larger m, e.g. --refine {min(4 * tokens, self.max_tokens)}")
+        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not math.isfinite(confidence):
+            raise InputError(f"confidence={confidence!r} is not a number", "use a probability in 0..1 (1.01: always)")
+        choice = self.choose_tokens(tokens, max_new, ttft_ms, memory_mb)
+        reserve = len(self.question_ids(question)) + max_new
+        with self.look(image, tokens=choice.tokens, reserve=reserve, refinable=refine_to is not None) as session:
+            g = session.generate(question, **gen)
+            attempt = None
+            if refine_to is not None and refine_to > session.m and g.first_token_prob < confidence:
+                g.cancel()
+                attempt = g.answer
+                session.refine(refine_to)
+                g = session.generate(question, **gen)
+            for piece in g:
+                if on_piece is not None:
+                    on_piece(piece)
+        result = g.answer
+        result.profile, result.predicted = choice.profile, choice.predicted
+        if attempt is not None:
+            result.refined_from = {"tokens": attempt.tokens, "first_token_prob": attempt.first_token_prob,
+                                   "timings_ms": attempt.timings_ms, "prefilled": attempt.prefilled}
+        return result
 
     def look(self, image: ImageInput, tokens: int | None = None, reserve: int = QUESTION_RESERVE,
              refinable: bool = True) -> Session:
@@ -362,7 +456,7 @@ class Pipeline:
     def _reserve(self, question: str, kw: dict) -> int:
         # A one-shot request sizes its context to exactly what it needs.
         _check_sampling(kw.get("max_new_tokens", 128), kw.get("temperature", 0.0), kw.get("top_p", 1.0))
-        return len(self._question_ids(question)) + kw.get("max_new_tokens", 128)
+        return len(self.question_ids(question)) + kw.get("max_new_tokens", 128)
 
     def close(self) -> None:
         self.vision.deactivate()

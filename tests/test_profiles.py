@@ -219,13 +219,13 @@ def test_binary_profile_file(tmp_path):
 
 
 def test_run_flags_reach_the_planner(facts_7b):
-    from mqt_edge.cli import _plan_options
+    from mqt_edge.profiles.planner import Options
 
-    o = _plan_options("onnxruntime/cpu", 10, True, facts_7b)
+    o = Options.for_run("onnxruntime/cpu", 10, True, facts_7b)
     assert o.vision_on_cpu and o.sequential_load and o.gpu_layers == 10
-    assert _plan_options("auto", 99, False, facts_7b).gpu_layers is None
+    assert Options.for_run("auto", 99, False, facts_7b).gpu_layers is None
     gpu = load_profile("rtx-3060-12gb")
-    cpu_llm = predict(gpu, facts_7b, 16, _plan_options("auto", 0, False, facts_7b))[1]
+    cpu_llm = predict(gpu, facts_7b, 16, Options.for_run("auto", 0, False, facts_7b))[1]
     assert cpu_llm > 3 * predict(gpu, facts_7b, 16, Options())[1]  # llama.cpp on the CPU is far slower
 
 

@@ -54,7 +54,7 @@ def test_same_greedy_ids_as_the_pytorch_reference(pipe, tiny_model, m):
 def test_llama_cpp_tokenises_like_the_release(pipe, tiny_model, question):
     before, after = tiny_model.prompt_ids(question)
     assert pipe.prefix_ids == before
-    assert pipe._question_ids(question) == after
+    assert pipe.question_ids(question) == after
 
 
 def test_image_reuse_prefills_only_the_question(pipe):
@@ -63,8 +63,8 @@ def test_image_reuse_prefills_only_the_question(pipe):
         first = s.ask(Q, max_new_tokens=8)
         second = s.ask("How many shapes are there?", max_new_tokens=8)
         third = s.ask(Q, max_new_tokens=8)
-    q_len = len(pipe._question_ids("How many shapes are there?"))
-    assert first.prefilled == len(pipe.prefix_ids) + 32 + len(pipe._question_ids(Q))
+    q_len = len(pipe.question_ids("How many shapes are there?"))
+    assert first.prefilled == len(pipe.prefix_ids) + 32 + len(pipe.question_ids(Q))
     assert second.prefilled == q_len
     assert second.timings_ms["vision"] == 0 and second.timings_ms["preprocess"] == 0
     assert third.token_ids == first.token_ids  # the KV cache was restored to the image prefix
@@ -81,7 +81,7 @@ def test_refinement_is_exact_and_prefills_only_new_tokens(pipe, m0, m1):
     fresh = pipe.ask(im, Q, tokens=m1, max_new_tokens=12)
     assert refined.token_ids == fresh.token_ids
     assert refined.tokens == m1
-    assert refined.prefilled == (m1 - m0) + len(pipe._question_ids(Q))
+    assert refined.prefilled == (m1 - m0) + len(pipe.question_ids(Q))
 
 
 def test_refine_must_grow(pipe):
@@ -263,3 +263,46 @@ def test_tensorrt_backend(f32_bundle):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (Jetson/GPU only)")
     with pytest.raises(BundleError, match="mqt-edge engine"):
         Pipeline.load(f32_bundle.root, vision_backend="tensorrt")
+
+
+def test_api_answer_refines_exactly_like_a_fresh_request(pipe):
+    """The policy lives in the API: refine_to with a confidence no first token reaches always refines,
+    and the refined answer is the fresh request's at that m."""
+    img = scene(seed=11)
+    fresh = pipe.ask(img, Q, tokens=32, max_new_tokens=8)
+    pieces: list[str] = []
+    got = pipe.answer(img, Q, tokens=8, refine_to=32, confidence=1.01, max_new_tokens=8, on_piece=pieces.append)
+    assert got.token_ids == fresh.token_ids and got.tokens == 32
+    assert got.refined_from["tokens"] == 8 and "".join(pieces).strip() == got.answer
+    kept = pipe.answer(img, Q, tokens=8, refine_to=32, confidence=0.0, max_new_tokens=8)
+    assert kept.tokens == 8 and kept.refined_from is None
+
+
+def test_api_choose_tokens_is_the_planners_choice(f32_bundle):
+    from mqt_edge.profiles import load_profile
+    from mqt_edge.profiles.planner import ModelFacts, Options, plan
+
+    with Pipeline.load(f32_bundle.root, profile="cpu") as p:
+        facts = ModelFacts.from_bundle(p.bundle)
+        options = Options.for_run("auto", 0, False, facts)
+        unlimited = plan(load_profile("cpu"), facts, None, None, 16, options)
+        limit = next(c.ttft_ms for c in unlimited.candidates if c.tokens == 16)  # m = 16 just fits
+        want = plan(load_profile("cpu"), facts, limit, None, 16, options)
+        assert want.chosen_tokens < p.max_tokens  # the limit bites, so a wrong m cannot pass
+        choice = p.choose_tokens(max_new_tokens=16, ttft_ms=limit)
+        assert choice.tokens == want.chosen_tokens and choice.profile == "cpu"
+        assert choice.predicted["ttft_ms"] == next(c.ttft_ms for c in want.candidates if c.tokens == choice.tokens)
+        assert p.choose_tokens(4) == type(choice)(4, "cpu")  # a given m is kept, the profile still named
+        assert p.answer(scene(), Q, max_new_tokens=2, ttft_ms=limit).tokens == choice.tokens
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(tokens=16, refine_to=8), "refine_to=8 is not above tokens=16"),
+    (dict(tokens=4, refine_to=8, confidence=float("nan")), "confidence=nan is not a number"),
+    (dict(tokens=4, refine_to=999), "above the bundle's maximum"),
+])
+def test_api_answer_refuses_bad_policy_arguments(pipe, kw, message):
+    from mqt_edge.errors import MQTEdgeError
+
+    with pytest.raises(MQTEdgeError, match=message):
+        pipe.answer(scene(), Q, max_new_tokens=2, **kw)

@@ -119,6 +119,15 @@ class Options:
     gpu_layers: int | None = None  # None: all layers (the profile's llm_on_gpu); clamped to 0..layers
     max_new_tokens: int = 128
 
+    @classmethod
+    def for_run(cls, vision_backend: str | None, n_gpu_layers: int | None, sequential: bool,
+                facts: ModelFacts) -> Options:
+        """The planner's view of a run's backends: vision on the CPU, LLM layers on the GPU,
+        sequential load (`run`, `plan` and the Pipeline API all ask the same way)."""
+        layers = None if n_gpu_layers is None or n_gpu_layers >= facts.layers else n_gpu_layers
+        return cls(vision_on_cpu=(vision_backend or "auto").endswith("/cpu"), sequential_load=sequential,
+                   gpu_layers=layers)
+
     def label(self, facts: ModelFacts) -> str:
         parts = []
         if self.vision_on_cpu:
