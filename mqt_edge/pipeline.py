@@ -236,14 +236,16 @@ class Session:
         t3 = time.perf_counter()
         visual_room = pipe.max_tokens if refinable else m
         n_ctx = min(pipe.context_length, len(pipe.prefix_ids) + visual_room + reserve)
-        # An f32 bundle promises the reference's numbers: f32 K/V and no f16 flash-attention path
-        # (measured: logits within 4e-7 of PyTorch instead of 5e-3 at m = 256).
-        self.ctx = pipe.llm.context(n_ctx, threads=pipe.threads, kv_f32=pipe.bundle.manifest["llm"]["quant"] == "f32")
-        self.ctx.feed_tokens(pipe.prefix_ids, logits=False)
+        self.ctx = pipe.llm.context(n_ctx, threads=pipe.threads, kv_f32=pipe.kv_f32)
+        head = pipe.prompt_head()
+        if head is None:
+            self.ctx.feed_tokens(pipe.prefix_ids, logits=False)
+        else:  # the prompt before <image> never changes: its KV is copied in, not recomputed
+            self.ctx.restore_sequence(head)
         self.ctx.feed_embeddings(visual)
         t4 = time.perf_counter()
         self.m, self.n_prefix = m, self.ctx.n_past
-        self.pending = _Pending(t1 - t0, t2 - t1, t3 - t2, t4 - t3, len(pipe.prefix_ids) + m)
+        self.pending = _Pending(t1 - t0, t2 - t1, t3 - t2, t4 - t3, m + (len(pipe.prefix_ids) if head is None else 0))
 
     def generate(self, question: str, max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0) -> Generation:
@@ -308,14 +310,17 @@ class Pipeline:
     vision_backend: str = "auto"  # as asked at load: the planner's view of where vision runs
     n_gpu_layers: int = 0
     mode: str | None = None  # the profile's power mode, e.g. super
+    head_cache: bool = True  # reuse the prompt head's KV (False: prefill it on every request)
     _vision_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _head_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _head: object = field(default=None, repr=False)
     _device_profile: object = field(default=None, repr=False)  # the loaded Profile, once asked for
 
     @classmethod
     def load(cls, bundle: str | os.PathLike = DEFAULT_BUNDLE, profile=None,
              vision_backend: str | None = None, n_gpu_layers: int = 0, threads: int | None = None,
              max_pixels: int = DEFAULT_MAX_PIXELS, verify: bool = True, sequential: bool = False,
-             mode: str | None = None) -> Pipeline:
+             mode: str | None = None, head_cache: bool = True) -> Pipeline:
         """Open a bundle (checking every sha256 unless verify=False) and start its backends.
 
         profile: a device profile (name, alias, .toml path or a loaded Profile) for the planner;
@@ -328,12 +333,34 @@ class Pipeline:
         name = profile if profile is None or isinstance(profile, str) else profile.name
         pipe = cls(b, vision, llm, ImageSpec.from_dict(b.manifest["preprocess"]), template, threads,
                    max_pixels, name, sequential, vision_backend=vision_backend or "auto",
-                   n_gpu_layers=n_gpu_layers, mode=mode)
+                   n_gpu_layers=n_gpu_layers, mode=mode, head_cache=head_cache)
         if profile is not None and not isinstance(profile, str):
             pipe._device_profile = profile
         before, _ = pipe.template.split("?")
         pipe.prefix_ids = llm.tokenize(before, add_bos=True)
         return pipe
+
+    @property
+    def kv_f32(self) -> bool:
+        # An f32 bundle promises the reference's numbers: f32 K/V and no f16 flash-attention path
+        # (measured: logits within 4e-7 of PyTorch instead of 5e-3 at m = 256).
+        return self.bundle.manifest["llm"]["quant"] == "f32"
+
+    def prompt_head(self):
+        """The KV cache of BOS + the prompt before <image>, computed once per pipeline (None when
+        head_cache is off). Every session restores it instead of prefilling those positions; the
+        values are the ones a prefill computes, so answers are unchanged (tests/test_runtime.py)."""
+        if not self.head_cache:
+            return None
+        with self._head_lock:
+            if self._head is None:
+                ctx = self.llm.context(len(self.prefix_ids) + 1, threads=self.threads, kv_f32=self.kv_f32)
+                try:
+                    ctx.feed_tokens(self.prefix_ids, logits=False)
+                    self._head = ctx.save_sequence()
+                finally:
+                    ctx.close()
+            return self._head
 
     @property
     def max_tokens(self) -> int:

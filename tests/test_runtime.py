@@ -64,7 +64,7 @@ def test_image_reuse_prefills_only_the_question(pipe):
         second = s.ask("How many shapes are there?", max_new_tokens=8)
         third = s.ask(Q, max_new_tokens=8)
     q_len = len(pipe.question_ids("How many shapes are there?"))
-    assert first.prefilled == len(pipe.prefix_ids) + 32 + len(pipe.question_ids(Q))
+    assert first.prefilled == 32 + len(pipe.question_ids(Q))  # the prompt head is restored, not prefilled
     assert second.prefilled == q_len
     assert second.timings_ms["vision"] == 0 and second.timings_ms["preprocess"] == 0
     assert third.token_ids == first.token_ids  # the KV cache was restored to the image prefix
@@ -306,3 +306,30 @@ def test_api_answer_refuses_bad_policy_arguments(pipe, kw, message):
 
     with pytest.raises(MQTEdgeError, match=message):
         pipe.answer(scene(), Q, max_new_tokens=2, **kw)
+
+
+@pytest.fixture(scope="module")
+def pipe_no_head(f32_bundle):
+    with Pipeline.load(f32_bundle.root, head_cache=False) as p:
+        yield p
+
+
+@pytest.mark.parametrize("m", [1, 16, 256])
+def test_prompt_head_cache_gives_the_prefill_paths_ids(pipe, pipe_no_head, m):
+    """The head's KV is restored, not recomputed: greedy ids identical to prefilling it, and a fresh
+    request prefills only m + the question with the template's tail."""
+    img = scene(seed=m)
+    cached, prefilled = pipe.ask(img, Q, tokens=m, max_new_tokens=10), pipe_no_head.ask(img, Q, tokens=m, max_new_tokens=10)
+    assert cached.token_ids == prefilled.token_ids
+    assert cached.first_token_prob == prefilled.first_token_prob
+    assert cached.prefilled == m + len(pipe.question_ids(Q))
+    assert prefilled.prefilled == len(pipe.prefix_ids) + m + len(pipe.question_ids(Q))
+
+
+def test_prompt_head_cache_is_exact_after_refine(pipe, pipe_no_head):
+    img = scene(seed=5)
+    with pipe.look(img, tokens=16) as s, pipe_no_head.look(img, tokens=16) as t:
+        s.refine(tokens=64)
+        t.refine(tokens=64)
+        assert s.ask(Q, max_new_tokens=10).token_ids == t.ask(Q, max_new_tokens=10).token_ids
+    assert pipe.prompt_head() is pipe.prompt_head()  # computed once per pipeline

@@ -173,6 +173,13 @@ class LlamaModel:
             pass
 
 
+class SequenceState:
+    """The bytes of one sequence's KV cache (llama_state_seq_get_data) and the positions it holds."""
+
+    def __init__(self, data, size: int, n_past: int) -> None:
+        self.data, self.size, self.n_past = data, size, n_past
+
+
 class LlamaContext:
     """A KV cache on one sequence, fed tokens or embeddings at explicit positions."""
 
@@ -244,6 +251,25 @@ class LlamaContext:
         mem = self.lib.llama_get_memory(self.ptr)
         self.lib.llama_memory_seq_rm(mem, 0, n_past, -1)
         self.n_past = n_past
+
+    def save_sequence(self) -> SequenceState:
+        """A copy of this context's KV cache (sequence 0) and its length, for `restore_sequence`."""
+        lib = self.lib
+        size = lib.llama_state_seq_get_size(self.ptr, 0)
+        buf = (ctypes.c_uint8 * size)()
+        got = lib.llama_state_seq_get_data(self.ptr, buf, size, 0)
+        if got == 0:
+            raise LlamaError("llama.cpp could not save the KV cache", "report this with `mqt-edge doctor`")
+        return SequenceState(buf, got, self.n_past)
+
+    def restore_sequence(self, state: SequenceState) -> None:
+        """Replace the KV cache with a saved one: the same values, not recomputed. The context
+        must have the saving context's K/V types (the same model and kv_f32)."""
+        self.truncate(0)
+        if state.n_past > self.n_ctx or self.lib.llama_state_seq_set_data(self.ptr, state.data, state.size, 0) == 0:
+            raise LlamaError(f"llama.cpp could not restore a {state.n_past}-position KV cache",
+                             "report this with `mqt-edge doctor`")
+        self.n_past = state.n_past
 
     def logits(self) -> np.ndarray:
         """Logits of the last position fed with logits on: (n_vocab,) float32, copied."""
