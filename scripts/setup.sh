@@ -10,5 +10,20 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # CPU torch first: an unpinned torch pulled in by another package would fetch gigabytes of CUDA.
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
-# llama-cpp-python compiles from source the first time (about 4 minutes on 2 cores); pip caches it.
+# llama-cpp-python compiles from source the first time (about 5 minutes on 2 cores); pip caches it.
+# The default is pip's native build (GGML_NATIVE): measured fastest on the AMX Xeons and AMD EPYCs
+# here, and correct on AMX CPUs because the runtime loads models with the AMX guard
+# (docs/runtime.md). LLAMA_CPP_BUILD=portable rebuilds it without native tuning and without AMX,
+# with the instruction sets this CPU has, for a machine where the native build misbehaves.
+if [ "${LLAMA_CPP_BUILD:-native}" = portable ]; then
+  flags="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+  for f in avx2:AVX2 fma:FMA f16c:F16C avx512f:AVX512 avx512_vnni:AVX512_VNNI avx_vnni:AVX_VNNI; do
+    if grep -qw "${f%%:*}" /proc/cpuinfo; then flags="$flags -DGGML_${f##*:}=ON"; fi
+  done
+  CMAKE_ARGS="$flags" .venv/bin/python -m pip install --quiet --force-reinstall --no-deps --no-cache-dir \
+    "llama-cpp-python==0.3.36"
+elif [ "${LLAMA_CPP_BUILD:-native}" != native ]; then
+  echo "LLAMA_CPP_BUILD=${LLAMA_CPP_BUILD} is not native or portable" >&2
+  exit 2
+fi
 .venv/bin/python -m pip install --quiet -e ".[dev]"
