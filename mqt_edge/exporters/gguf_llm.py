@@ -10,42 +10,13 @@ from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError, require
 from ..model.checkpoint import MQT_PREFIX, VISION_PREFIX, WeightReader
-
-
-@dataclass(frozen=True)
-class Quant:
-    name: str
-    ftype: str  # llama.cpp's LLAMA_FTYPE_* (None: written directly, no quantize pass)
-    bits: float  # average bits per weight, for size estimates
-    # parity thresholds against transformers' fp32 logits (see docs/export.md)
-    max_rel_err: float | None = None
-    min_top1: float = 1.0
-    max_kl: float | None = None
-
-
-QUANTS: dict[str, Quant] = {
-    q.name: q
-    for q in (
-        Quant("f32", "LLAMA_FTYPE_ALL_F32", 32.0, max_rel_err=2e-3, min_top1=1.0),
-        Quant("f16", "LLAMA_FTYPE_MOSTLY_F16", 16.0, max_rel_err=1e-2, min_top1=0.95),
-        Quant("q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0", 8.5, min_top1=0.9, max_kl=0.01),
-        Quant("q5_k_m", "LLAMA_FTYPE_MOSTLY_Q5_K_M", 5.7, min_top1=0.8, max_kl=0.05),
-        Quant("q4_k_m", "LLAMA_FTYPE_MOSTLY_Q4_K_M", 4.9, min_top1=0.7, max_kl=0.1),
-    )
-}
-
-
-def get_quant(name: str) -> Quant:
-    if name not in QUANTS:
-        raise InputError(f"unknown quant '{name}'", f"choose one of: {', '.join(QUANTS)}")
-    return QUANTS[name]
+from ..quants import QUANTS, Quant, get_quant  # noqa: F401  (re-exported: callers use gguf_llm.QUANTS)
 
 
 def _permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -17,10 +17,11 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 from ..errors import InputError, MQTEdgeError
+from ..quants import QUANTS
 from . import Profile
 
 CANDIDATES = (1, 2, 4, 8, 16, 36, 64, 144, 256)
-QUANT_BITS = {"f32": 32.0, "f16": 16.0, "q8_0": 8.5, "q5_k_m": 5.7, "q4_k_m": 4.85}
+QUANT_BITS = {name: q.bits for name, q in QUANTS.items()}  # one table: mqt_edge/quants.py
 PROMPT_TOKENS = 40  # llava_v1 system prompt + "USER: " with a LLaMA tokenizer (BOS included)
 QUESTION_TOKENS = 16
 OVERHEAD_MB = {"jetson": 700.0, "gpu": 600.0, "cpu": 250.0}  # CUDA context + runtimes / Python + libraries

@@ -1,0 +1,40 @@
+"""The LLM weight formats a bundle can carry: one table, read by the exporter (what to write and
+the parity thresholds that gate it) and by the planner (how many bytes the weights take).
+
+Ground layer: pure data, no imports beyond the standard library, so `plan` runs on a device install.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class Quant:
+    name: str
+    ftype: str  # llama.cpp's LLAMA_FTYPE_*
+    bits: float  # average bits per weight, for size estimates (q4_k_m: 668 MB for the 1.10B bench LLM)
+    # parity thresholds against transformers' fp32 logits (see docs/export.md)
+    max_rel_err: float | None = None
+    min_top1: float = 1.0
+    max_kl: float | None = None
+
+
+QUANTS: dict[str, Quant] = {
+    q.name: q
+    for q in (
+        Quant("f32", "LLAMA_FTYPE_ALL_F32", 32.0, max_rel_err=2e-3, min_top1=1.0),
+        Quant("f16", "LLAMA_FTYPE_MOSTLY_F16", 16.0, max_rel_err=1e-2, min_top1=0.95),
+        Quant("q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0", 8.5, min_top1=0.9, max_kl=0.01),
+        Quant("q5_k_m", "LLAMA_FTYPE_MOSTLY_Q5_K_M", 5.7, min_top1=0.8, max_kl=0.05),
+        Quant("q4_k_m", "LLAMA_FTYPE_MOSTLY_Q4_K_M", 4.85, min_top1=0.7, max_kl=0.1),
+    )
+}
+
+
+def get_quant(name: str) -> Quant:
+    if name not in QUANTS:
+        raise InputError(f"unknown quant '{name}'", f"choose one of: {', '.join(QUANTS)}")
+    return QUANTS[name]
