@@ -23,7 +23,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (pip ins
 httpx = pytest.importorskip("httpx", reason="httpx is not installed (dev extra)")
 openai = pytest.importorskip("openai", reason="the openai client is not installed (dev extra)")
 
-from mqt_edge.defaults import DEFAULT_MODEL, default_model  # noqa: E402
+from mqt_edge.defaults import default_model  # noqa: E402
 from mqt_edge.serve import ServeConfig, create_app  # noqa: E402
 
 pytestmark = pytest.mark.skipif(default_model() is None, reason="no shipped default model in this source tree")
@@ -110,11 +110,8 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    from mqt_edge.exporters import ExportOptions, export
-
-    out = tmp_path_factory.mktemp("serve") / "bundle"
-    return export(ExportOptions(model=str(DEFAULT_MODEL), out=out, max_tokens=256, parity=False)).bundle.root
+def bundle(shipped_bundle):
+    return shipped_bundle
 
 
 @pytest.fixture(scope="module")
@@ -253,13 +250,10 @@ def test_four_clients_times_25_requests_match_serial_answers(srv):
 
 
 @pytest.fixture(scope="module")
-def one_slot(tiny_ckpt, tmp_path_factory):
+def one_slot(tiny_f32_bundle):
     """One slot and a queue of one, on random tiny weights: their answers run to max_tokens, not to "red"."""
-    from mqt_edge.exporters import ExportOptions, export
-
-    out = tmp_path_factory.mktemp("serve-tiny") / "bundle"
-    root = export(ExportOptions(model=str(tiny_ckpt), out=out, quant="f32", parity=False)).bundle.root
-    cfg = ServeConfig(bundle=str(root), port=free_port(), parallel=1, queue=1, model_name=MODEL, timeout_s=30)
+    cfg = ServeConfig(bundle=str(tiny_f32_bundle), port=free_port(), parallel=1, queue=1, model_name=MODEL,
+                      timeout_s=30)
     with Server(cfg) as s:
         yield s
 

@@ -18,12 +18,8 @@ Q = "What color is the circle?"
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_ckpt, tmp_path_factory):
-    from mqt_edge.exporters import ExportOptions, export
-
-    root = export(ExportOptions(model=str(tiny_ckpt), out=tmp_path_factory.mktemp("pol") / "b", quant="f32",
-                                parity=False)).bundle.root
-    with Pipeline.load(root, threads=1) as pipe:
+def tiny(tiny_f32_bundle):
+    with Pipeline.load(tiny_f32_bundle, threads=1) as pipe:
         yield pipe
 
 
@@ -73,11 +69,12 @@ def test_a_continued_conversation_holds_the_ids_of_a_fresh_one(tiny, mirrored, s
     im = scene(seed=2)
     start, cache = setup(tiny)
     turns: list[tuple[str, str]] = []
+    kept_end = None  # where the previous answer ended in the KV cache
     for k, q in enumerate(QUESTIONS):  # turn by turn: each continues the cached session
         out = run(tiny, cache, start, request(im, list(turns), q, stop=stop))
         assert out.info["cache_hit"] == (k > 0) and out.info["turns_reused"] == k
         if k:
-            assert out.cached_tokens == kept_end  # noqa: F821 - every position before the new turn was reused
+            assert out.cached_tokens == kept_end  # every position before the new turn was reused
         (entry,) = cache._idle.values()
         kept_end = entry.ends[-1]
         turns.append((q, out.text))

@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import secrets
 import time
 from contextlib import asynccontextmanager
@@ -94,7 +95,7 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None, load: bool = True
             return _json(503, {"status": "error" if engine.load_error else "loading", "detail": exc.message},
                          exc.headers())
         s = engine.start
-        return {"status": "ok", "model": cfg.model_id, "tokens": s.tokens, "profile": s.profile,
+        return {"status": "ok", "model": cfg.model_id, "pid": os.getpid(), "tokens": s.tokens, "profile": s.profile,
                 "slots": cfg.parallel, "sessions": {"capacity": s.capacity, "idle": engine.cache.idle,
                                                     "busy": engine.cache.busy}}
 
