@@ -168,3 +168,22 @@ def test_a_different_earlier_answer_reuses_the_image_but_not_the_turn(tiny, mirr
     assert run(tiny, fresh_cache, start, request(im, other, "Is it red?")).text == out.text
     cache.clear()
     fresh_cache.clear()
+
+
+def test_generate_ids_continues_the_cache_and_refuses_misuse(tiny):
+    from mqt_edge.errors import InputError
+
+    with tiny.look(scene(seed=5), tokens=8) as s:
+        plain = s.ask(Q, max_new_tokens=5)
+        g = s.generate_ids(tiny._question_ids(Q), max_new_tokens=5)  # keep defaults to the image prefix
+        for _ in g:
+            pass
+        assert g.answer.token_ids == plain.token_ids and g.answer.prefilled == len(tiny._question_ids(Q))
+        for bad in ([], [tiny.llm.n_vocab], [-1]):
+            with pytest.raises(InputError, match="token ids"):
+                s.generate_ids(bad)
+        with pytest.raises(InputError, match="outside the cached"):
+            s.generate_ids([1], keep=s.n_prefix - 1)
+        with pytest.raises(InputError, match="outside the cached"):
+            s.generate_ids([1], keep=s.ctx.n_ctx + 1)
+        assert s.ask(Q, max_new_tokens=5).token_ids == plain.token_ids  # still usable after the refusals
