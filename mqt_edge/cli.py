@@ -232,6 +232,53 @@ def run(
               f"TTFT {t['ttft']:.0f} ms{speed}", highlight=False)
 
 
+@app.command()
+def serve(
+    bundle: Path = typer.Option(Path("mqt-edge-bundle"), "--bundle", "-b", help="Bundle directory."),
+    profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Device profile (default: auto)."),
+    mode: Optional[str] = typer.Option(None, help="The profile's power mode, e.g. super."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 exposes the server: set --api-key)."),
+    port: int = typer.Option(8080, help="TCP port."),
+    parallel: int = typer.Option(1, min=1, help="Slots: requests computed at once, each on its own context."),
+    queue: int = typer.Option(16, min=0, help="Requests that may wait for a slot; more get 503 + Retry-After."),
+    timeout: float = typer.Option(120.0, help="Seconds per request, waiting and computing."),
+    max_body_mb: float = typer.Option(20.0, help="Largest request body (MB)."),
+    media_dir: Optional[Path] = typer.Option(None, help="Allow local paths and file:// images under this directory."),
+    allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Fetch http(s) image URLs (SSRF risk)."),
+    api_key: Optional[str] = typer.Option(None, help="Require 'Authorization: Bearer KEY' (or set MQT_EDGE_API_KEY)."),
+    ttft_ms: Optional[float] = typer.Option(None, help="TTFT limit for the planner (default: the profile's)."),
+    memory_mb: Optional[float] = typer.Option(None, help="Memory limit for the planner and the session cache."),
+    cache_mb: Optional[float] = typer.Option(None, help="Session cache budget (default: what the memory limit leaves)."),
+    conversation_tokens: int = typer.Option(1024, min=16, help="Context each conversation has beyond its visual tokens."),
+    max_new_tokens: int = typer.Option(256, min=1, help="Answer length when a request sets no max_tokens."),
+    model_name: Optional[str] = typer.Option(None, help="Model id clients send (default: the bundle's directory name)."),
+    vision_backend: str = typer.Option("auto", help="auto | tensorrt | onnxruntime[/cpu|/cuda|/tensorrt-ep]."),
+    n_gpu_layers: int = typer.Option(0, min=0, help="LLM layers offloaded to the GPU."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads per llama.cpp context."),
+    ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve (extra: ray); --replicas copies of the server."),
+    replicas: int = typer.Option(1, min=1, help="With --ray: replicas, each with its own Pipeline and slots."),
+    ray_address: Optional[str] = typer.Option(None, help="With --ray: a running cluster's address (default: local)."),
+) -> None:
+    """Serve a bundle over HTTP in the OpenAI Chat Completions dialect (extra: serve)."""
+    from .serve import ServeConfig, run_server
+
+    cfg = ServeConfig(bundle=str(bundle), profile=profile, mode=mode, host=host, port=port, parallel=parallel,
+                      queue=queue, timeout_s=timeout, max_body_mb=max_body_mb,
+                      media_dir=str(media_dir) if media_dir else None, allow_remote_images=allow_remote_images,
+                      api_key=api_key, ttft_ms=ttft_ms, memory_mb=memory_mb, cache_mb=cache_mb,
+                      conversation_tokens=conversation_tokens, max_new_tokens=max_new_tokens, model_name=model_name,
+                      threads=threads, vision_backend=vision_backend, n_gpu_layers=n_gpu_layers)
+    from .bundle import Bundle
+
+    Bundle.open(bundle, verify=False)  # a wrong path is one line now, not a 503 later
+    if ray:
+        from .serve.ray import run_on_ray
+
+        run_on_ray(cfg, replicas, ray_address)
+    else:
+        run_server(cfg)
+
+
 profiles_app = typer.Typer(help="List and show device profiles.", invoke_without_command=True, no_args_is_help=False)
 app.add_typer(profiles_app, name="profiles")
 

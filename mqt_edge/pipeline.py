@@ -93,15 +93,17 @@ class Generation:
     """One answer being generated. Creating it prefills the question and picks the first token
     (so `first_token_prob` is known before any text is emitted); iterate it for text pieces."""
 
-    def __init__(self, session: Session, question: str, max_new_tokens: int, temperature: float,
-                 top_p: float, seed: int) -> None:
+    def __init__(self, session: Session, question: str | None, max_new_tokens: int, temperature: float,
+                 top_p: float, seed: int, *, ids: list[int] | None = None, keep: int | None = None) -> None:
         _check_sampling(max_new_tokens, temperature, top_p)
         self.session, self.pipe = session, session.pipe
         self.temperature, self.top_p = temperature, top_p
         self.rng = np.random.default_rng(seed)
         self.max_new_tokens = max_new_tokens
-        ids = self.pipe.question_ids(question)
-        need = session.n_prefix + len(ids) + max_new_tokens
+        # ids/keep (Session.generate_ids): a prompt given as token ids after the first `keep` positions.
+        start = session.n_prefix if keep is None else keep
+        ids = self.pipe.question_ids(question) if ids is None else ids
+        need = start + len(ids) + max_new_tokens
         if need > session.ctx.n_ctx:
             raise InputError(
                 f"prompt ({session.n_prefix - session.m} tokens) + m ({session.m}) + question ({len(ids)}) "
@@ -117,7 +119,7 @@ class Generation:
         try:
             pending, session.pending = session.pending, _Pending()
             t0 = time.perf_counter()
-            session.ctx.truncate(session.n_prefix)
+            session.ctx.truncate(start)
             session.ctx.feed_tokens(ids)
             logits = session.ctx.logits()
             self.first = self._pick(logits)
@@ -250,6 +252,21 @@ class Session:
     def generate(self, question: str, max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0) -> Generation:
         return Generation(self, question, max_new_tokens, temperature, top_p, seed)
+
+    def generate_ids(self, ids: list[int], keep: int | None = None, max_new_tokens: int = 128,
+                     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Generation:
+        """Generate after the KV cache's first `keep` positions (default: the image prefix) and the
+        prompt `ids` (token ids). Multi-turn front ends keep earlier turns in the cache this way and
+        prefill only the new turn's ids."""
+        n_vocab = self.pipe.llm.n_vocab
+        ids = [int(i) for i in ids]
+        if not ids or any(not 0 <= i < n_vocab for i in ids):  # llama.cpp aborts on an unknown id
+            raise InputError("generate_ids needs a non-empty list of token ids", f"use ids in 0..{n_vocab - 1}")
+        keep = self.n_prefix if keep is None else int(keep)
+        if not self.n_prefix <= keep <= self.ctx.n_past:
+            raise InputError(f"keep={keep} is outside the cached {self.n_prefix}..{self.ctx.n_past}",
+                             "keep at least the image prefix and at most what the cache holds")
+        return Generation(self, None, max_new_tokens, temperature, top_p, seed, ids=ids, keep=keep)
 
     def stream(self, question: str, **kw) -> Iterator[str]:
         yield from self.generate(question, **kw)

@@ -47,3 +47,25 @@ def cli(*args) -> subprocess.CompletedProcess:
 
 def stderr_lines(r: subprocess.CompletedProcess) -> list[str]:
     return [line for line in r.stderr.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def shipped_bundle(tmp_path_factory):
+    """The shipped default model exported once per test session (q4_k_m, m up to 256; no parity run)."""
+    from mqt_edge.defaults import default_model
+    from mqt_edge.exporters import ExportOptions, export
+
+    model = default_model()
+    if model is None:
+        pytest.skip("no shipped default model in this source tree")
+    out = tmp_path_factory.mktemp("shipped") / "bundle"
+    return export(ExportOptions(model=str(model), out=out, max_tokens=256, parity=False)).bundle.root
+
+
+@pytest.fixture(scope="session")
+def tiny_f32_bundle(tiny_ckpt, tmp_path_factory):
+    """Random tiny weights as an f32 bundle: answers that run to max_new_tokens (no parity run)."""
+    from mqt_edge.exporters import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("tiny-f32") / "bundle"
+    return export(ExportOptions(model=str(tiny_ckpt), out=out, quant="f32", parity=False)).bundle.root

@@ -1,0 +1,300 @@
+"""The FastAPI app: OpenAI Chat Completions, models, health and metrics, over one Engine."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import secrets
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import MQTEdgeError
+from ..prompt import check_question
+from . import images, policy
+from .config import ServeConfig
+from .engine import Cancel, Engine
+from .errors import APIError, from_library, internal
+from .metrics import Metrics
+from .schema import Conversation, Envelope, Usage, conversation, parse_chat
+
+log = logging.getLogger("mqt_edge.serve")
+DISCONNECT_POLL_S = 0.25
+_END = object()
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over the limit, by Content-Length or as they stream in."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        too_big = APIError(413, f"the request body is over the server's limit of {self.limit:,} bytes",
+                           "request_too_large")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await _json(too_big.status, too_big.body(), {})(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise too_big
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _json(status: int, body: dict, headers: dict) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def create_app(cfg: ServeConfig, engine: Engine | None = None, load: bool = True) -> FastAPI:
+    """The server as an ASGI app. load=False leaves starting the Engine to the caller (Ray's replicas)."""
+    metrics = engine.metrics if engine else Metrics()
+    engine = engine or Engine(cfg, metrics)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        if load:
+            engine.start_loading()
+        yield
+        await asyncio.to_thread(engine.close)
+
+    app = FastAPI(title="mqt-edge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+    app.add_middleware(BodyLimit, limit=int(cfg.max_body_mb * 2**20))
+    _errors(app, metrics)
+    key = cfg.key
+
+    def auth(request: Request) -> None:
+        if key is None:
+            return
+        got = request.headers.get("authorization", "")
+        scheme, _, token = got.partition(" ")
+        # compare_digest on bytes: constant time in the token's content
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", "invalid_api_key")
+
+    @app.get("/health")
+    async def health():
+        try:
+            engine.check_ready()
+        except APIError as exc:
+            return _json(503, {"status": "error" if engine.load_error else "loading", "detail": exc.message},
+                         exc.headers())
+        s = engine.start
+        return {"status": "ok", "model": cfg.model_id, "pid": os.getpid(), "tokens": s.tokens, "profile": s.profile,
+                "slots": cfg.parallel, "sessions": {"capacity": s.capacity, "idle": engine.cache.idle,
+                                                    "busy": engine.cache.busy}}
+
+    @app.get("/metrics")
+    async def metrics_endpoint(request: Request):
+        auth(request)
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    def model_card() -> dict:
+        card = {"id": cfg.model_id, "object": "model", "created": 0, "owned_by": "mqt-edge"}
+        if engine.ready.is_set():
+            card["mqt"] = {"max_tokens": engine.pipe.max_tokens, "default_tokens": engine.start.tokens,
+                           "profile": engine.start.profile}
+        return card
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        auth(request)
+        metrics.requests.labels("models", "200").inc()
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request):
+        auth(request)
+        if name != cfg.model_id:
+            raise APIError(404, f"the model {name!r} does not exist (this server has {cfg.model_id!r})",
+                           "model_not_found", "model")
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        try:
+            return await _chat(request)
+        except (APIError, MQTEdgeError):
+            raise
+        except Exception as exc:  # a bug: converted here so that no middleware logs a traceback
+            raise internal(exc, "/v1/chat/completions") from None
+
+    async def _chat(request: Request):
+        arrived = time.monotonic()
+        auth(request)
+        req = parse_chat(await request.body())
+        if req.model != cfg.model_id:
+            raise APIError(404, f"the model {req.model!r} does not exist (this server has {cfg.model_id!r})",
+                           "model_not_found", "model")
+        conv = conversation(req)
+        engine.check_ready()
+        ask = await _ask(engine, cfg, req, conv)
+        env = Envelope(cfg.model_id)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return await _stream(engine, metrics, ask, env, request, arrived, include_usage)
+        return await _complete(engine, metrics, ask, env, request, arrived)
+
+    return app
+
+
+async def _ask(engine: Engine, cfg: ServeConfig, req, conv: Conversation) -> policy.Ask:
+    pipe = engine.pipe
+    for q, _ in conv.turns:
+        check_question(q)
+    check_question(conv.question)
+    img = await asyncio.to_thread(_fetch_checked, conv.image_url, cfg, pipe.max_pixels)
+    opts = req.mqt
+    tokens = pipe.check_tokens(opts.tokens if opts and opts.tokens else engine.start.tokens)
+    refine = pipe.check_tokens(opts.refine) if opts and opts.refine else None
+    if refine is not None and refine <= tokens:
+        raise APIError(422, f"mqt.refine {refine} is not above the m of {tokens}", "invalid_tokens", "mqt.refine")
+    stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    seed = req.seed if req.seed is not None else secrets.randbits(31)
+    return policy.Ask(image=img.sha256, load_image=lambda: images.open_image(img, pipe.max_pixels),
+                      turns=conv.turns, question=conv.question, tokens=tokens, refine=refine,
+                      confidence=opts.confidence if opts else 0.5,
+                      max_new_tokens=req.max_completion_tokens or req.max_tokens,
+                      temperature=cfg.temperature if req.temperature is None else req.temperature,
+                      top_p=1.0 if req.top_p is None else req.top_p, seed=seed, stop=stops)
+
+
+def _fetch_checked(url: str, cfg: ServeConfig, max_pixels: int) -> images.ImageBytes:
+    img = images.fetch(url, cfg.media_dir, cfg.allow_remote_images, cfg.remote_timeout_s,
+                       int(cfg.max_body_mb * 2**20))
+    images.open_image(img, max_pixels)  # refuse bad or too large images before they wait for a slot
+    return img
+
+
+def _usage(out: policy.Outcome) -> Usage:
+    return Usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens)
+
+
+def _finished(metrics: Metrics, out: policy.Outcome, arrived: float, first: list) -> None:
+    metrics.total.observe(time.monotonic() - arrived)
+    if first:
+        metrics.ttft.observe(first[0] - arrived)
+    if out.info:
+        metrics.observe_answer(out.info)
+
+
+def _cancelled_error(cancel: Cancel, cfg: ServeConfig) -> APIError:
+    return APIError(504, f"the request ran past the server's {cfg.timeout_s:g} s timeout", "timeout")
+
+
+async def _complete(engine, metrics, ask, env, request: Request, arrived: float):
+    cancel, first = Cancel(), []
+    fut = await engine.submit(ask, lambda _p: first or first.append(time.monotonic()), cancel,
+                              arrived + engine.cfg.timeout_s)
+    while not fut.done():
+        await asyncio.wait({fut}, timeout=DISCONNECT_POLL_S)
+        if not fut.done() and await request.is_disconnected():
+            cancel.set("disconnect")
+    out = fut.result()
+    if out.finish == "cancelled":
+        metrics.cancelled.labels(cancel.reason or "disconnect").inc()
+        if cancel.reason == "timeout":
+            raise _cancelled_error(cancel, engine.cfg)
+        return Response(status_code=499)  # nobody is listening
+    _finished(metrics, out, arrived, first)
+    metrics.requests.labels("chat", "200").inc()
+    return env.completion(out.text, out.finish, _usage(out), out.info)
+
+
+def _sse(obj) -> bytes:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
+
+
+async def _stream(engine, metrics, ask, env, request: Request, arrived: float, include_usage: bool):
+    loop, queue, cancel, first = asyncio.get_running_loop(), asyncio.Queue(), Cancel(), []
+
+    def emit(piece: str) -> None:  # on the slot thread
+        if not first:
+            first.append(time.monotonic())
+        loop.call_soon_threadsafe(queue.put_nowait, piece)
+
+    fut = await engine.submit(ask, emit, cancel, arrived + engine.cfg.timeout_s)
+    fut.add_done_callback(lambda _f: queue.put_nowait(_END))
+    head = await queue.get()  # the first piece, or the end: errors before it are plain HTTP errors
+    if head is _END and fut.exception() is not None:
+        raise fut.exception()
+
+    async def body():
+        item, done = head, False
+        try:
+            yield _sse(env.chunk({"role": "assistant", "content": ""}))
+            while item is not _END:
+                yield _sse(env.chunk({"content": item}))
+                item = await queue.get()
+            done = True
+            try:
+                out = fut.result()
+            except (APIError, MQTEdgeError) as exc:
+                err = exc if isinstance(exc, APIError) else from_library(exc)
+                yield _sse(err.body())
+                yield b"data: [DONE]\n\n"
+                return
+            except Exception as exc:  # a bug: one line in the log, a bland error to the client
+                yield _sse(internal(exc, "stream").body())
+                yield b"data: [DONE]\n\n"
+                return
+            if out.finish == "cancelled":
+                metrics.cancelled.labels(cancel.reason or "disconnect").inc()
+                yield _sse(_cancelled_error(cancel, engine.cfg).body())
+            else:
+                _finished(metrics, out, arrived, first)
+                metrics.requests.labels("chat_stream", "200").inc()
+                extra = {"usage": None} if include_usage else {}
+                yield _sse(env.chunk({}, out.finish, mqt=out.info, **extra))
+                if include_usage:
+                    yield _sse(env.usage_chunk(_usage(out), out.info))
+            yield b"data: [DONE]\n\n"
+        finally:
+            if not done:  # the client went away mid-stream: stop generating, free the slot
+                cancel.set("disconnect")
+                if not fut.done():
+                    metrics.cancelled.labels("disconnect").inc()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _errors(app: FastAPI, metrics: Metrics) -> None:
+    def reply(err: APIError) -> JSONResponse:
+        metrics.errors.labels(err.code or str(err.status)).inc()
+        metrics.requests.labels("any", str(err.status)).inc()
+        return _json(err.status, err.body(), err.headers())
+
+    @app.exception_handler(APIError)
+    async def api_error(_r, exc: APIError):
+        if exc.status >= 500:
+            log.warning("%d %s: %s", exc.status, exc.code, exc.message)
+        return reply(exc)
+
+    @app.exception_handler(MQTEdgeError)
+    async def library_error(_r, exc: MQTEdgeError):
+        return reply(from_library(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_r, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return reply(APIError(exc.status_code, str(exc.detail), code))
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, exc: Exception):
+        return reply(internal(exc, request.url.path))

@@ -1,0 +1,214 @@
+"""The Chat Completions request, checked, and the response and chunk bodies.
+
+Parsing is strict where a silent default would change the answer (n, logprobs, tools, penalties are
+refused with a 400 naming the parameter) and lenient where OpenAI clients send harmless extras.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import APIError
+
+MAX_STOP = 4
+
+
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ImageURL(_Loose):
+    url: str
+    detail: Optional[str] = None
+
+
+class Part(_Loose):
+    type: str
+    text: Optional[str] = None
+    image_url: Optional[Union[ImageURL, str]] = None
+
+
+class Message(_Loose):
+    role: str
+    content: Union[str, list[Part], None] = None
+
+
+class StreamOptions(_Loose):
+    include_usage: bool = False
+
+
+class MQTOptions(BaseModel):
+    """The extension field `"mqt"`: m for this request, or a refinement policy."""
+
+    model_config = ConfigDict(extra="forbid")
+    tokens: Optional[int] = Field(None, ge=1)
+    refine: Optional[int] = Field(None, ge=1)
+    confidence: float = Field(0.5, ge=0.0, le=1.01)
+
+
+class ChatRequest(_Loose):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    n: Optional[int] = None
+    mqt: Optional[MQTOptions] = None
+
+
+def _truthy(v: Any) -> bool:
+    return bool(v)
+
+
+# OpenAI parameters this server does not implement: refused, since ignoring them changes the answer.
+UNSUPPORTED: dict[str, tuple[Any, str]] = {
+    "n": (lambda v: v not in (None, 1), "n must be 1: this server returns one choice per request"),
+    "logprobs": (_truthy, "logprobs are not supported"),
+    "top_logprobs": (lambda v: v not in (None, 0), "top_logprobs are not supported"),
+    "tools": (_truthy, "tools are not supported by this model"),
+    "functions": (_truthy, "functions are not supported by this model"),
+    "tool_choice": (lambda v: v not in (None, "none"), "tool_choice is not supported by this model"),
+    "response_format": (lambda v: v not in (None, {"type": "text"}), "only text responses are supported"),
+    "frequency_penalty": (lambda v: v not in (None, 0, 0.0), "frequency_penalty is not supported"),
+    "presence_penalty": (lambda v: v not in (None, 0, 0.0), "presence_penalty is not supported"),
+    "logit_bias": (_truthy, "logit_bias is not supported"),
+    "audio": (_truthy, "audio output is not supported"),
+}
+
+
+def parse_chat(raw: bytes) -> ChatRequest:
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON ({exc})", "invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", "invalid_json")
+    for name, (refused, why) in UNSUPPORTED.items():
+        if refused(data.get(name)):
+            raise APIError(400, why, "unsupported_parameter", name)
+    try:
+        req = ChatRequest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise APIError(400, f"{param}: {first['msg']}", "invalid_value", param) from None
+    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    if len(stops) > MAX_STOP or any(not s for s in stops):
+        raise APIError(400, f"stop takes up to {MAX_STOP} non-empty strings", "invalid_value", "stop")
+    if req.mqt and req.mqt.tokens and req.mqt.refine and req.mqt.refine <= req.mqt.tokens:
+        raise APIError(422, f"mqt.refine {req.mqt.refine} is not above mqt.tokens {req.mqt.tokens}",
+                       "invalid_tokens", "mqt.refine")
+    return req
+
+
+@dataclass
+class Conversation:
+    """The request as the model sees it: one image, earlier (question, answer) turns, the new question."""
+
+    image_url: str
+    turns: list[tuple[str, str]]
+    question: str
+    ignored_system: int = 0
+
+
+def _parts(msg: Message, i: int) -> tuple[list[str], list[str]]:
+    """(texts, image URLs) of a message."""
+    if msg.content is None:
+        return [], []
+    if isinstance(msg.content, str):
+        return [msg.content], []
+    texts, images = [], []
+    for j, p in enumerate(msg.content):
+        if p.type == "text" and isinstance(p.text, str):
+            texts.append(p.text)
+        elif p.type == "image_url" and p.image_url is not None:
+            images.append(p.image_url if isinstance(p.image_url, str) else p.image_url.url)
+        else:
+            raise APIError(400, f"content part type {p.type!r} is not supported (use text or image_url)",
+                           "invalid_value", f"messages.{i}.content.{j}")
+    return texts, images
+
+
+def conversation(req: ChatRequest) -> Conversation:
+    """Check the turn order (user, assistant, user, ..., user) and find the one image."""
+    images, turns, pending, ignored = [], [], None, 0
+    for i, msg in enumerate(req.messages):
+        texts, urls = _parts(msg, i)
+        if msg.role in ("system", "developer"):
+            ignored += 1  # the bundle's llava_v1 template fixes the system prompt the model was trained on
+            continue
+        if msg.role not in ("user", "assistant"):
+            raise APIError(400, f"role {msg.role!r} is not supported (use system, user, assistant)",
+                           "invalid_value", f"messages.{i}.role")
+        if urls and (msg.role != "user" or turns or pending is not None or images):
+            raise APIError(400, "exactly one image, in the first user message, is supported",
+                           "invalid_value", f"messages.{i}.content")
+        images += urls
+        text = "\n".join(t for t in texts if t)
+        if (msg.role == "user") != (pending is None):
+            raise APIError(400, "messages must alternate user and assistant, starting with user",
+                           "invalid_value", f"messages.{i}.role")
+        if msg.role == "user":
+            pending = text
+        else:
+            turns.append((pending, text.strip()))  # as the server returned it (stripped)
+            pending = None
+    if pending is None:
+        raise APIError(400, "the last message must be from the user", "invalid_value", "messages")
+    if not images:
+        raise APIError(400, "this model answers about an image: put an image_url part in the first user message",
+                       "invalid_value", "messages")
+    return Conversation(images[0], turns, pending, ignored)
+
+
+def new_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex[:24]
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+    def to_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+
+@dataclass
+class Envelope:
+    """What every body and chunk of one completion shares."""
+
+    model: str
+    id: str = field(default_factory=new_id)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def completion(self, text: str, finish: str, usage: Usage, mqt: dict) -> dict:
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": None, "finish_reason": finish}],
+                "usage": usage.to_dict(), "mqt": mqt}
+
+    def chunk(self, delta: dict, finish: str | None = None, **extra) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+
+    def usage_chunk(self, usage: Usage, mqt: dict) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [], "usage": usage.to_dict(), "mqt": mqt}
+
+
+Finish = Literal["stop", "length"]
