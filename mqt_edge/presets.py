@@ -14,6 +14,7 @@ Every checkpoint mqt-edge writes records the field, so none of them depends on t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 from .errors import InputError
 
@@ -21,13 +22,23 @@ RELEASE_QUERY_HEADS = 16
 QUERY_HEADS_KEY = "mm_query_num_heads"  # the config.json field that overrides the release's 16
 
 
-def query_heads(recorded: int | None) -> int:
-    """The MQT's attention heads: the checkpoint's `mm_query_num_heads`, else the release's 16.
+LEGACY_MARK = "mqt_edge_synth"  # in every config.json mqt-edge wrote (synth, and train, which copies it)
+
+
+def query_heads(config: Mapping, kv_dim: int) -> int:
+    """The MQT's attention heads for a checkpoint's config.json: its `mm_query_num_heads`, else the
+    release's 16.
 
     The one place the rule lives: the PyTorch reference, the planner's presets and (through the
-    loaded model) the exporters all take their head count from here.
+    loaded model) the exporters all take their head count from here. One exception keeps old files
+    answering as they did: a checkpoint mqt-edge wrote before it recorded the field used
+    kv_dim // 64 heads.
     """
-    return RELEASE_QUERY_HEADS if recorded is None else recorded
+    if config.get(QUERY_HEADS_KEY) is not None:
+        return int(config[QUERY_HEADS_KEY])
+    if LEGACY_MARK in config:
+        return max(kv_dim // 64, 1)
+    return RELEASE_QUERY_HEADS
 
 
 @dataclass(frozen=True)
@@ -43,7 +54,8 @@ class Preset:
 
     @property
     def query_heads(self) -> int:
-        return query_heads(self.mqt_heads)
+        recorded = {} if self.mqt_heads is None else {QUERY_HEADS_KEY: self.mqt_heads}
+        return query_heads(recorded, self.clip["hidden_size"])
 
 
 _CLIP_L_336 = dict(

@@ -100,6 +100,21 @@ def test_every_checkpoint_the_project_writes_records_its_heads(tiny_ckpt, tiny_m
     assert shipped[QUERY_HEADS_KEY] == 2 and shipped["mm_hidden_size"] == 128
 
 
+def test_checkpoints_mqt_edge_wrote_before_the_field_keep_their_heads(tiny_ckpt, tmp_path):
+    """Older synth/train output has no head field but is marked mqt_edge_synth: it used kv_dim // 64."""
+    import shutil
+
+    ckpt = tmp_path / "old"
+    shutil.copytree(tiny_ckpt, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    del cfg[QUERY_HEADS_KEY]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    assert MQTLlava.from_pretrained(ckpt, dtype=torch.float32).mqt.config.num_heads == 128 // 64
+    del cfg["mqt_edge_synth"]  # the same weights, unmarked: read as the release's code would build them
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    assert MQTLlava.from_pretrained(ckpt, dtype=torch.float32).mqt.config.num_heads == 16
+
+
 def test_the_exported_graph_and_the_planner_use_the_model_count(release_128, monkeypatch):
     from mqt_edge.exporters import _mqt_cost
     from mqt_edge.exporters.onnx_mqt import MQTGraph

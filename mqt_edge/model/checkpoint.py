@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import CheckpointError, require
-from ..presets import QUERY_HEADS_KEY, query_heads
+from ..presets import QUERY_HEADS_KEY
 
 VISION_PREFIX = "model.vision_tower.vision_tower."
 MQT_PREFIX = "model.query_abstractor."
@@ -65,7 +65,7 @@ class LlavaConfig:
     vision_tower: str
     select_layer: int
     pad_to_square: bool
-    mqt_num_heads: int  # mm_query_num_heads, else the release's constant 16 (never a rule of kv_dim)
+    mqt_num_heads: int | None  # mm_query_num_heads as recorded; presets.query_heads decides without it
     eos_ids: tuple[int, ...]
 
     @classmethod
@@ -118,7 +118,7 @@ class LlavaConfig:
             vision_tower=tower,
             select_layer=_typed(raw, "mm_vision_select_layer", int, -2, path),
             pad_to_square=aspect == "pad",
-            mqt_num_heads=query_heads(heads),
+            mqt_num_heads=heads,
             eos_ids=eos_ids,
         )
 
