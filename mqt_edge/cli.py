@@ -582,6 +582,19 @@ def train(
     err.print(f"wrote {out}: final losses {recipe['final_loss']}", highlight=False)
 
 
+
+@app.command()
+def doctor(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """Describe this machine and what mqt-edge uses on it (paste it into bug reports)."""
+    from .doctor import lines, report
+
+    rep = report()  # never raises: a failing probe is reported and the rest still run
+    if as_json:
+        print(json.dumps(rep, indent=2, default=str))
+        return
+    print("\n".join(lines(rep)))
+
+
 def main() -> None:
     try:
         app()

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .image import preprocess
+from .presets import QUERY_HEADS_KEY
 from .model import MQTLlava
 
 PARTS = ("vision", "mqt", "llm")
@@ -532,8 +533,10 @@ def save_checkpoint(model: MQTLlava, out: Path, extra_config: dict | None = None
                 "image_processor_type": "CLIPImageProcessor", "resample": 3,
                 "rescale_factor": model.image_spec.rescale, "size": {"shortest_edge": model.image_spec.size}}
         (tmp / "clip-vision" / "preprocessor_config.json").write_text(json.dumps(proc, indent=2))
+        # The head count is recorded so the saved model never falls back on the release's default.
         config = dict(model.config.raw) | {"mm_vision_tower": "clip-vision", "mm_vision_select_layer": -1,
-                                           "torch_dtype": "float32"} | (extra_config or {})
+                                           "torch_dtype": "float32", QUERY_HEADS_KEY: model.mqt.config.num_heads,
+                                           } | (extra_config or {})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if out.exists():
             shutil.rmtree(out)

@@ -13,6 +13,16 @@ from PIL import Image, ImageDraw
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never reach for the hub
 
 
+def pytest_report_header(config) -> str:
+    """Every CI log says what machine it ran on: `mqt-edge doctor`'s one-line summary."""
+    try:
+        from mqt_edge.doctor import summary
+
+        return f"mqt-edge doctor: {summary()}"
+    except Exception as exc:  # the header must never stop the suite
+        return f"mqt-edge doctor: unavailable ({type(exc).__name__}: {exc})"
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     from mqt_edge.model.synth import write_checkpoint

@@ -26,9 +26,10 @@ Two parts:
     the CLIP ``config.json`` and ``preprocessor_config.json`` (no weights), so that a consumer that ignores the
     embedded weights fails loudly instead of silently reading a second copy.
 
-    No config field names the query transformer's head count: the release hard-codes 16 heads for
-    kv_dim 1024; a consumer derives ``kv_dim // 64``. The tiny checkpoint follows that rule
-    (kv_dim = ``clip_hidden`` = 128 gives 2 heads).
+    No config field names the query transformer's head count: the release's
+    ``build_matryoshka_query_transformer`` passes ``num_heads = 16`` whatever kv_dim is. So the tiny
+    checkpoint's kv_dim of ``clip_hidden`` = 128 still has 16 heads (8 wide). ``query_heads=N`` writes a
+    ``mm_query_num_heads`` field for a checkpoint trained with another count.
 
 ``ReleaseReference(ckpt_dir)``
     Loads such a checkpoint (or any checkpoint in the release layout) with plain torch / transformers /
@@ -69,6 +70,7 @@ LLAVA_V1_SYSTEM = (
 )
 
 VISION_PREFIX = "model.vision_tower.vision_tower."
+RELEASE_QUERY_HEADS = 16  # builder.py: build_matryoshka_query_transformer(..., num_heads = 16, kv_dim=1024)
 MQT_PREFIX = "model.query_abstractor."
 
 __all__ = [
@@ -325,17 +327,19 @@ def write_release_checkpoint(
     llm_heads: int = 4,
     llm_intermediate: int = 192,
     vocab_size: int = 400,
+    query_heads: int | None = None,
 ) -> pathlib.Path:
     """Write a tiny random MQT-LLaVA checkpoint in the release's layout; return ``out_dir`` as a Path.
 
     The CLIP tower goes to ``<out_dir>-clip`` (full model, or config + preprocessor only when
     ``vision_in_checkpoint``), and ``mm_vision_tower`` names it by absolute path. All checkpoint tensors are
-    float16. The query transformer's kv_dim is ``clip_hidden``; its head count is ``clip_hidden // 64``.
+    float16. The query transformer's kv_dim is ``clip_hidden``; its head count is the release's 16, or
+    ``query_heads`` (then recorded in config.json as ``mm_query_num_heads``).
     """
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-    if clip_hidden % 64 != 0:
-        raise ValueError("clip_hidden must be a multiple of 64 (MQT heads are kv_dim // 64)")
+    if clip_hidden % (query_heads or RELEASE_QUERY_HEADS) or clip_hidden % 4:
+        raise ValueError("clip_hidden must split into the query transformer's heads (and be a multiple of 4)")
     out_dir = pathlib.Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     clip_dir = out_dir.parent / (out_dir.name + "-clip")
@@ -421,6 +425,8 @@ def write_release_checkpoint(
         "tokenizer_padding_side": "right",
         "tokenizer_model_max_length": 2048,
     }
+    if query_heads is not None:
+        config["mm_query_num_heads"] = query_heads
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     # --- tokenizer and generation config ---------------------------------------------------------------
@@ -486,16 +492,17 @@ class ReferenceResampler(nn.Module):
 
     ``pos_embed`` is held as an fp16 buffer. Keys are the positions alone: ``pos_embed`` resized bicubically
     (fp32, ``align_corners=False``) from its sqrt(M) grid to the patch grid, rounded to fp16, then ``ln_k``.
-    Sequence-first ``nn.MultiheadAttention(kv_dim, kv_dim // 64)``; LayerNorm eps 1e-6; output ``@ proj``.
+    Sequence-first ``nn.MultiheadAttention(kv_dim, num_heads)`` (the release: 16); LayerNorm eps 1e-6;
+    output ``@ proj``.
     """
 
-    def __init__(self, num_queries: int, kv_dim: int, out_dim: int):
+    def __init__(self, num_queries: int, kv_dim: int, out_dim: int, num_heads: int = RELEASE_QUERY_HEADS):
         super().__init__()
         self.num_queries = num_queries
         self.kv_dim = kv_dim
         self.query = nn.Parameter(torch.zeros(num_queries, kv_dim))
         self.register_buffer("pos_embed", torch.zeros(num_queries, kv_dim, dtype=torch.float16))
-        self.attn = nn.MultiheadAttention(kv_dim, kv_dim // 64)
+        self.attn = nn.MultiheadAttention(kv_dim, num_heads)
         self.ln_q = nn.LayerNorm(kv_dim, eps=1e-6)
         self.ln_k = nn.LayerNorm(kv_dim, eps=1e-6)
         self.ln_v = nn.LayerNorm(kv_dim, eps=1e-6)
@@ -566,7 +573,8 @@ class ReleaseReference:
         num_queries, kv_dim = mqt["query"].shape
         out_dim = mqt["proj"].shape[1]
         self.num_queries = int(num_queries)
-        self.resampler = ReferenceResampler(num_queries, kv_dim, out_dim)
+        heads = int(self.config.get("mm_query_num_heads", RELEASE_QUERY_HEADS))
+        self.resampler = ReferenceResampler(num_queries, kv_dim, out_dim, heads)
         state = {k: (v.to(torch.float16) if k == "pos_embed" else v.float()) for k, v in mqt.items()}
         self.resampler.load_state_dict(state, strict=True)
         self.resampler.eval()

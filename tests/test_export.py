@@ -103,6 +103,7 @@ def test_manifest_describes_the_bundle(release):
     llm = m["llm"]
     assert (llm["layers"], llm["hidden"], llm["kv_heads"], llm["head_dim"], llm["vocab"]) == (3, 96, 4, 24, 400)
     assert m["vision"]["flops"] > 0 and m["vision"]["params"] > 0 and m["mqt"]["flops_per_token"] > 0
+    assert m["mqt"]["heads"] == 16  # kv_dim 128 and no mm_query_num_heads: the release's 16, not 128 // 64
     assert m["parity"]["onnx"]["pass"] and m["parity"]["gguf_f32"]["pass"]
     assert m["export"]["quant"] == "f32"
     Bundle.open(bundle.root)  # verifies every sha256
@@ -130,7 +131,7 @@ def test_q4_k_m_loads_and_generates(q4_bundle):
 def test_max_tokens_drops_unused_queries(q4_bundle):
     proto = onnx.load(str(q4_bundle.path("mqt")))
     attn = next(i for i in proto.graph.initializer if list(i.dims)[:1] == [2] and len(i.dims) == 3)
-    assert list(attn.dims) == [2, 16, 576]  # (heads, max_tokens, patches)
+    assert list(attn.dims) == [2, 16, 576]  # (heads, max_tokens, patches): tiny records 2 heads
     _, mqt = sessions(q4_bundle)
     feats = np.zeros((1, 576, 128), np.float32)
     assert mqt.run(None, {"image_features": feats, "query_ids": np.arange(16)})[0].shape == (1, 16, 128)

@@ -9,6 +9,7 @@ import numpy as np
 from conftest import cli, stderr_lines
 
 import mqt_edge.profiles as profiles
+from mqt_edge import device
 from mqt_edge.profiles import DATASHEET, ProfileError, builtin_names, load_profile, parse_profile
 from mqt_edge.profiles.planner import ModelFacts, Options, memory_breakdown, plan, predict
 
@@ -72,7 +73,7 @@ def test_unknown_profile_lists_the_known_ones():
 
 
 def test_aliases_and_detection(monkeypatch, tmp_path):
-    monkeypatch.setattr(profiles, "DEVICE_TREE_MODEL", tmp_path / "model")
+    monkeypatch.setattr(device, "DEVICE_TREE_MODEL", tmp_path / "model")  # profiles detect through device.py
     monkeypatch.setitem(sys.modules, "jtop", None)  # jetson-stats, if installed, must not answer here
     monkeypatch.setattr(profiles, "_total_ram_gb", lambda: 7.4)
     monkeypatch.setattr(profiles, "detect_gpu", lambda: None)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import CheckpointError, require
+from ..presets import QUERY_HEADS_KEY
 
 VISION_PREFIX = "model.vision_tower.vision_tower."
 MQT_PREFIX = "model.query_abstractor."
@@ -64,7 +65,7 @@ class LlavaConfig:
     vision_tower: str
     select_layer: int
     pad_to_square: bool
-    mqt_num_heads: int | None  # optional override; default kv_dim // 64 as in the release
+    mqt_num_heads: int | None  # mm_query_num_heads as recorded; presets.query_heads decides without it
     eos_ids: tuple[int, ...]
 
     @classmethod
@@ -103,6 +104,10 @@ class LlavaConfig:
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
             _typed(raw, key, int, None, path)
         _typed(raw, "max_position_embeddings", int, 4096, path)
+        heads = _typed(raw, QUERY_HEADS_KEY, int, None, path)
+        if heads is not None and heads < 1:
+            raise CheckpointError(f"{path}: '{QUERY_HEADS_KEY}' is {heads}",
+                                  "give the query transformer's head count (the release's is 16) or remove the field")
         eos = raw.get("eos_token_id", 2)
         eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
         if not eos_ids or not all(isinstance(e, int) and not isinstance(e, bool) for e in eos_ids):
@@ -113,7 +118,7 @@ class LlavaConfig:
             vision_tower=tower,
             select_layer=_typed(raw, "mm_vision_select_layer", int, -2, path),
             pad_to_square=aspect == "pad",
-            mqt_num_heads=_typed(raw, "mm_query_num_heads", int, None, path),
+            mqt_num_heads=heads,
             eos_ids=eos_ids,
         )
 

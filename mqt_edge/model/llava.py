@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import CheckpointError, InputError
 from ..image import ImageInput, ImageSpec, preprocess
+from ..presets import QUERY_HEADS_KEY, query_heads
 from ..prompt import LLAVA_V1, PromptTemplate, split_prompt
 from .checkpoint import (
     MQT_PREFIX,
@@ -236,11 +237,18 @@ class MQTLlava(nn.Module):
                 f"the MQT expects {kv_dim}-wide features but the vision tower gives {vcfg.hidden_size}",
                 "pass the vision tower this checkpoint was trained with (--vision-tower)",
             )
+        heads = query_heads(cfg.raw, kv_dim)
+        if kv_dim % heads:
+            raise CheckpointError(
+                f"the query transformer's {kv_dim}-wide attention does not split into {heads} heads"
+                + ("" if cfg.mqt_num_heads else f" (the release's count; config.json has no {QUERY_HEADS_KEY})"),
+                f"set {QUERY_HEADS_KEY} in config.json to the head count the checkpoint was trained with",
+            )
         mqt_cfg = MQTConfig(
             num_queries=M,
             kv_dim=kv_dim,
             hidden_size=p_shape[1],
-            num_heads=int(cfg.mqt_num_heads or max(kv_dim // 64, 1)),
+            num_heads=heads,
             key_grid=(grid, grid),
         )
         try:

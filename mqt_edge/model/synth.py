@@ -16,80 +16,17 @@ import math
 import os
 import shutil
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
 from ..errors import InputError
+# The presets are data (torch-free, for the planner); re-exported here for existing callers.
+from ..presets import PRESETS, QUERY_HEADS_KEY, Preset, get_preset  # noqa: F401
 from .mqt import sincos_pos_embed_2d
 
 SHARD_BYTES = 2 * 2**30
-
-
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    about: str
-    clip: dict  # CLIPVisionConfig fields
-    llm: dict  # LlamaConfig fields
-    num_queries: int = 256
-    dtype: str = "float16"
-    vocab_size: int = 32000  # rows of the embedding; the tokenizer is padded to it
-
-
-_CLIP_L_336 = dict(
-    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-    image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
-)
-
-PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in (
-        Preset(
-            "tiny",
-            "seconds on a CPU; the test suite's model (release grid: 336 px, 14 px patches, M = 256)",
-            clip=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-                      image_size=336, patch_size=14, projection_dim=128, hidden_act="quick_gelu"),
-            # 2 KV heads for 4 query heads: grouped-query attention (TinyLlama has it) stays tested
-            llm=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, max_position_embeddings=1024),
-            dtype="float32",
-            vocab_size=512,
-        ),
-        Preset(
-            "shapes",
-            "the default model's untrained start: release grid (336 px, 14 px patches, M = 256), ~2M parameters",
-            clip=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                      image_size=336, patch_size=14, projection_dim=128, hidden_act="quick_gelu"),
-            llm=dict(hidden_size=192, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
-                     num_key_value_heads=4, max_position_embeddings=1024),
-            dtype="float32",
-            vocab_size=512,
-        ),
-        Preset(
-            "bench",
-            "CLIP ViT-L/14-336, M = 256 and a 1.1B LLaMA with TinyLlama's shapes, for benchmarks",
-            clip=_CLIP_L_336,
-            llm=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                     num_key_value_heads=4, max_position_embeddings=2048),
-        ),
-        Preset(
-            "mqt-llava-7b",
-            "the released shapes: CLIP ViT-L/14-336, M = 256, Vicuna-7B v1.5 (about 14 GB at fp16)",
-            clip=_CLIP_L_336,
-            llm=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=32, max_position_embeddings=4096),
-        ),
-    )
-}
-
-
-def get_preset(name: str) -> Preset:
-    if name not in PRESETS:
-        raise InputError(f"unknown preset '{name}'", f"choose one of: {', '.join(PRESETS)}")
-    return PRESETS[name]
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------
@@ -280,6 +217,7 @@ def write_checkpoint(
             mm_use_im_start_end=False, mm_use_im_patch_token=False, query_abstractor_type="matry_query",
             num_visual_tokens=p.num_queries, tokenizer_model_max_length=p.llm["max_position_embeddings"],
             tokenizer_padding_side="right", mqt_edge_synth={"preset": p.name, "seed": seed},
+            **{QUERY_HEADS_KEY: p.query_heads},
         )
         for key in ("transformers_version", "_name_or_path", "dtype"):
             config.pop(key, None)

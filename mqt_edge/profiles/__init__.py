@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
-import subprocess
 import sys
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
+from .. import device
 from ..errors import MQTEdgeError
 
 if sys.version_info >= (3, 11):
@@ -24,7 +23,6 @@ else:  # pragma: no cover - Python 3.10 (JetPack 6)
 
 HERE = Path(__file__).parent
 ORIN_FALLBACK = "jetson-agx-orin-64gb"
-DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
 
 
 class ProfileError(MQTEdgeError):
@@ -270,22 +268,11 @@ def load_profile(name_or_path: str, mode: str | None = None) -> Profile:
     return parse_profile(builtin.read_text(), builtin.name).with_mode(mode)
 
 
-# ---- detection ---------------------------------------------------------------------------------
+# ---- detection (the probing itself is mqt_edge.device's; here names become profiles) -----------
 def detect_jetson() -> str | None:
-    """The Orin/Thor profile of this Jetson, from the device tree (jetson-stats when installed)."""
-    model = ""
-    try:
-        from jtop import jtop  # jetson-stats
-
-        with jtop() as j:
-            model = str(j.board.get("hardware", {}).get("Module", ""))
-    except Exception:
-        pass
-    dt = DEVICE_TREE_MODEL
-    if not model and dt.is_file():
-        model = dt.read_text(errors="replace").strip("\x00\n ")
-    model = model.lower()
-    if "jetson" not in model and "thor" not in model:
+    """The Orin/Thor profile of this Jetson, from the module name device.py reads."""
+    model = (device.jetson_model() or "").lower()
+    if not model:
         return None
     if "thor" in model:
         return "jetson-thor"
@@ -304,25 +291,9 @@ GPU_NAMES = (("4090", "rtx-4090"), ("3060", "rtx-3060-12gb"), ("l4", "l4"), ("a1
 
 
 def detect_gpu() -> str | None:
-    """A built-in profile for this machine's NVIDIA GPU (nvidia-ml-py, else nvidia-smi)."""
-    name, mem_gb = "", 0.0
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        name = pynvml.nvmlDeviceGetName(handle)
-        name = name.decode() if isinstance(name, bytes) else name
-        mem_gb = pynvml.nvmlDeviceGetMemoryInfo(handle).total / 1e9
-    except Exception:
-        smi = shutil.which("nvidia-smi")
-        if smi:
-            r = subprocess.run([smi, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-                               capture_output=True, text=True)
-            if r.returncode == 0 and r.stdout.strip():
-                name, _, mib = r.stdout.strip().splitlines()[0].rpartition(",")
-                mem_gb = float(mib) * 2**20 / 1e9 if mib.strip().replace(".", "").isdigit() else 0.0
-    return match_gpu(name, mem_gb)
+    """A built-in profile for this machine's first NVIDIA GPU (device.gpus: NVML, else nvidia-smi)."""
+    found = device.gpus()
+    return match_gpu(found[0].name, found[0].memory_gb) if found else None
 
 
 def match_gpu(name: str, mem_gb: float) -> str | None:
@@ -350,10 +321,5 @@ def detect() -> tuple[str, str]:
 
 
 def _total_ram_gb() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return None
+    total = device.total_ram_bytes()
+    return total / 2**30 if total else None

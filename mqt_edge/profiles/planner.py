@@ -76,7 +76,7 @@ class ModelFacts:
 
     @classmethod
     def from_preset(cls, preset: str, quant: str) -> ModelFacts:
-        from ..model.synth import get_preset
+        from ..presets import get_preset  # data only: planning a preset needs no torch
 
         if quant not in QUANT_BITS:
             raise InputError(f"unknown quant '{quant}'", f"choose one of: {', '.join(QUANT_BITS)}")
@@ -88,7 +88,7 @@ class ModelFacts:
         vis = vision_cost(c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"] - 1,
                           c["image_size"], c["patch_size"])
         D, P, M = c["hidden_size"], vis["patches"], p.num_queries
-        heads_mqt = max(D // 64, 1)
+        heads_mqt = p.query_heads  # the constant (heads, M, P) attention weights of mqt.onnx
         return cls(
             name=f"preset {preset}", quant=quant, llm_params=params,
             llm_bytes=int(params * QUANT_BITS[quant] / 8), layers=L["num_hidden_layers"], hidden=h,
