@@ -47,3 +47,16 @@ def cli(*args) -> subprocess.CompletedProcess:
 
 def stderr_lines(r: subprocess.CompletedProcess) -> list[str]:
     return [line for line in r.stderr.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def default_bundle(tmp_path_factory):
+    """The shipped default model exported once per test session (q4_k_m, parity checks skipped)."""
+    from mqt_edge.defaults import default_model
+    from mqt_edge.exporters import ExportOptions, export
+
+    model = default_model()
+    if model is None:
+        pytest.skip("no default model in mqt_edge/assets/default-model (a source tree without the shipped model)")
+    out = tmp_path_factory.mktemp("default") / "bundle"
+    return export(ExportOptions(model=str(model), out=out, parity=False)).bundle.root
