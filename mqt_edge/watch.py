@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Union
 
-from .errors import InputError
+from .errors import InputError, MQTEdgeError
 from .pipeline import Answer, EncodedImage, Pipeline, Session, _check_sampling
 from .prompt import check_question
 
@@ -139,12 +139,16 @@ class Watch:
       cores in two when overlapping). A vision budget other than the pipeline's opens a second vision
       runner (its memory once more) that this watch owns and closes.
     keep_all: answer every frame in order, blocking the source (offline video) instead of dropping.
+    on_error: called with (frame, error) for a user error on one frame (a bad image or question, a
+      question too long for the context); the frame counts in `failed` and the watch goes on.
+      Without it the error ends the iteration.
     """
 
     def __init__(self, pipe: Pipeline, frames: Iterable | Latest, question: Question, *, tokens: int | None = None,
                  profile: str | None = None, refine: int | None = None, confidence: float = 0.5,
                  overlap: bool | None = None, vision_threads: int | None = None, llm_threads: int | None = None,
-                 keep_all: bool = False, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                 keep_all: bool = False, on_error: Callable[[Frame, MQTEdgeError], None] | None = None,
+                 max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0) -> None:
         if isinstance(question, str):
             check_question(question)
@@ -168,7 +172,8 @@ class Watch:
             self.mailbox, self._source = frames, None
         else:
             self.mailbox, self._source = Latest(keep_all), iter(frames)
-        self.skipped = self.answered = 0
+        self.on_error = on_error
+        self.skipped = self.answered = self.failed = 0
         self._error: BaseException | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -201,10 +206,27 @@ class Watch:
             if q is None:
                 self.skipped += 1
                 continue
-            check_question(q)
-            enc = self.pipe.encode(frame.image, self.tokens, runner=self._runner)
+            try:
+                check_question(q)
+                enc = self.pipe.encode(frame.image, self.tokens, runner=self._runner)
+            except MQTEdgeError as exc:
+                self._failed(frame, exc)
+                continue
             return _Job(frame, dropped, q, enc, taken)
         return None
+
+    def _failed(self, frame: Frame, exc: MQTEdgeError) -> None:
+        if self.on_error is None:
+            raise exc
+        self.failed += 1
+        self.on_error(frame, exc)
+
+    def _try_answer(self, job: _Job) -> WatchAnswer | None:
+        try:
+            return self._answer(job)
+        except MQTEdgeError as exc:
+            self._failed(job.frame, exc)
+            return None
 
     def _answer(self, job: _Job) -> WatchAnswer:
         start = time.perf_counter()
@@ -247,7 +269,8 @@ class Watch:
 
     def _sequential(self) -> Iterator[WatchAnswer]:
         while (job := self._next_job()) is not None:
-            yield self._answer(job)
+            if (a := self._try_answer(job)) is not None:
+                yield a
 
     def _overlapped(self) -> Iterator[WatchAnswer]:
         # `slot` lets the encoder start a frame only once the LLM has taken the previous one, so at
@@ -270,7 +293,8 @@ class Watch:
         self._release_slot = slot.release
         while (job := ready.get()) is not None:
             slot.release()
-            yield self._answer(job)
+            if (a := self._try_answer(job)) is not None:
+                yield a
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -302,7 +326,7 @@ class Watch:
     def stats(self) -> dict:
         seconds = (self._last_at - self._started_at) if self._started_at and self._last_at else 0.0
         return {"frames": self.mailbox.received, "answered": self.answered, "dropped": self.mailbox.dropped,
-                "skipped": self.skipped, "seconds": round(seconds, 3),
+                "skipped": self.skipped, "failed": self.failed, "seconds": round(seconds, 3),
                 "answers_per_s": round((self.answered - 1) / seconds, 3) if self.answered > 1 and seconds else None,
                 "tokens": self.tokens, "overlap": self.overlap, "vision_threads": self.vision_threads,
                 "llm_threads": self.llm_threads}

@@ -60,7 +60,7 @@ def test_answers_are_about_the_newest_frame_and_drops_add_up(pipe, expected, ove
     stats = w.stats
     assert stats["overlap"] is overlap and stats["frames"] == 30
     assert stats["dropped"] > 0, stats  # frames did arrive faster than answers
-    assert stats["answered"] + stats["dropped"] + stats["skipped"] == 30, stats
+    assert stats["answered"] + stats["dropped"] + stats["skipped"] + stats["failed"] == 30, stats
     assert sum(a.dropped for a in answers) == stats["dropped"]
     frames = [a.frame for a in answers]
     assert frames == sorted(frames) and len(set(frames)) == len(frames) and frames[-1] == 29
@@ -122,6 +122,11 @@ def test_errors_end_the_watch_cleanly(pipe, overlap):
     bad = [EXAMPLE, np.zeros((4, 4), np.uint8)]
     with pytest.raises(ImageError, match="HxWx3"):
         list(pipe.watch(bad, Q, tokens=M, max_new_tokens=NEW, overlap=overlap, keep_all=True))
+    errors = []
+    with pipe.watch(bad + [EXAMPLE], Q, tokens=M, max_new_tokens=NEW, overlap=overlap, keep_all=True,
+                    on_error=lambda f, e: errors.append((f.index, type(e).__name__))) as w:
+        assert [a.frame for a in w] == [0, 2]  # with on_error a bad frame is reported and skipped
+    assert errors == [(1, "ImageError")] and w.stats["failed"] == 1
 
     def broken():
         yield EXAMPLE
