@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from .image import DEFAULT_MAX_PIXELS, ImageInput, ImageSpec, preprocess
 from .prompt import PromptTemplate, check_question
 from .runtimes import make_vision
 from .runtimes.llama import LlamaModel
+
+if TYPE_CHECKING:
+    from .watch import Watch
 
 QUESTION_RESERVE = 512  # context a session keeps for question + answer, beyond its visual prefix
 
@@ -370,7 +373,7 @@ class Pipeline:
                 self.vision.free_vision()
         return EncodedImage(features, visual, (t1 - t0, t2 - t1, time.perf_counter() - t2))
 
-    def watch(self, frames, question, **options):
+    def watch(self, frames: Iterable, question: str | Callable, **options) -> Watch:
         """Answer `question` about the newest of a stream of frames; see `mqt_edge.watch.Watch`."""
         from .watch import Watch
 

@@ -110,3 +110,14 @@ def test_bad_messages_are_refused_in_one_line(msg, match):
     with pytest.raises(RosImageError, match=match) as info:
         image_from_ros(msg)
     assert "\n" not in str(info.value) and ";" in str(info.value)  # problem; fix
+
+
+def test_the_stream_api_and_the_node_never_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, mqt_edge.watch, mqt_edge.ros2, mqt_edge.ros2.node, mqt_edge.cli; "
+            "bad = [m for m in ('torch', 'transformers', 'rclpy') if m in sys.modules]; print(bad)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"  # rclpy too: it is imported when the node starts, not before

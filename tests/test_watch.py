@@ -147,3 +147,16 @@ def test_errors_end_the_watch_cleanly(pipe, overlap):
     w.close()
     assert threading.active_count() == before
     assert pipe.ask(EXAMPLE, Q, tokens=M, max_new_tokens=NEW).answer  # the pipeline still answers
+
+
+def test_a_session_from_an_encoded_image_is_the_same_as_from_the_image(pipe):
+    enc = pipe.encode(EXAMPLE, tokens=M)
+    assert enc.m == M and enc.visual.shape[0] == M and len(enc.seconds) == 3
+    with pipe.look(enc) as s, pipe.look(EXAMPLE, tokens=M) as ref:
+        a, b = s.ask(Q, max_new_tokens=NEW), ref.ask(Q, max_new_tokens=NEW)
+        assert a.token_ids == b.token_ids and a.prefilled == b.prefilled
+        s.refine(64)  # the features travel with the encoding, so it can refine
+        ref.refine(64)
+        assert s.ask(Q, max_new_tokens=NEW).token_ids == ref.ask(Q, max_new_tokens=NEW).token_ids
+    with pytest.raises(MQTEdgeError, match="differs from the encoded image"):
+        pipe.look(enc, tokens=M + 1)
