@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mqt_edge.errors import MQTEdgeError
 from mqt_edge.ros2 import ENCODINGS, RosImageError, image_from_ros
 
 H, W = 5, 7
@@ -121,3 +122,15 @@ def test_the_stream_api_and_the_node_never_import_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"  # rclpy too: it is imported when the node starts, not before
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(overlap="maybe"), "overlap 'maybe'"), (dict(rate=-1.0), "negative"),
+    (dict(rate=2.0, every_n=3), "both rate and every_n"), (dict(tokens=16, refine=8), "not above"),
+])
+def test_node_options_refuse_what_cannot_work(options, match):
+    from mqt_edge.ros2.node import NodeOptions  # rclpy-free until the node starts
+
+    with pytest.raises(MQTEdgeError, match=match):
+        NodeOptions(**options).check()
+    assert NodeOptions(tokens=16, refine=64, rate=2.0).check()

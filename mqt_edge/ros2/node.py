@@ -58,6 +58,8 @@ class NodeOptions:
             raise InputError(f"overlap '{self.overlap}'", f"choose one of: {', '.join(OVERLAP)}")
         if self.rate < 0 or self.every_n < 0 or self.tokens < 0 or self.refine < 0:
             raise InputError("rate, every_n, tokens and refine cannot be negative", "use 0 to leave one unset")
+        if self.refine and self.tokens and self.refine <= self.tokens:
+            raise InputError(f"refine {self.refine} is not above tokens {self.tokens}", "refine to a larger m, or 0")
         if self.rate and self.every_n:
             raise InputError("both rate and every_n are set", "pace the standing query by one of them")
         return self
