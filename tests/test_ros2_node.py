@@ -122,3 +122,17 @@ def test_standing_query_on_every_nth_frame(default_bundle):
         assert len(h.answers) == 3 and {a.split()[0].lower().strip(".") for a in h.answers} == {"red"}
     finally:
         h.close()
+
+
+def test_live_parameters(harness):
+    from rclpy.parameter import Parameter
+
+    h = harness
+    (fixed,) = h.vlm.node.set_parameters([Parameter("tokens", value=64)])
+    assert not fixed.successful and "restart" in fixed.reason
+    (empty,) = h.vlm.node.set_parameters([Parameter("rate", value=-1.0)])
+    assert not empty.successful and "negative" in empty.reason
+    assert all(r.successful for r in h.vlm.node.set_parameters([Parameter("query", value=Q)]))
+    h.images.publish(image_msg(EXAMPLE, "rgb8", pad=0))  # the standing query now answers frames
+    h.wait(lambda: h.answers, "an answer to the standing query set at run time")
+    assert h.answers[0].split()[0].lower().strip(".") == "red" and h.infos[0]["question"] == Q
