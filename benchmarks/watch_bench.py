@@ -73,6 +73,7 @@ def main() -> None:
             for n in names:
                 threads, overlap, vt, lt = CONFIGS[n]
                 runs[n].append(run_once(pipes[threads], overlap, vt, lt, m, args.seconds, args.max_new_tokens))
+                print(f"m={m}, {n}: {runs[n][-1]}", flush=True)  # a run cut short still leaves its rows
         for n in names:
             r = runs[n]
             results[f"m={m}, {n}"] = {

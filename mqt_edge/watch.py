@@ -118,8 +118,9 @@ class _Job:
 def overlap_wins(pipe: Pipeline, vision_threads: int | None, llm_threads: int | None) -> bool:
     """The default of `overlap`: a second thread pays only where vision and the LLM do not fight for
     the same cores. Measured (docs/benchmarks.md, "Camera streams"): on 2 shared CPU cores the
-    overlapped loop answered no faster than the sequential one, so a CPU-only pipeline overlaps only
-    with cores enough for both budgets; a GPU-side vision backend or LLM always overlaps."""
+    default model's overlapped loop answered no faster than the sequential one (the bench preset's
+    few answers leaned the other way, too few to decide), so a CPU-only pipeline overlaps only with
+    8 or more cores (not measured); a GPU-side vision backend or LLM always overlaps (not measured)."""
     if not pipe.vision.name.endswith("/cpu") or pipe.llm.gpu_layers:
         return True
     cores = os.cpu_count() or 1
