@@ -279,6 +279,39 @@ def serve(
         run_server(cfg)
 
 
+@app.command("ros2", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def ros2_cmd(
+    ctx: typer.Context,
+    bundle: Path = typer.Option(Path("mqt-edge-bundle"), "--bundle", "-b", help="Bundle directory."),
+    tokens: int = typer.Option(0, "--tokens", "-m", min=0, help="Visual tokens m (0: the planner's)."),
+    profile: str = typer.Option("", "--profile", help="Device profile for the planner (default: auto)."),
+    query: str = typer.Option("", help="Standing query, answered as frames allow (default: only the query topic)."),
+    rate: float = typer.Option(0.0, min=0.0, help="Answer the standing query at most this often (Hz)."),
+    every_n: int = typer.Option(0, min=0, help="Answer the standing query on every Nth frame."),
+    refine: int = typer.Option(0, min=0, help="Refine to this m when the first token is not confident."),
+    confidence: float = typer.Option(0.5, help="First-token probability below which --refine refines."),
+    max_new_tokens: int = typer.Option(32, min=1, help="Most tokens per answer."),
+    temperature: float = typer.Option(0.0, help="0 decodes greedily."),
+    overlap: str = typer.Option("auto", help="auto | on | off: encode the next frame while the LLM decodes."),
+    threads: int = typer.Option(0, min=0, help="CPU threads (0: all cores)."),
+    vision_threads: int = typer.Option(0, min=0, help="Vision threads when overlapping (0: half the cores)."),
+    llm_threads: int = typer.Option(0, min=0, help="LLM threads when overlapping (0: the other half)."),
+    vision_backend: str = typer.Option("auto", help="auto, tensorrt, onnxruntime, onnxruntime/cpu, /cuda or /tensorrt-ep."),
+    n_gpu_layers: int = typer.Option(0, min=0, help="LLM layers offloaded to the GPU."),
+) -> None:
+    """Run the ROS 2 node: image, image/compressed and query in; answer and answer_info out.
+
+    Options are the node's ROS parameters' defaults; ROS arguments follow --ros-args
+    (e.g. --ros-args -r image:=/camera/image_raw -p query:="Is the door open?")."""
+    from .ros2.node import NodeOptions, main as run_node
+
+    options = NodeOptions(bundle=str(bundle), tokens=tokens, profile=profile, refine=refine, confidence=confidence,
+                          max_new_tokens=max_new_tokens, temperature=temperature, query=query, rate=rate,
+                          every_n=every_n, overlap=overlap, threads=threads, vision_threads=vision_threads,
+                          llm_threads=llm_threads, vision_backend=vision_backend, n_gpu_layers=n_gpu_layers)
+    run_node(options.check(), list(ctx.args))
+
+
 profiles_app = typer.Typer(help="List and show device profiles.", invoke_without_command=True, no_args_is_help=False)
 app.add_typer(profiles_app, name="profiles")
 

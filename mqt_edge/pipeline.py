@@ -20,12 +20,13 @@ one session serialise and sessions never share state; vision calls are serialise
 from __future__ import annotations
 
 import codecs
+import contextlib
 import math
 import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -35,6 +36,9 @@ from .image import DEFAULT_MAX_PIXELS, ImageInput, ImageSpec, preprocess
 from .prompt import PromptTemplate, check_question
 from .runtimes import make_vision
 from .runtimes.llama import LlamaModel
+
+if TYPE_CHECKING:
+    from .watch import Watch
 
 QUESTION_RESERVE = 512  # context a session keeps for question + answer, beyond its visual prefix
 
@@ -76,6 +80,20 @@ class TokenChoice:
     tokens: int
     profile: str | None = None  # "name (mode)" when a profile was consulted
     predicted: dict | None = None  # memory_mb, ttft_ms, total_ms, reason: when the planner chose m
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image through vision and the MQT, not yet fed to the LLM (`Pipeline.encode`); a Session
+    built from it skips the encoding, so encoding and decoding can run on different threads."""
+
+    features: np.ndarray  # (1, P, C) vision features, kept so the session can refine
+    visual: np.ndarray  # (m, hidden) the first m visual tokens
+    seconds: tuple[float, float, float]  # preprocess, vision, mqt
+
+    @property
+    def m(self) -> int:
+        return len(self.visual)
 
 
 @dataclass
@@ -217,37 +235,32 @@ class Generation:
 class Session:
     """An image encoded once, its prompt prefix kept in a llama.cpp KV cache of its own."""
 
-    def __init__(self, pipe: Pipeline, image: ImageInput, tokens: int | None, reserve: int,
-                 refinable: bool = True) -> None:
+    def __init__(self, pipe: Pipeline, image: ImageInput | EncodedImage, tokens: int | None, reserve: int,
+                 refinable: bool = True, threads: int | None = None) -> None:
         self.pipe = pipe
-        m = pipe.check_tokens(tokens)
+        if isinstance(image, EncodedImage) and tokens is not None and pipe.check_tokens(tokens) != image.m:
+            raise TokensError(f"tokens={tokens} differs from the encoded image's m = {image.m}",
+                              "pass tokens=None with an EncodedImage, or encode it again at that m")
         # A plain Lock (not RLock): a generation abandoned by its thread may be released by the GC.
         self._lock = threading.Lock()
         self._owner: int | None = None  # thread holding the lock through an unfinished Generation
         self._active: Generation | None = None
         self.pending = _Pending()
-        t0 = time.perf_counter()
-        pixels = preprocess(image, pipe.image_spec, pipe.max_pixels)
-        t1 = time.perf_counter()
-        with pipe._vision_lock:
-            self.features = pipe.vision.features(pixels)
-            t2 = time.perf_counter()
-            visual = pipe.vision.tokens(self.features, np.arange(m))[0]
-            if pipe.sequential:  # free the vision graph before the LLM allocates its context
-                pipe.vision.free_vision()
+        enc = image if isinstance(image, EncodedImage) else pipe.encode(image, tokens)
+        m, self.features = enc.m, enc.features
         t3 = time.perf_counter()
         visual_room = pipe.max_tokens if refinable else m
         n_ctx = min(pipe.context_length, len(pipe.prefix_ids) + visual_room + reserve)
-        self.ctx = pipe.llm.context(n_ctx, threads=pipe.threads, kv_f32=pipe.kv_f32)
+        self.ctx = pipe.llm.context(n_ctx, threads=threads or pipe.threads, kv_f32=pipe.kv_f32)
         head = pipe.prompt_head()
         if head is None:
             self.ctx.feed_tokens(pipe.prefix_ids, logits=False)
         else:  # the prompt before <image> never changes: its KV is copied in, not recomputed
             self.ctx.restore_sequence(head)
-        self.ctx.feed_embeddings(visual)
+        self.ctx.feed_embeddings(enc.visual)
         t4 = time.perf_counter()
         self.m, self.n_prefix = m, self.ctx.n_past
-        self.pending = _Pending(t1 - t0, t2 - t1, t3 - t2, t4 - t3, m + (len(pipe.prefix_ids) if head is None else 0))
+        self.pending = _Pending(*enc.seconds, t4 - t3, m + (len(pipe.prefix_ids) if head is None else 0))
 
     def generate(self, question: str, max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0) -> Generation:
@@ -421,13 +434,15 @@ class Pipeline:
         return self._device_profile
 
     def choose_tokens(self, tokens: int | None = None, max_new_tokens: int = 128, ttft_ms: float | None = None,
-                      memory_mb: float | None = None) -> TokenChoice:
-        """m for one request: `tokens` when given, else the planner's choice for this device."""
-        if tokens is not None and self.profile is None and self._device_profile is None:
+                      memory_mb: float | None = None, profile: str | None = None) -> TokenChoice:
+        """m for one request: `tokens` when given, else the planner's choice for this device
+        (`profile` overrides the pipeline's for this call)."""
+        if tokens is not None and profile is None and self.profile is None and self._device_profile is None:
             return TokenChoice(self.check_tokens(tokens))
+        from .profiles import load_profile
         from .profiles.planner import ModelFacts, Options, PlanError, plan
 
-        prof = self.device_profile()
+        prof = self.device_profile() if profile is None else load_profile(profile, self.mode)
         name = prof.name + (f" ({prof.mode})" if prof.mode else "")
         if tokens is not None:
             return TokenChoice(self.check_tokens(tokens), name)
@@ -479,7 +494,31 @@ class Pipeline:
                                    "timings_ms": attempt.timings_ms, "prefilled": attempt.prefilled}
         return result
 
-    def look(self, image: ImageInput, tokens: int | None = None, reserve: int = QUESTION_RESERVE,
+    def encode(self, image: ImageInput, tokens: int | None = None, runner: object | None = None) -> EncodedImage:
+        """Vision and MQT only (what look() does before the LLM); look() or a Session takes the result.
+
+        runner: another activated vision runner of this bundle (one with its own thread budget), used
+        without the pipeline's vision lock by the one thread that owns it."""
+        m = self.check_tokens(tokens)
+        t0 = time.perf_counter()
+        pixels = preprocess(image, self.image_spec, self.max_pixels)
+        t1 = time.perf_counter()
+        with self._vision_lock if runner is None else contextlib.nullcontext():
+            vision = runner or self.vision
+            features = vision.features(pixels)
+            t2 = time.perf_counter()
+            visual = vision.tokens(features, np.arange(m))[0]
+            if self.sequential and runner is None:  # free the vision graph before the LLM allocates its context
+                self.vision.free_vision()
+        return EncodedImage(features, visual, (t1 - t0, t2 - t1, time.perf_counter() - t2))
+
+    def watch(self, frames: Iterable, question: str | Callable, **options) -> Watch:
+        """Answer `question` about the newest of a stream of frames; see `mqt_edge.watch.Watch`."""
+        from .watch import Watch
+
+        return Watch(self, frames, question, **options)
+
+    def look(self, image: ImageInput | EncodedImage, tokens: int | None = None, reserve: int = QUESTION_RESERVE,
              refinable: bool = True) -> Session:
         """Encode an image once; its session answers many questions and can refine.
 

@@ -79,3 +79,9 @@ def tiny_f32_bundle(tiny_ckpt, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny-f32") / "bundle"
     return export(ExportOptions(model=str(tiny_ckpt), out=out, quant="f32", parity=False)).bundle.root
+
+
+@pytest.fixture(scope="session")
+def default_bundle(shipped_bundle):
+    """The same export under the name the stream and ROS 2 tests use."""
+    return shipped_bundle
