@@ -301,10 +301,13 @@ class Pipeline:
     @classmethod
     def load(cls, bundle: str | os.PathLike = DEFAULT_BUNDLE, profile: str | None = None,
              vision_backend: str | None = None, n_gpu_layers: int = 0, threads: int | None = None,
-             max_pixels: int = DEFAULT_MAX_PIXELS, verify: bool = True, sequential: bool = False) -> Pipeline:
-        """Open a bundle (checking every sha256 unless verify=False) and start its backends."""
+             max_pixels: int = DEFAULT_MAX_PIXELS, verify: bool = True, sequential: bool = False,
+             vision_precision: str | None = None) -> Pipeline:
+        """Open a bundle (checking every sha256 unless verify=False) and start its backends.
+
+        vision_precision: auto (int8 on the CPU when the bundle has it) | fp32 | int8."""
         b = Bundle.open(bundle, verify=verify)
-        vision = make_vision(b, vision_backend, threads).activate()
+        vision = make_vision(b, vision_backend, threads, vision_precision).activate()
         llm = LlamaModel(b.path("llm"), n_gpu_layers)
         fields = PromptTemplate.__dataclass_fields__
         template = PromptTemplate(**{k: v for k, v in b.manifest["prompt"].items() if k in fields})
@@ -325,7 +328,7 @@ class Pipeline:
     @property
     def backends(self) -> dict:
         gpu = self.llm.gpu_layers
-        return {"vision": self.vision.name, "mqt": self.vision.name,
+        return {"vision": self.vision.name, "mqt": getattr(self.vision, "mqt_name", self.vision.name),
                 "llm": f"llama.cpp/{'gpu:' + str(gpu) + ' layers' if gpu else 'cpu'}"}
 
     def _check_tokens(self, tokens: int | None) -> int:
