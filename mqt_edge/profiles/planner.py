@@ -27,8 +27,10 @@ OVERHEAD_MB = {"jetson": 700.0, "gpu": 600.0, "cpu": 250.0}  # CUDA context + ru
 TRT_WORKSPACE_MB = 256.0
 VISION_RELOAD_GBS = 2.0  # sequential load re-reads the vision weights for each new image
 # onnxruntime's int8 vision graph (export --vision-quant int8) against its fp32 graph on a CPU, both
-# compute-bound: the ratio measured on the bench preset's ViT-L/14-336 (docs/export.md).
-INT8_VISION_SPEEDUP = 3.0
+# compute-bound: the ratio measured on the bench preset's ViT-L/14-336 on an AVX2 CPU without VNNI
+# (docs/export.md). CPUs with VNNI/AMX integer dot products gain more; `mqt-edge calibrate` with an
+# int8 bundle measures the device's own figure.
+INT8_VISION_SPEEDUP = 1.5
 
 
 class PlanError(MQTEdgeError):
