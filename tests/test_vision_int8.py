@@ -106,9 +106,12 @@ def test_trained_models_are_gated(tiny_ckpt, tmp_path, monkeypatch):
     cfg["mqt_edge_train"] = {"steps": 1}
     (ckpt / "config.json").write_text(json.dumps(cfg))
     monkeypatch.setattr(parity, "INT8_MIN_COSINE", 0.9999999)
-    with pytest.raises(ExportError, match="int8 vision graph .* --vision-quant fp32"):
-        export(ExportOptions(model=str(ckpt), out=tmp_path / "b", max_tokens=4, quant="f32", vision_quant="int8"))
+    stages = []
+    with pytest.raises(ExportError, match="int8 vision graph .*worst token cosine.* --vision-quant fp32"):
+        export(ExportOptions(model=str(ckpt), out=tmp_path / "b", max_tokens=4, quant="f32", vision_quant="int8"),
+               on_stage=stages.append)
     assert not (tmp_path / "b").exists()
+    assert not any(s.startswith("gguf") for s in stages)  # refused at the vision check, before the LLM work
 
 
 def test_answer_gate_raises_for_a_trained_model(int8_bundle, tiny_model):
