@@ -95,6 +95,7 @@ def export_cmd(
     vision_tower: Optional[str] = typer.Option(None, help="CLIP directory overriding mm_vision_tower."),
     tensorrt: bool = typer.Option(False, "--tensorrt", help="Also build TensorRT engines (on the target GPU)."),
     optimize: int = typer.Option(0, help="ONNX Runtime optimisation of the vision graph: 0, 1, 2 or 99."),
+    vision_quant: str = typer.Option("fp32", help="Vision graph for onnxruntime on CPUs: fp32 | int8 (adds vision-int8.onnx)."),
     opt_tokens: int = typer.Option(64, help="TensorRT profile's optimal m."),
     max_batch: int = typer.Option(4, help="TensorRT profiles' largest batch."),
     no_parity: bool = typer.Option(False, "--no-parity", help="Skip the parity checks (not recommended)."),
@@ -116,8 +117,8 @@ def export_cmd(
             )
         model = str(shipped)
     opts = ExportOptions(model=model, out=out, max_tokens=max_tokens, quant=quant, vision_tower=vision_tower,
-                         tensorrt=tensorrt, optimize=optimize, opt_tokens=opt_tokens, max_batch=max_batch,
-                         parity=not no_parity)
+                         tensorrt=tensorrt, optimize=optimize, vision_quant=vision_quant, opt_tokens=opt_tokens,
+                         max_batch=max_batch, parity=not no_parity)
     # The export silences file descriptor 2 (native libraries' logs); draw progress on a copy of it.
     try:
         screen = Console(file=os.fdopen(os.dup(sys.stderr.fileno()), "w"), stderr=False)
@@ -152,6 +153,11 @@ def export_cmd(
 def _parity_cell(role: str, manifest: dict, parity: dict) -> str:
     if not parity:
         return "skipped"
+    if role == "vision_int8":
+        r = parity["vision_int8"]
+        flag = "pass" if r["enforced"] else "reported"
+        return (f"{flag}: worst token cosine {r['min_token_cosine']:.4f}, "
+                f"answers {r.get('answer_agreement', float('nan')):.0%} same as fp32")
     if role in ("vision", "vision_ort", "mqt"):
         onnx = parity["onnx"]
         key = "vision_ort" if role == "vision_ort" else "vision"
@@ -201,6 +207,8 @@ def run(
     refine: Optional[int] = typer.Option(None, help="Refine to this m when the first token is not confident."),
     confidence: float = typer.Option(0.5, help="First-token probability below which --refine refines (1.01: always)."),
     vision_backend: str = typer.Option("auto", help="auto | tensorrt | onnxruntime[/cpu|/cuda|/tensorrt-ep]."),
+    vision_precision: str = typer.Option("auto", help="onnxruntime's vision graph: auto (int8 on a CPU when the "
+                                         "bundle has it) | fp32 | int8."),
     n_gpu_layers: int = typer.Option(0, min=0, help="LLM layers offloaded to the GPU (llama.cpp built with CUDA)."),
     sequential: bool = typer.Option(False, "--sequential", help="Free the vision encoder before the LLM's peak."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (default: all cores)."),
@@ -210,12 +218,13 @@ def run(
     from .pipeline import Pipeline
 
     gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+
     def show(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
     with Pipeline.load(bundle, profile=profile, vision_backend=vision_backend, n_gpu_layers=n_gpu_layers,
-                       threads=threads, sequential=sequential, mode=mode) as pipe:
+                       threads=threads, sequential=sequential, mode=mode, vision_precision=vision_precision) as pipe:
         if profile is not None or tokens is None:
             _profile_note(profile or "auto")
         answer = pipe.answer(image, question, tokens=tokens, refine_to=refine, confidence=confidence,
@@ -395,6 +404,7 @@ def plan_cmd(
     vision_backend: str = typer.Option("auto", help="As in run: onnxruntime/cpu plans vision on the CPU."),
     n_gpu_layers: Optional[int] = typer.Option(None, min=0, help="As in run (default: every layer on the GPU)."),
     sequential: bool = typer.Option(False, "--sequential", help="As in run: vision freed before the LLM's peak."),
+    vision_precision: str = typer.Option("auto", help="As in run; with --preset, int8 plans an int8 vision graph."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Predict memory and latency for each m on a device, and choose m."""
@@ -406,9 +416,15 @@ def plan_cmd(
     if (bundle is None) == (preset is None):
         raise InputError("give exactly one of --bundle and --preset", "e.g. --preset mqt-llava-7b --quant q4_k_m")
     facts = ModelFacts.from_bundle(Bundle.open(bundle, verify=False)) if bundle else ModelFacts.from_preset(preset, quant)
+    if preset and vision_precision == "int8":  # as if exported with --vision-quant int8: a byte per weight
+        from dataclasses import replace
+
+        facts = replace(facts, vision_int8_bytes=facts.vision_params)
+    elif bundle and vision_precision == "int8" and not facts.vision_int8_bytes:
+        raise InputError(f"the bundle {bundle} has no int8 vision graph", "re-export it with --vision-quant int8")
     prof = _load_profile_cli(profile, mode)
     result = plan(prof, facts, ttft_ms, memory_mb, max_new_tokens,
-                  Options.for_run(vision_backend, n_gpu_layers, sequential, facts))
+                  Options.for_run(vision_backend, n_gpu_layers, sequential, facts, vision_precision))
     if as_json:
         print(json.dumps(result.to_dict()))
         return

@@ -340,6 +340,7 @@ class Pipeline:
     vision_backend: str = "auto"  # as asked at load: the planner's view of where vision runs
     n_gpu_layers: int = 0
     mode: str | None = None  # the profile's power mode, e.g. super
+    vision_precision: str = "auto"
     head_cache: bool = True  # reuse the prompt head's KV (False: prefill it on every request)
     _vision_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _head_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -350,20 +351,22 @@ class Pipeline:
     def load(cls, bundle: str | os.PathLike = DEFAULT_BUNDLE, profile=None,
              vision_backend: str | None = None, n_gpu_layers: int = 0, threads: int | None = None,
              max_pixels: int = DEFAULT_MAX_PIXELS, verify: bool = True, sequential: bool = False,
-             mode: str | None = None, head_cache: bool = True) -> Pipeline:
+             mode: str | None = None, head_cache: bool = True, vision_precision: str | None = None) -> Pipeline:
         """Open a bundle (checking every sha256 unless verify=False) and start its backends.
 
         profile: a device profile (name, alias, .toml path or a loaded Profile) for the planner;
-        None plans with `auto` whenever a request leaves m to the planner."""
+        None plans with `auto` whenever a request leaves m to the planner.
+        vision_precision: auto (int8 on the CPU when the bundle has it) | fp32 | int8."""
         b = Bundle.open(bundle, verify=verify)
-        vision = make_vision(b, vision_backend, threads).activate()
+        vision = make_vision(b, vision_backend, threads, vision_precision).activate()
         llm = LlamaModel(b.path("llm"), n_gpu_layers)
         fields = PromptTemplate.__dataclass_fields__
         template = PromptTemplate(**{k: v for k, v in b.manifest["prompt"].items() if k in fields})
         name = profile if profile is None or isinstance(profile, str) else profile.name
         pipe = cls(b, vision, llm, ImageSpec.from_dict(b.manifest["preprocess"]), template, threads,
                    max_pixels, name, sequential, vision_backend=vision_backend or "auto",
-                   n_gpu_layers=n_gpu_layers, mode=mode, head_cache=head_cache)
+                   n_gpu_layers=n_gpu_layers, mode=mode, head_cache=head_cache,
+                   vision_precision=vision_precision or "auto")
         if profile is not None and not isinstance(profile, str):
             pipe._device_profile = profile
         before, _ = pipe.template.split("?")
@@ -403,7 +406,7 @@ class Pipeline:
     @property
     def backends(self) -> dict:
         gpu = self.llm.gpu_layers
-        return {"vision": self.vision.name, "mqt": self.vision.name,
+        return {"vision": self.vision.name, "mqt": getattr(self.vision, "mqt_name", self.vision.name),
                 "llm": f"llama.cpp/{'gpu:' + str(gpu) + ' layers' if gpu else 'cpu'}"}
 
     def check_tokens(self, tokens: int | None) -> int:
@@ -447,7 +450,7 @@ class Pipeline:
         if tokens is not None:
             return TokenChoice(self.check_tokens(tokens), name)
         facts = ModelFacts.from_bundle(self.bundle)
-        options = Options.for_run(self.vision_backend, self.n_gpu_layers, self.sequential, facts)
+        options = Options.for_run(self.vision_backend, self.n_gpu_layers, self.sequential, facts, self.vision_precision)
         result = plan(prof, facts, ttft_ms, memory_mb, max_new_tokens, options)
         if result.chosen_tokens is None:
             tip = result.suggestions[0]

@@ -38,3 +38,14 @@ def get_quant(name: str) -> Quant:
     if name not in QUANTS:
         raise InputError(f"unknown quant '{name}'", f"choose one of: {', '.join(QUANTS)}")
     return QUANTS[name]
+
+
+# Vision graph precisions a bundle may run (`run --vision-precision`); auto: int8 on the CPU when
+# the bundle has it (docs/export.md).
+VISION_PRECISIONS = ("auto", "fp32", "int8")
+
+
+def check_vision_precision(name: str) -> str:
+    if name not in VISION_PRECISIONS:
+        raise InputError(f"unknown vision precision '{name}'", f"choose one of: {', '.join(VISION_PRECISIONS)}")
+    return name

@@ -59,6 +59,7 @@ class ExportOptions:
     vision_tower: str | None = None
     tensorrt: bool = False
     optimize: int = 0  # optimum ORT optimisation level for vision (0: none; 1, 2, 99)
+    vision_quant: str = "fp32"  # fp32, or int8: also write vision-int8.onnx (onnx_quant.py)
     opt_tokens: int = 64  # TensorRT profile's "opt" m
     max_batch: int = 4  # TensorRT profiles' largest batch
     parity: bool = True
@@ -102,6 +103,9 @@ def validate(opts: ExportOptions) -> None:
         raise TokensError(f"--max-tokens {opts.max_tokens} is below 1", "choose 1..M (the model's query count)")
     if opts.optimize not in (0, 1, 2, 99):
         raise InputError(f"--optimize {opts.optimize} is not a level", "choose 0, 1, 2 or 99")
+    from .onnx_quant import check_vision_quant
+
+    check_vision_quant(opts.vision_quant)
     for name in ("onnx", "gguf"):
         _check_modules(FORMATS[name])
     if opts.tensorrt:
@@ -254,7 +258,8 @@ def _export(opts: ExportOptions, on_stage: Callable[[str], None]) -> ExportResul
     inter = "f32" if quant.name == "f32" or (quant.name != "f16" and stored == "float32") else "f16"
     vision_cost, mqt_cost = _vision_cost(model), _mqt_cost(model.mqt, max_tokens)
     vision_bytes = vision_cost["params"] * 4
-    need = vision_bytes * (2 if opts.optimize else 1) + llm_params * (4 if inter == "f32" else 2)
+    need = vision_bytes * (2 if opts.optimize else 1) + (vision_bytes // 4 if opts.vision_quant == "int8" else 0)
+    need += llm_params * (4 if inter == "f32" else 2)
     need += 0 if quant.name == inter else int(llm_params * quant.bits / 8)
     free = _free_bytes(out.parent.resolve())
     if need * 1.05 > free:
@@ -282,6 +287,10 @@ def _export(opts: ExportOptions, on_stage: Callable[[str], None]) -> ExportResul
                 onnx_vision.optimize_vision(tmp / "vision.onnx", tmp / "vision-ort.onnx", model, opts.optimize)
                 artifacts["vision_ort"] = "vision-ort.onnx"
                 done("optimize")
+            if opts.vision_quant == "int8":
+                stage("vision int8")
+                vision_cost["int8"] = _quantize_vision(tmp, artifacts, model)
+                done("vision int8")
             if opts.parity:
                 stage("parity: onnx")
                 report["onnx"] = _onnx_parity(model, tmp, artifacts, max_tokens, parity)
@@ -296,6 +305,12 @@ def _export(opts: ExportOptions, on_stage: Callable[[str], None]) -> ExportResul
                         f"{parity.ONNX_MIN_COSINE})",
                         "the export was discarded; report this with the checkpoint's origin",
                     )
+                if "vision_int8" in artifacts:
+                    stage("parity: vision int8")
+                    random_weights = is_synth and not raw.get("mqt_edge_train")  # a trained synth is enforced
+                    report["vision_int8"], int8_tokens = _int8_parity(model, tmp, artifacts, max_tokens, parity,
+                                                                      random_weights)
+                    done("parity: vision int8")
 
             # ---- GGUF: reference logits first, then free the torch LLM before llama.cpp loads
             ids: list[int] = []
@@ -305,6 +320,7 @@ def _export(opts: ExportOptions, on_stage: Callable[[str], None]) -> ExportResul
                 question = "What is shown in this image?"
                 before, after = model.prompt_ids(question)
                 ids = before + after
+                sample_q = [model.prompt_ids(q)[1] for q in parity.SAMPLE_QUESTIONS]
                 prompt_text = model.template.split(question)
                 with torch.no_grad():
                     ref_logits = model.llm(torch.tensor([ids])).logits[0].float().numpy()
@@ -347,6 +363,11 @@ def _export(opts: ExportOptions, on_stage: Callable[[str], None]) -> ExportResul
                     report[f"gguf_{quant.name}"] = r
                     done(f"parity: gguf {quant.name}")
             artifacts["llm"] = final.name
+            if opts.parity and "vision_int8" in artifacts:
+                stage("parity: int8 answers")
+                report["vision_int8"] = _int8_answers(report["vision_int8"], final, before, sample_q, int8_tokens,
+                                                      opts.threads, parity)
+                done("parity: int8 answers")
 
             failed = {k: v for k, v in report.items() if not v["pass"]}
             if failed:
@@ -438,6 +459,72 @@ def _onnx_parity(model, tmp: Path, artifacts: dict, max_tokens: int, parity) -> 
         out[role] = entry
     out["pass"] = all(out[r]["pass"] for r in ("vision", "vision_ort") if r in out)
     return out
+
+
+def _quantize_vision(tmp: Path, artifacts: dict, model) -> dict:
+    """vision-int8.onnx from the graph onnxruntime would otherwise run (the fused one with --optimize)."""
+    from . import onnx_quant, parity
+
+    src = artifacts.get("vision_ort", artifacts["vision"])
+    calib = [model.pixel_values(im).numpy() for im in parity.sample_images(8, seed=7)]
+    method = onnx_quant.DEFAULT_METHOD
+    info = onnx_quant.quantize_vision(tmp / src, tmp / "vision-int8.onnx", method,
+                                      calib if method == "static" else ())
+    artifacts["vision_int8"] = "vision-int8.onnx"
+    return info
+
+
+def _int8_parity(model, tmp: Path, artifacts: dict, max_tokens: int, parity, random_weights: bool
+                 ) -> tuple[dict, dict]:
+    """vision-int8.onnx -> mqt.onnx against the PyTorch reference: token errors per m; also the
+    fp32 and int8 graphs' visual tokens for the answer-agreement check once the GGUF exists."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = lambda p: ort.InferenceSession(str(tmp / p), so, providers=["CPUExecutionProvider"])  # noqa: E731
+    mqt, fp32, int8 = sess(artifacts["mqt"]), sess(artifacts["vision"]), sess(artifacts["vision_int8"])
+    px = np.concatenate([model.pixel_values(im).numpy() for im in parity.sample_images(3)])
+    ms = sorted({1, max(1, max_tokens // 2 - 1), max_tokens})
+    with torch.no_grad():
+        ref_feats = model.image_features(torch.from_numpy(px))
+        ref = {m: model.mqt(ref_feats, tokens=m).numpy() for m in ms}
+    feats = {"fp32": fp32.run(None, {"pixel_values": px})[0], "int8": int8.run(None, {"pixel_values": px})[0]}
+    run = lambda f, m: mqt.run(None, {"image_features": f, "query_ids": np.arange(m, dtype=np.int64)})[0]  # noqa: E731
+    tokens = {k: {m: run(f, m) for m in ms} for k, f in feats.items()}
+    out = {"images": len(px), "tokens": ms, "features": parity.int8_token_report(feats["int8"], ref_feats.numpy())}
+    out |= {f"m={m}": parity.int8_token_report(tokens["int8"][m], ref[m]) for m in ms}
+    out["min_token_cosine"] = min(out[f"m={m}"]["min_cosine"] for m in ms)
+    out["thresholds"] = {"min_token_cosine": parity.INT8_MIN_COSINE, "min_agreement": parity.INT8_MIN_AGREEMENT}
+    out["enforced"] = not random_weights
+    out["pass"] = out["min_token_cosine"] >= parity.INT8_MIN_COSINE or random_weights
+    if not out["pass"]:
+        raise _int8_error(out)
+    return out, tokens
+
+
+def _int8_answers(entry: dict, llm: Path, prefix: list[int], questions: list[list[int]], tokens: dict,
+                  threads: int | None, parity) -> dict:
+    """The int8 entry with answer agreement added; raises when a trained model's falls short."""
+    r = parity.answer_agreement(llm, prefix, questions, tokens["fp32"], tokens["int8"], threads)
+    entry = entry | {"answers": r, "answer_agreement": r["agreement"]}
+    entry["pass"] = not entry["enforced"] or (entry["min_token_cosine"] >= parity.INT8_MIN_COSINE
+                                              and r["agreement"] >= parity.INT8_MIN_AGREEMENT)
+    if not entry["pass"]:
+        raise _int8_error(entry)
+    return entry
+
+
+def _int8_error(r: dict) -> ExportError:
+    figures = f"worst token cosine {r['min_token_cosine']:.4f}"
+    if "answer_agreement" in r:
+        figures += f", answer agreement {r['answer_agreement']:.0%}"
+    t = r["thresholds"]
+    return ExportError(f"parity failed for the int8 vision graph ({figures}; thresholds: cosine >= "
+                       f"{t['min_token_cosine']}, agreement >= {t['min_agreement']:.0%})",
+                       "the export was discarded; export with --vision-quant fp32 for this model")
 
 
 def _build_engines(src: Path, dst: Path, graphs: dict, max_tokens: int, opt_tokens: int, max_batch: int) -> dict:

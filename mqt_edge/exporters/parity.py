@@ -11,6 +11,12 @@ Thresholds (also in docs/export.md):
   gguf_llm.QUANTS. They describe trained models. A random-weight checkpoint (`mqt-edge synth`) is a
   chaotic deep network that amplifies quantisation noise, so there they are reported, not enforced;
   the unquantised check above still gates its conversion.
+- INT8 vision (vision-int8.onnx -> mqt.onnx): a quantised graph, so a figure with its own
+  thresholds, as q4_k_m is for the LLM: the worst per-token cosine of its visual tokens against the
+  PyTorch reference (INT8_MIN_COSINE), and answer agreement: on sample prompts, the share of greedy
+  answers (first ANSWER_TOKENS tokens, through the bundle's own GGUF) that are the same as with the
+  fp32 vision graph (INT8_MIN_AGREEMENT). Enforced for trained models; reported for a random-weight
+  checkpoint, for the reason above.
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ from PIL import Image, ImageDraw, ImageFilter
 
 ONNX_REL_TOL = 1e-4
 ONNX_MIN_COSINE = 0.99999
+INT8_MIN_COSINE = 0.99
+INT8_MIN_AGREEMENT = 0.9
+ANSWER_TOKENS = 6
+SAMPLE_QUESTIONS = ("What color is the circle?", "How many shapes are there?", "Is there a blue square?")
 
 
 def sample_images(n: int = 3, seed: int = 0) -> list[Image.Image]:
@@ -109,3 +119,55 @@ def gguf_logits(path: Path, ids: list[int], threads: int | None = None) -> np.nd
         return np.array(llm.scores[: len(ids)], dtype=np.float32)
     finally:
         llm.close()
+
+
+def int8_token_report(got: np.ndarray, ref: np.ndarray) -> dict:
+    """A quantised graph's visual tokens against the reference: relative errors and cosines."""
+    g, r = got.reshape(-1, got.shape[-1]).astype(np.float64), ref.reshape(-1, ref.shape[-1]).astype(np.float64)
+    cos = (g * r).sum(-1) / (np.linalg.norm(g, axis=-1) * np.linalg.norm(r, axis=-1) + 1e-30)
+    return {
+        "rel_err": float(np.abs(g - r).max() / max(np.abs(r).max(), 1e-30)),
+        "rms_rel_err": float(np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-30)),
+        "mean_cosine": float(cos.mean()),
+        "min_cosine": float(cos.min()),
+    }
+
+
+def greedy_ids(ctx, prefix: list[int], visual: np.ndarray, question: list[int], n: int, model) -> list[int]:
+    """The first n greedy tokens after prefix + visual tokens (m, hidden) + question ids."""
+    ctx.truncate(0)
+    ctx.feed_tokens(prefix, logits=False)
+    ctx.feed_embeddings(visual)
+    ctx.feed_tokens(question)
+    out: list[int] = []
+    for _ in range(n):
+        token = int(np.argmax(ctx.logits()))
+        if model.is_eog(token):
+            break
+        out.append(token)
+        ctx.feed_tokens([token])
+    return out
+
+
+def answer_agreement(llm_path: Path, prefix: list[int], questions: list[list[int]],
+                     fp32: dict[int, np.ndarray], int8: dict[int, np.ndarray], threads: int | None = None) -> dict:
+    """Share of (image, m, question) prompts whose greedy answer is the same with either vision graph.
+
+    fp32 / int8: m -> visual tokens (images, m, hidden) from the two graphs."""
+    from ..runtimes.llama import LlamaModel
+
+    llm = LlamaModel(llm_path)
+    longest = max(fp32) + max(map(len, questions)) + len(prefix) + ANSWER_TOKENS + 8
+    ctx = llm.context(longest, n_batch=max(64, longest), threads=threads)
+    same = total = 0
+    try:
+        for m, tokens in fp32.items():
+            for i in range(tokens.shape[0]):
+                for q in questions:
+                    a = greedy_ids(ctx, prefix, tokens[i], q, ANSWER_TOKENS, llm)
+                    b = greedy_ids(ctx, prefix, int8[m][i], q, ANSWER_TOKENS, llm)
+                    same, total = same + (a == b), total + 1
+    finally:
+        ctx.close()
+        llm.close()
+    return {"prompts": total, "agreement": same / total, "answer_tokens": ANSWER_TOKENS}

@@ -82,6 +82,7 @@ class Calibration:
     llm_bytes: int
     vision_flops: int
     bundle: str = ""
+    vision_precision: str = "fp32"  # of the vision graph measured: fp32 | int8
 
 
 DATASHEET = ("total_gb", "usable_gb", "bandwidth_gbs", "fp16_tflops", "int8_tops", "cpu_cores", "cpu_gflops")
@@ -224,6 +225,11 @@ def parse_profile(text: str, where: str, path: str | None = None) -> Profile:
                                    "use a positive, finite number")
         if "source" not in over:
             raise ProfileError(f"{where}: [modes.{mode}] has no source", "say where its numbers come from")
+    cal = data.get("calibration")
+    precision = cal.get("vision_precision", "fp32") if isinstance(cal, dict) else "fp32"
+    if precision not in ("fp32", "int8"):
+        raise ProfileError(f"{where}, line {_line_of(text, 'vision_precision', 'calibration')}: "
+                           f"'vision_precision' is {precision!r}", "use \"fp32\" or \"int8\"")
     return Profile(
         name=str(data["name"]), description=str(data["description"]), kind=data["kind"],
         memory=_build(Memory, data["memory"], "memory", text, where),

@@ -57,6 +57,7 @@ def measure(bundle_dir: str, runs: int = 2, threads: int | None = None) -> Calib
                 a = pipe.ask(image, "What is in this image?", tokens=m, max_new_tokens=16)
                 rows.append((m, a))
         manifest = pipe.bundle.manifest
+        precision = "int8" if pipe.backends["vision"].endswith(" int8") else "fp32"
     t = lambda a, k: a.timings_ms[k]  # noqa: E731
     mqt_fixed, mqt_slope = line_fit([m for m, _ in rows], [t(a, "mqt") for _, a in rows])
     prefill_fixed, prefill_slope = line_fit([a.prefilled for _, a in rows], [t(a, "prefill") for _, a in rows])
@@ -69,6 +70,7 @@ def measure(bundle_dir: str, runs: int = 2, threads: int | None = None) -> Calib
         peak_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         llm_params=int(manifest["llm"]["params"]), llm_bytes=int(manifest["llm"]["bytes"]),
         vision_flops=int(manifest["vision"]["flops"]), bundle=str(Path(bundle_dir).resolve()),
+        vision_precision=precision,
     )
 
 

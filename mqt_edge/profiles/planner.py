@@ -17,7 +17,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 from ..errors import InputError, MQTEdgeError
-from ..quants import QUANTS
+from ..quants import QUANTS, check_vision_precision
 from . import Profile
 
 CANDIDATES = (1, 2, 4, 8, 16, 36, 64, 144, 256)
@@ -27,6 +27,11 @@ QUESTION_TOKENS = 16
 OVERHEAD_MB = {"jetson": 700.0, "gpu": 600.0, "cpu": 250.0}  # CUDA context + runtimes / Python + libraries
 TRT_WORKSPACE_MB = 256.0
 VISION_RELOAD_GBS = 2.0  # sequential load re-reads the vision weights for each new image
+# onnxruntime's int8 vision graph (export --vision-quant int8) against its fp32 graph on a CPU, both
+# compute-bound: the ratio measured on the bench preset's ViT-L/14-336 on an AVX2 CPU without VNNI
+# (docs/export.md). CPUs with VNNI/AMX integer dot products gain more; `mqt-edge calibrate` with an
+# int8 bundle measures the device's own figure.
+INT8_VISION_SPEEDUP = 1.5
 
 
 class PlanError(MQTEdgeError):
@@ -57,6 +62,7 @@ class ModelFacts:
     max_tokens: int
     prompt_tokens: int = PROMPT_TOKENS
     accuracy: tuple = ()  # ((m, accuracy), ...) from `mqt-edge eval`, when the bundle has it
+    vision_int8_bytes: int = 0  # vision-int8.onnx's size; 0: the bundle has no int8 vision graph
 
     @classmethod
     def from_bundle(cls, bundle) -> ModelFacts:
@@ -71,7 +77,7 @@ class ModelFacts:
             mqt_bytes=m["artifacts"]["mqt"]["bytes"],
             mqt_flops_image=mqt["flops_per_image"], mqt_flops_token=mqt["flops_per_token"],
             max_tokens=m["max_tokens"], prompt_tokens=int(m["prompt"].get("prefix_tokens", PROMPT_TOKENS)),
-            accuracy=acc,
+            accuracy=acc, vision_int8_bytes=_artifact_bytes(m["artifacts"].get("vision_int8")),
         )
 
     @classmethod
@@ -99,6 +105,10 @@ class ModelFacts:
         )
 
 
+def _artifact_bytes(entry: dict | None) -> int:
+    return 0 if not entry else int(entry["bytes"]) + int(entry.get("data", {}).get("bytes", 0))
+
+
 def llm_param_count(h: int, inter: int, layers: int, vocab: int, heads: int, kv_heads: int) -> int:
     per_layer = 2 * h * h + 2 * h * (h // heads * kv_heads) + 3 * h * inter + 2 * h
     return 2 * vocab * h + layers * per_layer + h
@@ -119,15 +129,17 @@ class Options:
     sequential_load: bool = False  # free the vision graph after encoding (run --sequential)
     gpu_layers: int | None = None  # None: all layers (the profile's llm_on_gpu); clamped to 0..layers
     max_new_tokens: int = 128
+    vision_precision: str = "auto"  # run --vision-precision: auto (int8 on a CPU when the bundle has it) | fp32 | int8
 
     @classmethod
     def for_run(cls, vision_backend: str | None, n_gpu_layers: int | None, sequential: bool,
-                facts: ModelFacts) -> Options:
+                facts: ModelFacts, vision_precision: str | None = None) -> Options:
         """The planner's view of a run's backends: vision on the CPU, LLM layers on the GPU,
-        sequential load (`run`, `plan` and the Pipeline API all ask the same way)."""
+        sequential load, the vision graph's precision (`run`, `plan` and the Pipeline API all ask
+        the same way)."""
         layers = None if n_gpu_layers is None or n_gpu_layers >= facts.layers else n_gpu_layers
         return cls(vision_on_cpu=(vision_backend or "auto").endswith("/cpu"), sequential_load=sequential,
-                   gpu_layers=layers)
+                   gpu_layers=layers, vision_precision=check_vision_precision(vision_precision or "auto"))
 
     def label(self, facts: ModelFacts) -> str:
         parts = []
@@ -137,6 +149,8 @@ class Options:
             parts.append("sequential load (vision freed before the LLM's peak)")
         if self.gpu_layers is not None:
             parts.append(f"{self.gpu_layers} of {facts.layers} LLM layers on the GPU")
+        if self.vision_precision != "auto":
+            parts.append(f"{self.vision_precision} vision")
         return ", ".join(parts) or "default"
 
 
@@ -165,8 +179,18 @@ def _vision_on_gpu(profile: Profile, o: Options) -> bool:
     return profile.kind != "cpu" and not o.vision_on_cpu and profile.prefer.vision_backend.startswith("tensorrt")
 
 
+def _vision_int8(profile: Profile, f: ModelFacts, o: Options) -> bool:
+    """Does the int8 vision graph run? As the onnxruntime runner picks it: when the bundle has it
+    and it is asked for, or (auto) when vision runs on the CPU."""
+    if not f.vision_int8_bytes or o.vision_precision == "fp32" or _vision_on_gpu(profile, o):
+        return False
+    return o.vision_precision == "int8" or profile.kind == "cpu" or o.vision_on_cpu
+
+
 def _vision_bytes(profile: Profile, f: ModelFacts, o: Options) -> int:
-    """CLIP weights as loaded: an fp16 TensorRT engine, or the fp32 graph on onnxruntime."""
+    """CLIP weights as loaded: an fp16 TensorRT engine, the int8 graph, or the fp32 graph on onnxruntime."""
+    if _vision_int8(profile, f, o):
+        return f.vision_int8_bytes
     return f.vision_params * (2 if _vision_on_gpu(profile, o) else 4)
 
 
@@ -216,8 +240,9 @@ def _analytic(profile: Profile, f: ModelFacts, m: int, o: Options) -> dict[str, 
     tf = comp.fp16_tflops if gpu else cpu_tf
     v_tf, v_eff = (cpu_tf, eff.cpu) if (o.vision_on_cpu or not gpu) else (tf, eff.compute)
     bw = mem.bandwidth_gbs
+    v_flops = f.vision_flops / (INT8_VISION_SPEEDUP if _vision_int8(profile, f, o) else 1.0)
     out = {
-        "vision": _roofline_ms(f.vision_flops, vision_w, v_tf, bw, v_eff, eff.bandwidth),
+        "vision": _roofline_ms(v_flops, vision_w, v_tf, bw, v_eff, eff.bandwidth),
         "mqt": _roofline_ms(f.mqt_flops_image + m * f.mqt_flops_token, f.mqt_bytes, v_tf, bw, v_eff, eff.bandwidth),
     }
     n_prefill = f.prompt_tokens + m + QUESTION_TOKENS
@@ -239,7 +264,9 @@ def predict(profile: Profile, f: ModelFacts, m: int, o: Options) -> tuple[float,
     cal = profile.calibration
     if cal is not None:
         # Measured terms, scaled to this model; the options scale them as the roofline would.
-        base = _analytic(profile, f, m, Options(max_new_tokens=o.max_new_tokens))
+        # (the vision graph's precision as calibrated: an fp32 measurement predicts an int8 run)
+        base = _analytic(profile, f, m, Options(max_new_tokens=o.max_new_tokens,
+                                                vision_precision=cal.vision_precision))
         ratio = lambda k: t[k] / base[k] if base[k] > 0 else 1.0  # noqa: E731
         scale_v = f.vision_flops / cal.vision_flops
         n_prefill = f.prompt_tokens + m + QUESTION_TOKENS

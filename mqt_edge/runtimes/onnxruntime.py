@@ -13,10 +13,14 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import InputError, require
+from ..quants import VISION_PRECISIONS
 
 # Preference order; only those onnxruntime reports as available are used.
 PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 SHORT = {"TensorrtExecutionProvider": "tensorrt-ep", "CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
+# auto: the int8 graph (when the bundle has one) on the CPU execution provider, where it was measured
+# to win (docs/export.md); fp32 on GPU providers, which run onnxruntime's integer MatMuls poorly.
+PRECISIONS = VISION_PRECISIONS
 
 
 def available_providers() -> list[str]:
@@ -28,13 +32,21 @@ def available_providers() -> list[str]:
 class OnnxRuntimeVision:
     """vision.onnx + mqt.onnx on one execution provider (auto: the best available)."""
 
-    def __init__(self, bundle: Bundle, provider: str | None = None, threads: int | None = None) -> None:
+    def __init__(self, bundle: Bundle, provider: str | None = None, threads: int | None = None,
+                 precision: str | None = None) -> None:
         self.bundle, self.requested, self.threads = bundle, provider, threads
+        self.requested_precision = check_precision(bundle, precision)
         self.vision = self.mqt = None
         self.provider = ""
+        self.precision = ""  # of the vision graph in use: fp32 | int8
 
     @property
     def name(self) -> str:
+        """The vision graph's backend, e.g. `onnxruntime/cpu int8`."""
+        return self.mqt_name + (" int8" if self.precision == "int8" else "")
+
+    @property
+    def mqt_name(self) -> str:
         return f"onnxruntime/{SHORT.get(self.provider, self.provider)}"
 
     def activate(self) -> OnnxRuntimeVision:
@@ -55,14 +67,22 @@ class OnnxRuntimeVision:
         so.log_severity_level = 3
         if self.threads:
             so.intra_op_num_threads = self.threads
+        self._session = lambda path: ort.InferenceSession(str(path), so, providers=providers)  # noqa: E731
+        self.mqt = self._session(self.bundle.path("mqt"))
+        self.provider = self.mqt.get_providers()[0]
+        self.precision = self._pick_precision()
         # The ORT-fused vision graph, when the bundle has one, is for onnxruntime only.
         roles = self.bundle.manifest["artifacts"]
-        self._vision_path: Path = self.bundle.path("vision_ort" if "vision_ort" in roles else "vision")
-        self._session = lambda path: ort.InferenceSession(str(path), so, providers=providers)  # noqa: E731
+        role = "vision_int8" if self.precision == "int8" else ("vision_ort" if "vision_ort" in roles else "vision")
+        self._vision_path: Path = self.bundle.path(role)
         self.vision = self._session(self._vision_path)
-        self.mqt = self._session(self.bundle.path("mqt"))
-        self.provider = self.vision.get_providers()[0]
         return self
+
+    def _pick_precision(self) -> str:
+        if self.requested_precision != "auto":
+            return self.requested_precision
+        has_int8 = "vision_int8" in self.bundle.manifest["artifacts"]
+        return "int8" if has_int8 and self.provider == "CPUExecutionProvider" else "fp32"
 
     def features(self, pixel_values: np.ndarray) -> np.ndarray:
         """(B, 3, H, W) float32 -> (B, P, C)."""
@@ -80,3 +100,14 @@ class OnnxRuntimeVision:
 
     def deactivate(self) -> None:
         self.vision = self.mqt = None
+
+
+def check_precision(bundle: Bundle, precision: str | None) -> str:
+    """auto | fp32 | int8, refusing int8 for a bundle exported without it."""
+    precision = precision or "auto"
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown vision precision '{precision}'", f"choose one of: {', '.join(PRECISIONS)}")
+    if precision == "int8" and "vision_int8" not in bundle.manifest["artifacts"]:
+        raise InputError(f"the bundle {bundle.root} has no int8 vision graph",
+                         "re-export it with --vision-quant int8, or use --vision-precision fp32")
+    return precision
