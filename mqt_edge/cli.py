@@ -200,7 +200,7 @@ def run(
     seed: int = typer.Option(0, help="Sampling seed."),
     refine: Optional[int] = typer.Option(None, help="Refine to this m when the first token is not confident."),
     confidence: float = typer.Option(0.5, help="First-token probability below which --refine refines (1.01: always)."),
-    vision_backend: str = typer.Option("auto", help="auto | tensorrt | onnxruntime[/cpu|/cuda|/tensorrt-ep]."),
+    vision_backend: str = typer.Option("auto", help="auto, tensorrt, onnxruntime, onnxruntime/cpu, onnxruntime/cuda or onnxruntime/tensorrt-ep."),
     n_gpu_layers: int = typer.Option(0, min=0, help="LLM layers offloaded to the GPU (llama.cpp built with CUDA)."),
     sequential: bool = typer.Option(False, "--sequential", help="Free the vision encoder before the LLM's peak."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (default: all cores)."),

@@ -263,3 +263,106 @@ def test_tensorrt_backend(f32_bundle):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (Jetson/GPU only)")
     with pytest.raises(BundleError, match="mqt-edge engine"):
         Pipeline.load(f32_bundle.root, vision_backend="tensorrt")
+
+
+# -- use after close: a clean ClosedError, never a signal (each case in a fresh interpreter) ---------
+
+CLOSE_MISUSE = r'''
+import sys, threading, time
+from PIL import Image
+from mqt_edge.errors import ClosedError
+from mqt_edge.pipeline import Pipeline
+
+bundle, Q = sys.argv[1], "What color is the circle?"
+im = Image.new("RGB", (64, 48), (200, 30, 30))
+
+def expect_closed(name, fn):
+    try:
+        fn()
+        print(name, "no error", flush=True)
+    except ClosedError as exc:
+        print(name, "ClosedError:", exc, flush=True)
+
+p = Pipeline.load(bundle)
+p.close()
+expect_closed("pipe.ask after pipe.close", lambda: p.ask(im, Q, tokens=2, max_new_tokens=2))
+expect_closed("pipe.look after pipe.close", lambda: p.look(im, tokens=2))
+p.close()  # twice is harmless
+
+with Pipeline.load(bundle) as p:
+    s = p.look(im, tokens=4)
+expect_closed("session.ask after its pipeline closed", lambda: s.ask(Q, max_new_tokens=2))
+expect_closed("session.refine after its pipeline closed", lambda: s.refine(8))
+expect_closed("session.generate after its pipeline closed", lambda: s.generate(Q))
+
+with Pipeline.load(bundle) as p:
+    s = p.look(im, tokens=4)
+    s.close()
+    expect_closed("session.ask after session.close", lambda: s.ask(Q, max_new_tokens=2))
+    expect_closed("session.refine after session.close", lambda: s.refine(64))
+    s.close()
+    g = p.look(im, tokens=4).generate(Q, max_new_tokens=8)
+    g.session.close()  # closing a session with this thread's unread answer
+    expect_closed("reading an answer of a closed session", lambda: list(g))
+
+def hammer(p, out, started, one_shot):
+    try:
+        s = None if one_shot else p.look(im, tokens=16)
+        started.set()
+        for _ in range(200):
+            if one_shot:
+                p.ask(im, Q, tokens=8, max_new_tokens=32)
+            else:
+                for piece in s.stream(Q, max_new_tokens=64):
+                    pass
+        out.append("finished")
+    except ClosedError:
+        out.append("ClosedError")
+
+for run in range(3):  # close the pipeline while other threads are inside ask / stream
+    p = Pipeline.load(bundle)
+    out, started = [], threading.Event()
+    ts = [threading.Thread(target=hammer, args=(p, out, started, k % 2 == 0)) for k in range(3)]
+    for t in ts:
+        t.start()
+    started.wait()
+    time.sleep(0.2)
+    p.close()
+    for t in ts:
+        t.join()
+    print("pipe.close during ask", run, sorted(out), flush=True)
+
+with Pipeline.load(bundle) as p:  # close a session while another thread streams from it
+    s = p.look(im, tokens=16)
+    out, started = [], threading.Event()
+    def reader():
+        try:
+            started.set()
+            for _ in range(200):
+                for piece in s.stream(Q, max_new_tokens=64):
+                    pass
+            out.append("finished")
+        except ClosedError:
+            out.append("ClosedError")
+    t = threading.Thread(target=reader)
+    t.start()
+    started.wait()
+    time.sleep(0.2)
+    s.close()
+    t.join()
+    print("session.close during stream", out, flush=True)
+print("done", flush=True)
+'''
+
+
+def test_use_after_close_raises_closed_error_and_never_crashes(f32_bundle):
+    r = subprocess.run([sys.executable, "-c", CLOSE_MISUSE, str(f32_bundle.root)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, f"exit {r.returncode} (a negative code is a signal)\n{r.stdout}\n{r.stderr[-2000:]}"
+    lines = r.stdout.splitlines()
+    assert lines[-1] == "done"
+    single = [line for line in lines if "during" not in line and line != "done"]
+    assert len(single) == 8 and all("ClosedError:" in line and "closed" in line.split(":", 1)[1] for line in single), lines
+    assert any("pipeline" in line for line in single) and any("this session is closed" in line for line in single)
+    races = [line for line in lines if "during" in line]
+    assert len(races) == 4 and all("ClosedError" in line for line in races), races  # 200 asks outlast the close
