@@ -5,9 +5,14 @@
     DIR/mqt.onnx        image_features, query_ids (m,) -> visual_tokens (B, m, hidden)
     DIR/llm-<quant>.gguf
 
-Torch-free: the runtime opens bundles. An export is built in a hidden staging directory and
-renamed into place only once the manifest is written, so an interrupted export never leaves a
+Torch-free: the runtime opens bundles. An export is built in a hidden staging directory beside
+DIR and moved into place only once the manifest is written, so an interrupted export never leaves a
 directory that `Bundle.open` accepts.
+
+Re-exporting onto a bundle replaces only what that bundle owns (manifest.json and the artifacts it
+lists); anything else the user put in DIR stays. The replacement is journalled: DIR/.mqt-edge-replacing.json
+lists the files in play, manifest.json is removed first (so `run` refuses the directory from then
+on) and written last; after a kill mid-way the next export treats the journalled files as the bundle's.
 """
 
 from __future__ import annotations
@@ -15,7 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
+import tempfile
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +36,10 @@ FORMAT_VERSION = 1
 REQUIRED = ("mqt_edge_version", "max_tokens", "artifacts", "preprocess", "prompt", "llm", "vision", "mqt")
 MANIFEST = "manifest.json"
 DEFAULT_BUNDLE = Path("mqt-edge-bundle")
+JOURNAL = ".mqt-edge-replacing.json"  # present only while a re-export swaps files in DIR
+STAGING = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)$")  # .DIR.partial-PID beside DIR
+# Names an export may write into DIR: a user file by one of these names would be overwritten.
+ARTIFACT_NAMES = re.compile(r"^(vision(-ort)?\.onnx|mqt\.onnx)(\.data)?$|^llm-\w+\.gguf$|^(vision|mqt)\.engine$")
 
 
 class BundleError(MQTEdgeError):
@@ -111,18 +124,40 @@ class Bundle:
 
 
 def check_output_dir(out: Path) -> None:
-    """An export may write to a new path, an empty directory, or replace an existing bundle."""
-    if not out.exists():
-        return
-    if not out.is_dir():
+    """Before any heavy work: an export may write a new path, an empty directory, or an existing
+    bundle (replacing only its own files); every directory it writes to must be writable."""
+    if out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is not a directory", "choose another --out")
-    if out.resolve() == Path.cwd().resolve() or out.resolve().parent == out.resolve():
+    if out.exists() and (out.resolve() == Path.cwd().resolve() or out.resolve().parent == out.resolve()):
         raise InputError(f"--out {out} is the current or root directory", "name a new directory for the bundle")
-    if any(out.iterdir()) and not is_bundle(out):
-        raise InputError(
-            f"{out} exists and is not an mqt-edge bundle",
-            "choose another --out (an export only replaces an existing bundle)",
-        )
+    if out.exists() and any(out.iterdir()):
+        if not is_bundle(out) and not (out / JOURNAL).is_file():
+            raise InputError(
+                f"{out} exists and is not an mqt-edge bundle",
+                "choose another --out (an export only replaces an existing bundle)",
+            )
+        owned = owned_files(out)
+        clash = sorted(p.name for p in out.iterdir() if ARTIFACT_NAMES.match(p.name) and p.name not in owned)
+        if clash:
+            raise InputError(f"{out / clash[0]} is not part of the bundle there, and an export would overwrite it",
+                             "move it out of the way (an export never replaces files it does not own)")
+        _check_writable(out, out)
+    _check_writable(out.parent, out)  # the staging directory goes beside `out`
+
+
+def _check_writable(path: Path, out: Path) -> None:
+    """Create and remove a directory in the nearest existing ancestor: the only test that sees
+    read-only mounts, immutable directories and pseudo-filesystems (/proc) alike."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"--out {out} is inside {probe}, which is a file", "choose another --out")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".mqt-edge-write-test-", dir=probe))
+    except OSError as exc:
+        raise InputError(f"cannot write to {probe} for --out {out} ({exc.strerror or exc})",
+                         "choose a writable --out") from None
 
 
 def is_bundle(path: Path) -> bool:
@@ -134,35 +169,122 @@ def is_bundle(path: Path) -> bool:
         return False
 
 
+def _plain_name(name: object) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
+def owned_files(out: Path) -> set[str]:
+    """Names directly in `out` that its bundle owns: the manifest, the artifacts it lists (with
+    their external data), and the files of an interrupted replacement (the journal)."""
+    names = {MANIFEST, MANIFEST + ".tmp", JOURNAL}
+    for source in (MANIFEST, JOURNAL):
+        try:
+            data = json.loads((out / source).read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        if source == JOURNAL:
+            names.update(data.get("files", []) if isinstance(data.get("files"), list) else [])
+            continue
+        for entry in (data.get("artifacts") or {}).values() if isinstance(data.get("artifacts"), dict) else []:
+            for item in (entry, entry.get("data") if isinstance(entry, dict) else None):
+                if isinstance(item, dict):
+                    names.add(item.get("path"))
+    return {n for n in names if _plain_name(n)}
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OverflowError:  # no such process can exist
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_staging(parent: Path) -> list[Path]:
+    """Remove the staging directories (.NAME.partial-PID) in `parent` whose export process is gone;
+    never one whose process is alive. Returns what was removed."""
+    removed = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        match = STAGING.match(p.name)
+        if match and p.is_dir() and not p.is_symlink() and not _alive(int(match["pid"])):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+@contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Ctrl-C waits until the files are swapped (a few renames): a bundle is never half-replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda sig, frame: pressed.append(sig))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)  # a Ctrl-C during the swap lets the export finish
+
+
 @contextmanager
 def staging(out: Path) -> Iterator[Path]:
-    """Yield a hidden directory beside `out`; on success it replaces `out`, on failure it vanishes."""
+    """Yield a hidden directory beside `out`; on success its files replace `out`'s bundle, on failure it vanishes."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out.parent)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed export
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(stale, ignore_errors=True)
     try:
         yield tmp
         if not (tmp / MANIFEST).is_file():
             raise RuntimeError("staging finished without a manifest")  # a bug, not a user error
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            try:
+        with _sigint_deferred():
+            if out.is_dir() and any(out.iterdir()):
+                _replace_owned(tmp, out)
+            else:
+                if out.is_dir():
+                    out.rmdir()
                 os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)  # put the user's bundle back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def _replace_owned(tmp: Path, out: Path) -> None:
+    """Move the new bundle's files into `out`, remove the old bundle's other files, keep the rest."""
+    new = sorted(p.name for p in tmp.iterdir() if p.name != MANIFEST)
+    old = owned_files(out) - {MANIFEST, MANIFEST + ".tmp", JOURNAL}
+    clash = [n for n in new if (out / n).exists() and n not in old]
+    if clash:
+        raise InputError(f"{out / clash[0]} is not part of the bundle there, and an export would overwrite it",
+                         "move it out of the way; nothing was written")
+    _write_json(out / JOURNAL, {"files": sorted(set(new) | old)})
+    (out / MANIFEST).unlink(missing_ok=True)  # from here on `run` refuses the directory
+    for name in new:
+        os.replace(tmp / name, out / name)
+    for name in sorted(old - set(new)):
+        path = out / name
+        if path.is_file() or path.is_symlink():  # never a directory the user made
+            path.unlink()
+    os.replace(tmp / MANIFEST, out / MANIFEST)  # the new bundle exists
+    (out / JOURNAL).unlink()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
 
 
 def write_manifest(root: Path, manifest: dict) -> None:

@@ -100,7 +100,6 @@ def export_cmd(
     no_parity: bool = typer.Option(False, "--no-parity", help="Skip the parity checks (not recommended)."),
 ) -> None:
     """Export a checkpoint to a verified bundle: vision.onnx, mqt.onnx, llm-<quant>.gguf, manifest.json."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from .exporters import ExportOptions, export
@@ -123,19 +122,11 @@ def export_cmd(
         screen = Console(file=os.fdopen(os.dup(sys.stderr.fileno()), "w"), stderr=False)
     except (AttributeError, OSError, ValueError):
         screen = err
-    if not screen.is_terminal:  # logs and pipes get the summary only
-        result = export(opts)
-    else:
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                      console=screen, transient=True) as bar:
-            current: list = []
-
-            def on_stage(name: str) -> None:
-                if current:
-                    bar.update(current[-1], completed=1)
-                current.append(bar.add_task(name, total=1))
-
-            result = export(opts, on_stage=on_stage)
+    try:
+        result = _export_with_progress(export, opts, screen)
+    except KeyboardInterrupt:
+        raise ExportInterrupted(f"export interrupted: nothing was written to {out}",
+                                "a bundle already there is unchanged; run the export again") from None
     manifest = result.bundle.manifest
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     err.print(f"stages: {stages}", highlight=False)
@@ -147,6 +138,29 @@ def export_cmd(
         size = entry["bytes"] + entry.get("data", {}).get("bytes", 0)
         table.add_row(entry["path"], f"{size / 2**20:,.1f} MiB", _parity_cell(role, manifest, parity))
     err.print(table)
+
+
+class ExportInterrupted(MQTEdgeError):
+    """Ctrl-C during an export: the staging directory is gone and --out untouched."""
+
+    exit_code = 130
+
+
+def _export_with_progress(export, opts, screen: Console):
+    if not screen.is_terminal:  # logs and pipes get the summary only
+        return export(opts)
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=screen, transient=True) as bar:
+        current: list = []
+
+        def on_stage(name: str) -> None:
+            if current:
+                bar.update(current[-1], completed=1)
+            current.append(bar.add_task(name, total=1))
+
+        return export(opts, on_stage=on_stage)
 
 
 def _parity_cell(role: str, manifest: dict, parity: dict) -> str:
@@ -200,7 +214,8 @@ def run(
     seed: int = typer.Option(0, help="Sampling seed."),
     refine: Optional[int] = typer.Option(None, help="Refine to this m when the first token is not confident."),
     confidence: float = typer.Option(0.5, help="First-token probability below which --refine refines (1.01: always)."),
-    vision_backend: str = typer.Option("auto", help="auto, tensorrt, onnxruntime, onnxruntime/cpu, onnxruntime/cuda or onnxruntime/tensorrt-ep."),
+    vision_backend: str = typer.Option("auto", help="auto, tensorrt, onnxruntime, onnxruntime/cpu, onnxruntime/cuda "
+                                      "or onnxruntime/tensorrt-ep."),
     n_gpu_layers: int = typer.Option(0, min=0, help="LLM layers offloaded to the GPU (llama.cpp built with CUDA)."),
     sequential: bool = typer.Option(False, "--sequential", help="Free the vision encoder before the LLM's peak."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (default: all cores)."),
