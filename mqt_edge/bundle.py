@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -40,6 +41,78 @@ JOURNAL = ".mqt-edge-replacing.json"  # present only while a re-export swaps fil
 STAGING = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)$")  # .DIR.partial-PID beside DIR
 # Names an export may write into DIR: a user file by one of these names would be overwritten.
 ARTIFACT_NAMES = re.compile(r"^(vision(-ort)?\.onnx|mqt\.onnx)(\.data)?$|^llm-\w+\.gguf$|^(vision|mqt)\.engine$")
+
+
+# -- the manifest's schema: (type, required) per key; a table so a new key is one row ----------------
+# Types: "int" (not bool), "num" (finite int or float), "str", "bool", "dict" / "list" (free-form
+# records the runtime only displays), or a nested table. Unknown keys and wrong types are refused.
+def _ints(n: int) -> tuple[str, int]:
+    return ("ints", n)
+
+
+def _nums(n: int) -> tuple[str, int]:
+    return ("nums", n)
+
+
+_FILE = {"path": ("str", True), "sha256": ("sha256", True), "bytes": ("int", True)}
+_ARTIFACT = _FILE | {"data": (_FILE, False), "tensorrt": ("str", False), "gpu": ("str", False),
+                     "opt_tokens": ("int", False), "max_batch": ("int", False)}
+_ROLES = {"vision": (_ARTIFACT, True), "mqt": (_ARTIFACT, True), "llm": (_ARTIFACT, True),
+          "vision_ort": (_ARTIFACT, False), "vision_trt": (_ARTIFACT, False), "mqt_trt": (_ARTIFACT, False)}
+_INTS = lambda *names: {n: ("int", True) for n in names}  # noqa: E731
+MANIFEST_SCHEMA: dict = {
+    "format_version": ("int", True), "mqt_edge_version": ("str", True), "created": ("str", False),
+    "max_tokens": ("int", True), "artifacts": (_ROLES, True),
+    "preprocess": ({"size": ("int", True), "crop": (_ints(2), True), "mean": (_nums(3), True),
+                    "std": (_nums(3), True), "pad_to_square": ("bool", True), "rescale": ("num", True),
+                    "pad_color": (_ints(3), False)}, True),
+    "prompt": ({k: ("str", True) for k in ("name", "system", "user", "assistant", "sep", "stop")}
+               | {"prefix_tokens": ("int", False)}, True),
+    "special_tokens": ({"bos": ("int", True), "eos": ("list", True)}, False),
+    "llm": (_INTS("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab", "context_length",
+                  "params", "bytes") | {"quant": ("str", True)}, True),
+    "vision": (_INTS("flops", "params", "patches", "feature_dim") | {k: ("int", False) for k in ("layers_run", "image_size")},
+               True),
+    "mqt": (_INTS("flops_per_image", "flops_per_token") | {k: ("int", False) for k in (
+        "params", "num_queries", "max_tokens", "heads", "hidden")}, True),
+    "source": ("dict", False), "graphs": ("dict", False), "export": ("dict", False), "parity": ("dict", False),
+    "seconds": ("dict", False), "accuracy": ("list", False), "accuracy_data": ("dict", False),
+}
+
+
+def _type_ok(kind, value) -> bool:
+    real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    if isinstance(kind, tuple):  # ("ints" | "nums", length)
+        each = (lambda v: isinstance(v, int) and not isinstance(v, bool)) if kind[0] == "ints" else real
+        return isinstance(value, list) and len(value) == kind[1] and all(each(v) for v in value)
+    return {
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "num": real, "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
+        "dict": lambda v: isinstance(v, dict), "list": lambda v: isinstance(v, list),
+        "sha256": lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None,
+    }[kind](value)
+
+
+def schema_errors(data: object, schema: dict = MANIFEST_SCHEMA, where: str = "") -> list[str]:
+    """Every way `data` breaks `schema`, as 'key: problem' strings (empty when it conforms)."""
+    if not isinstance(data, dict):
+        return [f"{where.rstrip('.') or 'the manifest'}: not an object"]
+    errors = [f"{where}{k}: unknown key" for k in data if k not in schema]
+    for key, (kind, required) in schema.items():
+        name = f"{where}{key}"
+        if key not in data:
+            errors += [f"{name}: missing"] if required else []
+        elif isinstance(kind, dict):
+            errors += schema_errors(data[key], kind, name + ".")
+        elif not _type_ok(kind, data[key]):
+            errors.append(f"{name}: {data[key]!r:.40} is not {_KIND_NAMES.get(kind if isinstance(kind, str) else kind[0], kind)}"
+                          + (f" (x{kind[1]})" if isinstance(kind, tuple) else ""))
+    return errors
+
+
+_KIND_NAMES = {"int": "an integer >= 0", "num": "a finite number", "str": "a string", "bool": "true/false",
+               "dict": "an object", "list": "a list", "sha256": "64 hex digits", "ints": "a list of integers",
+               "nums": "a list of numbers"}
 
 
 class BundleError(MQTEdgeError):
@@ -88,10 +161,13 @@ class Bundle:
                 f"{root} has bundle format {version}; this mqt-edge reads up to {FORMAT_VERSION}",
                 "upgrade mqt-edge (pip install -U mqt-edge) or re-export with this version",
             )
-        missing = [k for k in REQUIRED if k not in manifest] + [
-            r for r in ("vision", "mqt", "llm") if r not in manifest.get("artifacts", {})]
-        if missing:
-            raise BundleError(f"{path} lacks {', '.join(missing)}", "re-export the bundle")
+        problems = schema_errors(manifest)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise BundleError(f"{path} is not a valid bundle manifest: {problems[0]}{more}", "re-export the bundle")
+        if manifest["max_tokens"] < 1:
+            raise BundleError(f"{path} has max_tokens {manifest['max_tokens']}", "re-export the bundle")
+        _check_inside(root, manifest["artifacts"])
         bundle = cls(root, manifest)
         if verify:
             bundle.verify()
@@ -121,6 +197,16 @@ class Bundle:
     @property
     def max_tokens(self) -> int:
         return int(self.manifest["max_tokens"])
+
+
+def _check_inside(root: Path, artifacts: dict) -> None:
+    """Every artifact path resolves inside the bundle directory (symlinks followed)."""
+    base = root.resolve()
+    for role, entry in artifacts.items():
+        for item in (entry, entry.get("data")):
+            if item and not (root / item["path"]).resolve().is_relative_to(base):
+                raise BundleError(f"bundle artifact '{item['path']}' ({role}) points outside {root}",
+                                  "re-export the bundle; a bundle never refers to files outside itself")
 
 
 def check_output_dir(out: Path) -> None:

@@ -8,6 +8,7 @@ non-zero exit code; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -218,12 +219,22 @@ def run(
                                       "or onnxruntime/tensorrt-ep."),
     n_gpu_layers: int = typer.Option(0, min=0, help="LLM layers offloaded to the GPU (llama.cpp built with CUDA)."),
     sequential: bool = typer.Option(False, "--sequential", help="Free the vision encoder before the LLM's peak."),
-    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (default: all cores)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads, at most the cores (default: all cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
 ) -> None:
     """Answer a question about an image with a bundle (no torch: onnxruntime/TensorRT + llama.cpp)."""
-    from .pipeline import Pipeline
+    from .pipeline import Pipeline, _check_sampling, check_threads
+    from .prompt import check_question
 
+    # Everything checkable without the bundle first: a typo costs milliseconds, not a model load.
+    check_question(question)
+    _check_sampling(max_new_tokens, temperature, top_p, seed)
+    check_threads(threads)
+    if not (math.isfinite(confidence) and confidence >= 0):
+        raise InputError(f"--confidence {confidence} is not a probability", "use 0..1 (1.01: always refine)")
+    for name, value in (("--ttft-ms", ttft_ms), ("--memory-mb", memory_mb)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise InputError(f"{name} {value} is not a positive number", f"e.g. {name} 2000")
     gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     with Pipeline.load(bundle, vision_backend=vision_backend, n_gpu_layers=n_gpu_layers, threads=threads,
                        sequential=sequential) as pipe:
@@ -232,9 +243,6 @@ def run(
             if tokens is not None and refine <= tokens:
                 raise InputError(f"--refine {refine} is not above --tokens {tokens}",
                                  "refine to a larger m, e.g. --refine " + str(min(4 * tokens, pipe.max_tokens)))
-        from .prompt import check_question
-
-        check_question(question)
         profile_name, predicted = None, None
         if profile is not None or tokens is None:
             from .profiles.planner import ModelFacts, PlanError, plan

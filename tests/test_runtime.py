@@ -366,3 +366,70 @@ def test_use_after_close_raises_closed_error_and_never_crashes(f32_bundle):
     assert any("pipeline" in line for line in single) and any("this session is closed" in line for line in single)
     races = [line for line in lines if "during" in line]
     assert len(races) == 4 and all("ClosedError" in line for line in races), races  # 200 asks outlast the close
+
+
+# -- text that is not UTF-8, numbers without bounds, None where a number goes ------------------------
+
+def test_a_question_that_is_not_utf8_is_one_line(pipe, f32_bundle, tmp_path):
+    with pytest.raises(InputError, match="not valid UTF-8"):
+        pipe.ask(scene(), "What \udcff\udcfe color?")  # what a shell's bytes \xff\xfe decode to
+    with pytest.raises(InputError, match="not valid UTF-8"):
+        pipe.look(scene(), tokens=2).ask("lone \ud800 surrogate")
+    scene().save(tmp_path / "img.png")
+    r = subprocess.run([sys.executable, "-m", "mqt_edge", "run", str(tmp_path / "img.png"), b"What \xff\xfe color?",
+                        "--bundle", str(f32_bundle.root), "-m", "2"], capture_output=True, text=True)
+    lines = stderr_lines(r)
+    assert r.returncode == 2 and len(lines) == 1 and "not valid UTF-8" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(temperature=None), "temperature=None"),
+    (dict(top_p=None), "top_p=None"),
+    (dict(temperature="0.5"), "temperature='0.5'"),
+    (dict(max_new_tokens=2.5), "max_new_tokens=2.5"),
+    (dict(seed=-1), "seed=-1"),
+    (dict(seed=None), "seed=None"),
+])
+def test_wrong_typed_sampling_arguments_are_input_errors(pipe, kw, message):
+    with pytest.raises(InputError, match=message.replace("(", r"\(")):
+        pipe.ask(scene(), Q, tokens=2, **kw)
+    with pytest.raises(InputError, match=message.replace("(", r"\(")):
+        pipe.look(scene(), tokens=2).generate(Q, **kw)
+
+
+def test_threads_are_bounded_by_the_cores(f32_bundle):
+    import os
+
+    cores = os.cpu_count()
+    for bad in (0, cores + 1, 100000, 2.0, True):
+        with pytest.raises(InputError, match="CPU cores"):
+            Pipeline.load(f32_bundle.root, threads=bad)
+    with pytest.raises(InputError, match="n_gpu_layers"):
+        Pipeline.load(f32_bundle.root, n_gpu_layers=-1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threads", "100000"], "CPU cores"),
+    (["--confidence", "nan", "--refine", "16"], "--confidence nan"),
+    (["--confidence", "-1"], "--confidence -1"),
+    (["--ttft-ms", "nan"], "--ttft-ms nan"),
+    (["--temperature", "inf"], "temperature=inf"),
+    (["--seed", "-3"], "seed=-3"),
+])
+def test_cli_numbers_out_of_bounds_are_one_line(f32_bundle, tmp_path, args, message):
+    scene().save(tmp_path / "img.png")
+    r = cli("run", str(tmp_path / "img.png"), Q, "--bundle", str(f32_bundle.root), "-m", "2", *args)
+    lines = stderr_lines(r)
+    assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_gpu_layers_reported_are_those_llama_cpp_offloaded(f32_bundle):
+    import llama_cpp
+
+    with Pipeline.load(f32_bundle.root, n_gpu_layers=99) as p:
+        if llama_cpp.llama_supports_gpu_offload():
+            layers = f32_bundle.manifest["llm"]["layers"]
+            assert p.backends["llm"] == f"llama.cpp/gpu:{min(99, layers + 1)} layers"
+        else:
+            assert p.backends["llm"] == "llama.cpp/cpu"  # was "gpu:99 layers" on a CPU-only build
+        assert p.ask(scene(), Q, tokens=2, max_new_tokens=2).backends["llm"] == p.backends["llm"]

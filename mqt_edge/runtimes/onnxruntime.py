@@ -11,8 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import Bundle
+from ..bundle import Bundle, BundleError
 from ..errors import InputError, require
+
+# What each graph must take: a graph that loads but has other inputs was not exported by mqt-edge.
+INPUTS = {"vision": ["pixel_values"], "mqt": ["image_features", "query_ids"]}
 
 # Preference order; only those onnxruntime reports as available are used.
 PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -23,6 +26,16 @@ def available_providers() -> list[str]:
     ort = require("onnxruntime", "cpu")
     have = set(ort.get_available_providers())
     return [p for p in PROVIDERS if p in have]
+
+
+def _load(ort, path: Path, so, providers: list[str]):
+    """An InferenceSession, or one line naming the artifact (a truncated or foreign file)."""
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own InvalidProtobuf, Fail, NoSuchFile...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BundleError(f"onnxruntime cannot load {path.name} ({type(exc).__name__}: {first[:200]})",
+                          "re-export the bundle") from None
 
 
 class OnnxRuntimeVision:
@@ -58,9 +71,13 @@ class OnnxRuntimeVision:
         # The ORT-fused vision graph, when the bundle has one, is for onnxruntime only.
         roles = self.bundle.manifest["artifacts"]
         self._vision_path: Path = self.bundle.path("vision_ort" if "vision_ort" in roles else "vision")
-        self._session = lambda path: ort.InferenceSession(str(path), so, providers=providers)  # noqa: E731
+        self._session = lambda path: _load(ort, path, so, providers)  # noqa: E731
         self.vision = self._session(self._vision_path)
         self.mqt = self._session(self.bundle.path("mqt"))
+        for role, sess in (("vision", self.vision), ("mqt", self.mqt)):
+            names = [i.name for i in sess.get_inputs()]
+            if names != INPUTS[role]:
+                raise BundleError(f"the bundle's {role} graph takes {names}, not {INPUTS[role]}", "re-export the bundle")
         self.provider = self.vision.get_providers()[0]
         return self
 
