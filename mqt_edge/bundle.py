@@ -5,17 +5,27 @@
     DIR/mqt.onnx        image_features, query_ids (m,) -> visual_tokens (B, m, hidden)
     DIR/llm-<quant>.gguf
 
-Torch-free: the runtime opens bundles. An export is built in a hidden staging directory and
-renamed into place only once the manifest is written, so an interrupted export never leaves a
+Torch-free: the runtime opens bundles. An export is built in a hidden staging directory beside
+DIR and moved into place only once the manifest is written, so an interrupted export never leaves a
 directory that `Bundle.open` accepts.
+
+Re-exporting onto a bundle replaces only what that bundle owns (manifest.json and the artifacts it
+lists); anything else the user put in DIR stays. The replacement is journalled: DIR/.mqt-edge-replacing.json
+lists the files in play, manifest.json is removed first (so `run` refuses the directory from then
+on) and written last; after a kill mid-way the next export treats the journalled files as the bundle's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
+import signal
+import tempfile
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +37,83 @@ FORMAT_VERSION = 1
 REQUIRED = ("mqt_edge_version", "max_tokens", "artifacts", "preprocess", "prompt", "llm", "vision", "mqt")
 MANIFEST = "manifest.json"
 DEFAULT_BUNDLE = Path("mqt-edge-bundle")
+JOURNAL = ".mqt-edge-replacing.json"  # present only while a re-export swaps files in DIR
+STAGING = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)$")  # .DIR.partial-PID beside DIR
+# Names an export may write into DIR: a user file by one of these names would be overwritten.
+ARTIFACT_NAMES = re.compile(r"^(vision(-ort|-int8)?\.onnx|mqt\.onnx)(\.data)?$|^llm-\w+\.gguf$|^(vision|mqt)\.engine$")
+
+
+# -- the manifest's schema: (type, required) per key; a table so a new key is one row ----------------
+# Types: "int" (not bool), "num" (finite int or float), "str", "bool", "dict" / "list" (free-form
+# records the runtime only displays), or a nested table. Unknown keys and wrong types are refused.
+def _ints(n: int) -> tuple[str, int]:
+    return ("ints", n)
+
+
+def _nums(n: int) -> tuple[str, int]:
+    return ("nums", n)
+
+
+_FILE = {"path": ("str", True), "sha256": ("sha256", True), "bytes": ("int", True)}
+_ARTIFACT = _FILE | {"data": (_FILE, False), "tensorrt": ("str", False), "gpu": ("str", False),
+                     "opt_tokens": ("int", False), "max_batch": ("int", False)}
+_ROLES = {"vision": (_ARTIFACT, True), "mqt": (_ARTIFACT, True), "llm": (_ARTIFACT, True),
+          "vision_ort": (_ARTIFACT, False), "vision_int8": (_ARTIFACT, False),
+          "vision_trt": (_ARTIFACT, False), "mqt_trt": (_ARTIFACT, False)}
+_INTS = lambda *names: {n: ("int", True) for n in names}  # noqa: E731
+MANIFEST_SCHEMA: dict = {
+    "format_version": ("int", True), "mqt_edge_version": ("str", True), "created": ("str", False),
+    "max_tokens": ("int", True), "artifacts": (_ROLES, True),
+    "preprocess": ({"size": ("int", True), "crop": (_ints(2), True), "mean": (_nums(3), True),
+                    "std": (_nums(3), True), "pad_to_square": ("bool", True), "rescale": ("num", True),
+                    "pad_color": (_ints(3), False)}, True),
+    "prompt": ({k: ("str", True) for k in ("name", "system", "user", "assistant", "sep", "stop")}
+               | {"prefix_tokens": ("int", False)}, True),
+    "special_tokens": ({"bos": ("int", True), "eos": ("list", True)}, False),
+    "llm": (_INTS("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab", "context_length",
+                  "params", "bytes") | {"quant": ("str", True)}, True),
+    "vision": (_INTS("flops", "params", "patches", "feature_dim") | {k: ("int", False) for k in ("layers_run", "image_size")}
+               | {"int8": ("dict", False)}, True),
+    "mqt": (_INTS("flops_per_image", "flops_per_token") | {k: ("int", False) for k in (
+        "params", "num_queries", "max_tokens", "heads", "hidden")}, True),
+    "source": ("dict", False), "graphs": ("dict", False), "export": ("dict", False), "parity": ("dict", False),
+    "seconds": ("dict", False), "accuracy": ("list", False), "accuracy_data": ("dict", False),
+}
+
+
+def _type_ok(kind, value) -> bool:
+    real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    if isinstance(kind, tuple):  # ("ints" | "nums", length)
+        each = (lambda v: isinstance(v, int) and not isinstance(v, bool)) if kind[0] == "ints" else real
+        return isinstance(value, list) and len(value) == kind[1] and all(each(v) for v in value)
+    return {
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "num": real, "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
+        "dict": lambda v: isinstance(v, dict), "list": lambda v: isinstance(v, list),
+        "sha256": lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None,
+    }[kind](value)
+
+
+def schema_errors(data: object, schema: dict = MANIFEST_SCHEMA, where: str = "") -> list[str]:
+    """Every way `data` breaks `schema`, as 'key: problem' strings (empty when it conforms)."""
+    if not isinstance(data, dict):
+        return [f"{where.rstrip('.') or 'the manifest'}: not an object"]
+    errors = [f"{where}{k}: unknown key" for k in data if k not in schema]
+    for key, (kind, required) in schema.items():
+        name = f"{where}{key}"
+        if key not in data:
+            errors += [f"{name}: missing"] if required else []
+        elif isinstance(kind, dict):
+            errors += schema_errors(data[key], kind, name + ".")
+        elif not _type_ok(kind, data[key]):
+            errors.append(f"{name}: {data[key]!r:.40} is not {_KIND_NAMES.get(kind if isinstance(kind, str) else kind[0], kind)}"
+                          + (f" (x{kind[1]})" if isinstance(kind, tuple) else ""))
+    return errors
+
+
+_KIND_NAMES = {"int": "an integer >= 0", "num": "a finite number", "str": "a string", "bool": "true/false",
+               "dict": "an object", "list": "a list", "sha256": "64 hex digits", "ints": "a list of integers",
+               "nums": "a list of numbers"}
 
 
 class BundleError(MQTEdgeError):
@@ -75,10 +162,13 @@ class Bundle:
                 f"{root} has bundle format {version}; this mqt-edge reads up to {FORMAT_VERSION}",
                 "upgrade mqt-edge (pip install -U mqt-edge) or re-export with this version",
             )
-        missing = [k for k in REQUIRED if k not in manifest] + [
-            r for r in ("vision", "mqt", "llm") if r not in manifest.get("artifacts", {})]
-        if missing:
-            raise BundleError(f"{path} lacks {', '.join(missing)}", "re-export the bundle")
+        problems = schema_errors(manifest)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise BundleError(f"{path} is not a valid bundle manifest: {problems[0]}{more}", "re-export the bundle")
+        if manifest["max_tokens"] < 1:
+            raise BundleError(f"{path} has max_tokens {manifest['max_tokens']}", "re-export the bundle")
+        _check_inside(root, manifest["artifacts"])
         bundle = cls(root, manifest)
         if verify:
             bundle.verify()
@@ -110,19 +200,51 @@ class Bundle:
         return int(self.manifest["max_tokens"])
 
 
+def _check_inside(root: Path, artifacts: dict) -> None:
+    """Every artifact path resolves inside the bundle directory (symlinks followed)."""
+    base = root.resolve()
+    for role, entry in artifacts.items():
+        for item in (entry, entry.get("data")):
+            if item and not (root / item["path"]).resolve().is_relative_to(base):
+                raise BundleError(f"bundle artifact '{item['path']}' ({role}) points outside {root}",
+                                  "re-export the bundle; a bundle never refers to files outside itself")
+
+
 def check_output_dir(out: Path) -> None:
-    """An export may write to a new path, an empty directory, or replace an existing bundle."""
-    if not out.exists():
-        return
-    if not out.is_dir():
+    """Before any heavy work: an export may write a new path, an empty directory, or an existing
+    bundle (replacing only its own files); every directory it writes to must be writable."""
+    if out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is not a directory", "choose another --out")
-    if out.resolve() == Path.cwd().resolve() or out.resolve().parent == out.resolve():
+    if out.exists() and (out.resolve() == Path.cwd().resolve() or out.resolve().parent == out.resolve()):
         raise InputError(f"--out {out} is the current or root directory", "name a new directory for the bundle")
-    if any(out.iterdir()) and not is_bundle(out):
-        raise InputError(
-            f"{out} exists and is not an mqt-edge bundle",
-            "choose another --out (an export only replaces an existing bundle)",
-        )
+    if out.exists() and any(out.iterdir()):
+        if not is_bundle(out) and not (out / JOURNAL).is_file():
+            raise InputError(
+                f"{out} exists and is not an mqt-edge bundle",
+                "choose another --out (an export only replaces an existing bundle)",
+            )
+        owned = owned_files(out)
+        clash = sorted(p.name for p in out.iterdir() if ARTIFACT_NAMES.match(p.name) and p.name not in owned)
+        if clash:
+            raise InputError(f"{out / clash[0]} is not part of the bundle there, and an export would overwrite it",
+                             "move it out of the way (an export never replaces files it does not own)")
+        _check_writable(out, out)
+    _check_writable(out.parent, out)  # the staging directory goes beside `out`
+
+
+def _check_writable(path: Path, out: Path) -> None:
+    """Create and remove a directory in the nearest existing ancestor: the only test that sees
+    read-only mounts, immutable directories and pseudo-filesystems (/proc) alike."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"--out {out} is inside {probe}, which is a file", "choose another --out")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".mqt-edge-write-test-", dir=probe))
+    except OSError as exc:
+        raise InputError(f"cannot write to {probe} for --out {out} ({exc.strerror or exc})",
+                         "choose a writable --out") from None
 
 
 def is_bundle(path: Path) -> bool:
@@ -134,35 +256,122 @@ def is_bundle(path: Path) -> bool:
         return False
 
 
+def _plain_name(name: object) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
+def owned_files(out: Path) -> set[str]:
+    """Names directly in `out` that its bundle owns: the manifest, the artifacts it lists (with
+    their external data), and the files of an interrupted replacement (the journal)."""
+    names = {MANIFEST, MANIFEST + ".tmp", JOURNAL}
+    for source in (MANIFEST, JOURNAL):
+        try:
+            data = json.loads((out / source).read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        if source == JOURNAL:
+            names.update(data.get("files", []) if isinstance(data.get("files"), list) else [])
+            continue
+        for entry in (data.get("artifacts") or {}).values() if isinstance(data.get("artifacts"), dict) else []:
+            for item in (entry, entry.get("data") if isinstance(entry, dict) else None):
+                if isinstance(item, dict):
+                    names.add(item.get("path"))
+    return {n for n in names if _plain_name(n)}
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OverflowError:  # no such process can exist
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_staging(parent: Path) -> list[Path]:
+    """Remove the staging directories (.NAME.partial-PID) in `parent` whose export process is gone;
+    never one whose process is alive. Returns what was removed."""
+    removed = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        match = STAGING.match(p.name)
+        if match and p.is_dir() and not p.is_symlink() and not _alive(int(match["pid"])):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+@contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Ctrl-C waits until the files are swapped (a few renames): a bundle is never half-replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda sig, frame: pressed.append(sig))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)  # a Ctrl-C during the swap lets the export finish
+
+
 @contextmanager
 def staging(out: Path) -> Iterator[Path]:
-    """Yield a hidden directory beside `out`; on success it replaces `out`, on failure it vanishes."""
+    """Yield a hidden directory beside `out`; on success its files replace `out`'s bundle, on failure it vanishes."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out.parent)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed export
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(stale, ignore_errors=True)
     try:
         yield tmp
         if not (tmp / MANIFEST).is_file():
             raise RuntimeError("staging finished without a manifest")  # a bug, not a user error
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            try:
+        with _sigint_deferred():
+            if out.is_dir() and any(out.iterdir()):
+                _replace_owned(tmp, out)
+            else:
+                if out.is_dir():
+                    out.rmdir()
                 os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)  # put the user's bundle back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def _replace_owned(tmp: Path, out: Path) -> None:
+    """Move the new bundle's files into `out`, remove the old bundle's other files, keep the rest."""
+    new = sorted(p.name for p in tmp.iterdir() if p.name != MANIFEST)
+    old = owned_files(out) - {MANIFEST, MANIFEST + ".tmp", JOURNAL}
+    clash = [n for n in new if (out / n).exists() and n not in old]
+    if clash:
+        raise InputError(f"{out / clash[0]} is not part of the bundle there, and an export would overwrite it",
+                         "move it out of the way; nothing was written")
+    _write_json(out / JOURNAL, {"files": sorted(set(new) | old)})
+    (out / MANIFEST).unlink(missing_ok=True)  # from here on `run` refuses the directory
+    for name in new:
+        os.replace(tmp / name, out / name)
+    for name in sorted(old - set(new)):
+        path = out / name
+        if path.is_file() or path.is_symlink():  # never a directory the user made
+            path.unlink()
+    os.replace(tmp / MANIFEST, out / MANIFEST)  # the new bundle exists
+    (out / JOURNAL).unlink()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
 
 
 def write_manifest(root: Path, manifest: dict) -> None:

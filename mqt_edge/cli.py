@@ -8,6 +8,7 @@ non-zero exit code; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -101,7 +102,6 @@ def export_cmd(
     no_parity: bool = typer.Option(False, "--no-parity", help="Skip the parity checks (not recommended)."),
 ) -> None:
     """Export a checkpoint to a verified bundle: vision.onnx, mqt.onnx, llm-<quant>.gguf, manifest.json."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from .exporters import ExportOptions, export
@@ -124,19 +124,11 @@ def export_cmd(
         screen = Console(file=os.fdopen(os.dup(sys.stderr.fileno()), "w"), stderr=False)
     except (AttributeError, OSError, ValueError):
         screen = err
-    if not screen.is_terminal:  # logs and pipes get the summary only
-        result = export(opts)
-    else:
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                      console=screen, transient=True) as bar:
-            current: list = []
-
-            def on_stage(name: str) -> None:
-                if current:
-                    bar.update(current[-1], completed=1)
-                current.append(bar.add_task(name, total=1))
-
-            result = export(opts, on_stage=on_stage)
+    try:
+        result = _export_with_progress(export, opts, screen)
+    except KeyboardInterrupt:
+        raise ExportInterrupted(f"export interrupted: nothing was written to {out}",
+                                "a bundle already there is unchanged; run the export again") from None
     manifest = result.bundle.manifest
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     err.print(f"stages: {stages}", highlight=False)
@@ -148,6 +140,29 @@ def export_cmd(
         size = entry["bytes"] + entry.get("data", {}).get("bytes", 0)
         table.add_row(entry["path"], f"{size / 2**20:,.1f} MiB", _parity_cell(role, manifest, parity))
     err.print(table)
+
+
+class ExportInterrupted(MQTEdgeError):
+    """Ctrl-C during an export: the staging directory is gone and --out untouched."""
+
+    exit_code = 130
+
+
+def _export_with_progress(export, opts, screen: Console):
+    if not screen.is_terminal:  # logs and pipes get the summary only
+        return export(opts)
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=screen, transient=True) as bar:
+        current: list = []
+
+        def on_stage(name: str) -> None:
+            if current:
+                bar.update(current[-1], completed=1)
+            current.append(bar.add_task(name, total=1))
+
+        return export(opts, on_stage=on_stage)
 
 
 def _parity_cell(role: str, manifest: dict, parity: dict) -> str:
@@ -206,17 +221,28 @@ def run(
     seed: int = typer.Option(0, help="Sampling seed."),
     refine: Optional[int] = typer.Option(None, help="Refine to this m when the first token is not confident."),
     confidence: float = typer.Option(0.5, help="First-token probability below which --refine refines (1.01: always)."),
-    vision_backend: str = typer.Option("auto", help="auto | tensorrt | onnxruntime[/cpu|/cuda|/tensorrt-ep]."),
+    vision_backend: str = typer.Option("auto", help="auto, tensorrt, onnxruntime, onnxruntime/cpu, onnxruntime/cuda "
+                                      "or onnxruntime/tensorrt-ep."),
     vision_precision: str = typer.Option("auto", help="onnxruntime's vision graph: auto (int8 on a CPU when the "
                                          "bundle has it) | fp32 | int8."),
     n_gpu_layers: int = typer.Option(0, min=0, help="LLM layers offloaded to the GPU (llama.cpp built with CUDA)."),
     sequential: bool = typer.Option(False, "--sequential", help="Free the vision encoder before the LLM's peak."),
-    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (default: all cores)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads, at most the cores (default: all cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
 ) -> None:
     """Answer a question about an image with a bundle (no torch: onnxruntime/TensorRT + llama.cpp)."""
-    from .pipeline import Pipeline
+    from .pipeline import Pipeline, _check_sampling, check_threads
+    from .prompt import check_question
 
+    # Everything checkable without the bundle first: a typo costs milliseconds, not a model load.
+    check_question(question)
+    _check_sampling(max_new_tokens, temperature, top_p, seed)
+    check_threads(threads)
+    if not (math.isfinite(confidence) and confidence >= 0):
+        raise InputError(f"--confidence {confidence} is not a probability", "use 0..1 (1.01: always refine)")
+    for name, value in (("--ttft-ms", ttft_ms), ("--memory-mb", memory_mb)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise InputError(f"{name} {value} is not a positive number", f"e.g. {name} 2000")
     gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
     def show(piece: str) -> None:

@@ -35,6 +35,10 @@ class TokensError(MQTEdgeError, ValueError):
     """A number of visual tokens (m) or a set of query ids is out of range."""
 
 
+class ClosedError(MQTEdgeError, RuntimeError):
+    """A pipeline, session or llama.cpp object was used after `close()`."""
+
+
 class InputError(MQTEdgeError, ValueError):
     """Any other bad argument: an empty question, an unknown preset, an unusable output path."""
 

@@ -9,6 +9,16 @@ release applies (`image_aspect_ratio = "pad"`):
    1/255 (in float64, then float32, as transformers does), normalise with the CLIP mean/std.
 
 tests/test_image.py holds it to transformers' CLIPImageProcessor bit for bit.
+
+Memory: the work is bounded by what preprocessing will allocate, computed from the image header
+before any pixel is decoded (`preprocess_pixels`): the decoded input, the padded square (a tall
+image), or the one-axis-resized strip (a wide image) must each stay within `max_pixels` (64 MP, so
+at most ~192 MB per RGB buffer at the default). A wide image is never padded at full size: Pillow's
+bicubic resize runs a horizontal pass then a vertical one, rows independent of each other, so
+resizing the image's rows horizontally and adding the pad rows (a pad row resized once) gives
+exactly the padded square's intermediate; the vertical pass then runs on that S x L strip. A tall
+image's pad columns sit inside each row of the horizontal pass, so it is padded for real. The test
+holds both paths to the full pad-then-resize bit for bit.
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 from PIL import Image
@@ -86,21 +96,30 @@ class ImageSpec:
         )
 
 
-def load_image(image: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Return an RGB PIL image from a path, a PIL image or an HxWx3 uint8 array (RGB order)."""
+SizeCheck = Optional[Callable[[tuple[int, int]], None]]
+
+
+def load_image(image: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS, check: SizeCheck = None) -> Image.Image:
+    """Return an RGB PIL image from a path, a PIL image or an HxWx3 uint8 array (RGB order).
+
+    check((w, h)) runs on the size before any pixel is decoded (preprocess's memory budget)."""
     if isinstance(image, (str, Path)):
-        return _open(Path(image), max_pixels)
+        return _open(Path(image), max_pixels, check)
     if isinstance(image, Image.Image):
-        _check_pixels(image.size, max_pixels, "image")
+        _check_pixels(image.size, max_pixels, "image", check)
         _check_mode(image, "image")
-        return image if image.mode == "RGB" else image.convert("RGB")
+        try:  # a lazily opened file is decoded here: a truncated one must not escape as OSError
+            image.load()
+            return image if image.mode == "RGB" else image.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise ImageError(f"cannot read the PIL image ({exc})", "pass a complete, valid image") from None
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ImageError(
                 f"image array has dtype {image.dtype} and shape {tuple(image.shape)}",
                 "pass an HxWx3 uint8 RGB array (OpenCV frames are BGR: use frame[..., ::-1])",
             )
-        _check_pixels((image.shape[1], image.shape[0]), max_pixels, "image array")
+        _check_pixels((image.shape[1], image.shape[0]), max_pixels, "image array", check)
         return Image.fromarray(np.ascontiguousarray(image))  # (H, W, 3) uint8 -> RGB
     raise ImageError(
         f"cannot use an image of type {type(image).__name__}",
@@ -116,7 +135,7 @@ def _check_mode(image: Image.Image, what: str) -> None:
         )
 
 
-def _check_pixels(wh: tuple[int, int], max_pixels: int, what: str) -> None:
+def _check_pixels(wh: tuple[int, int], max_pixels: int, what: str, check: SizeCheck = None) -> None:
     w, h = wh
     if w < 1 or h < 1:
         raise ImageError(f"{what} is empty ({w}x{h})", "pass an image with at least one pixel")
@@ -125,9 +144,11 @@ def _check_pixels(wh: tuple[int, int], max_pixels: int, what: str) -> None:
             f"{what} is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}",
             "downscale it first, or raise max_pixels if the file is trusted",
         )
+    if check is not None:
+        check(wh)
 
 
-def _open(path: Path, max_pixels: int) -> Image.Image:
+def _open(path: Path, max_pixels: int, check: SizeCheck = None) -> Image.Image:
     if path.is_dir():
         raise ImageError(f"{path} is a directory, not an image", "pass an image file")
     if not path.is_file():
@@ -135,10 +156,10 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     try:
         with Image.open(path) as im:
             # The header gives the size before any pixel is decoded: refuse bombs here.
-            _check_pixels(im.size, max_pixels, f"image {path.name}")
+            _check_pixels(im.size, max_pixels, f"image {path.name}", check)
             _check_mode(im, path.name)
             im.load()
-            return im.convert("RGB")
+            return im if im.mode == "RGB" else im.convert("RGB")  # no second copy of a large RGB image
     except ImageError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
@@ -157,17 +178,57 @@ def expand_to_square(image: Image.Image, color: tuple[int, int, int]) -> Image.I
     return out
 
 
+def _resized_size(wh: tuple[int, int], size: int) -> tuple[int, int]:
+    """(w, h) after the shortest edge goes to `size` (transformers' rounding: int of the long side)."""
+    w, h = wh
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    return (size, new_long) if w <= h else (new_long, size)
+
+
+def preprocess_pixels(wh: tuple[int, int], spec: ImageSpec) -> tuple[int, int]:
+    """(w, h) of the largest buffer preprocessing allocates for a w x h input, besides the input."""
+    w, h = wh
+    if not spec.pad_to_square:
+        return _resized_size(wh, spec.size)
+    if h >= w:  # tall (or square): padded to h x h for real
+        return (h, h)
+    return (spec.size, w)  # wide: rows resized to S wide, then the S x w strip with its pad rows
+
+
+def _check_budget(wh: tuple[int, int], spec: ImageSpec, max_pixels: int) -> None:
+    bw, bh = preprocess_pixels(wh, spec)
+    if bw * bh > max_pixels:
+        raise ImageError(
+            f"image {wh[0]}x{wh[1]} needs a {bw}x{bh} buffer ({bw * bh:,} pixels) to preprocess, "
+            f"over the limit of {max_pixels:,}",
+            "crop it closer to a square (a tall image is padded to one), or raise max_pixels if the file is trusted",
+        )
+
+
+def _pad_wide_and_resize(im: Image.Image, spec: ImageSpec) -> Image.Image:
+    """expand_to_square + resize to S x S for w > h, without the w x w square (exact, see the top)."""
+    w, h = im.size
+    S, top = spec.size, (w - h) // 2
+    rows = im.resize((S, h), resample=Image.Resampling.BICUBIC)  # horizontal pass only
+    pad_row = Image.new(im.mode, (w, 1), spec.pad_color).resize((S, 1), resample=Image.Resampling.BICUBIC)
+    strip = pad_row.resize((S, w), resample=Image.Resampling.NEAREST)  # (S wide, L tall): that row, repeated
+    strip.paste(rows, (0, top))  # the square after its horizontal pass, one buffer of S x L pixels
+    return strip.resize((S, S), resample=Image.Resampling.BICUBIC)  # vertical pass only
+
+
 def preprocess(image: ImageInput, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Image -> `pixel_values` float32 (1, 3, H, W), exactly as the release computes it."""
-    im = load_image(image, max_pixels)
-    if spec.pad_to_square:
-        im = expand_to_square(im, spec.pad_color)
+    im = load_image(image, max_pixels, check=lambda wh: _check_budget(wh, spec, max_pixels))
     w, h = im.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = spec.size, int(spec.size * long / short)
-    size = (new_short, new_long) if w <= h else (new_long, new_short)  # PIL wants (w, h)
-    if size != im.size:
-        im = im.resize(size, resample=Image.Resampling.BICUBIC)
+    if spec.pad_to_square and w > h and w != spec.size:
+        im = _pad_wide_and_resize(im, spec)
+    else:
+        if spec.pad_to_square:
+            im = expand_to_square(im, spec.pad_color)
+        size = _resized_size(im.size, spec.size)  # PIL wants (w, h)
+        if size != im.size:
+            im = im.resize(size, resample=Image.Resampling.BICUBIC)
     arr = np.asarray(im)  # (H, W, 3) uint8
     ch, cw = spec.crop
     top, left = (arr.shape[0] - ch) // 2, (arr.shape[1] - cw) // 2

@@ -51,6 +51,13 @@ LLAVA_V1 = PromptTemplate()
 def check_question(question: str) -> str:
     if not isinstance(question, str) or not question.strip():
         raise InputError("the question is empty", "ask a question about the image")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: a shell's undecodable bytes, or a bad str
+        raise InputError(
+            f"the question is not valid UTF-8 text (character {exc.start} is {question[exc.start]!r})",
+            "pass the question as UTF-8 text (check the terminal's or file's encoding)",
+        ) from None
     if IMAGE_PLACEHOLDER in question:
         raise InputError(
             f"the question contains the image placeholder {IMAGE_PLACEHOLDER!r}",

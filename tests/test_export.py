@@ -1,6 +1,7 @@
 """`mqt-edge export`: bundles that match an independent reference, atomic writes, bad input."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 import shutil
@@ -13,6 +14,7 @@ import torch
 
 from conftest import cli, scene, stderr_lines
 from mqt_edge.bundle import Bundle, BundleError
+from mqt_edge.errors import MQTEdgeError
 from mqt_edge.exporters import ExportError, ExportOptions, export
 
 
@@ -297,3 +299,115 @@ def test_export_without_model_says_how_to_get_one(tmp_path):
                        capture_output=True, text=True)
     assert one_line_error(r) and "mqt-edge synth" in r.stderr
     assert not (tmp_path / "b").exists()
+
+
+# -- re-export keeps the user's files; unusable --out; stale staging; Ctrl-C --------------------------
+
+def test_reexport_replaces_only_what_the_bundle_owns(tiny_ckpt, tmp_path):
+    out = tmp_path / "bp"
+    export(ExportOptions(model=str(tiny_ckpt), out=out, quant="f32", max_tokens=8, parity=False))
+    (out / "my_notes.txt").write_text("notes")
+    (out / "eval").mkdir()
+    (out / "eval" / "run1.json").write_text("{}")
+    r = cli("export", str(tiny_ckpt), "--out", str(out), "--quant", "f16", "--max-tokens", "4", "--no-parity")
+    assert r.returncode == 0, r.stderr
+    assert (out / "my_notes.txt").read_text() == "notes" and (out / "eval" / "run1.json").read_text() == "{}"
+    b = Bundle.open(out)
+    assert b.max_tokens == 4 and b.path("llm").name == "llm-f16.gguf"
+    assert not (out / "llm-f32.gguf").exists()  # the old bundle's own file, not in the new one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bp"]  # no staging left beside it
+    assert not (out / ".mqt-edge-replacing.json").exists()
+
+
+def test_a_user_file_named_like_an_artifact_is_never_overwritten(tiny_ckpt, tmp_path):
+    out = tmp_path / "bp"
+    export(ExportOptions(model=str(tiny_ckpt), out=out, quant="f32", max_tokens=4, parity=False))
+    (out / "llm-f16.gguf").write_text("mine")
+    stages = []
+    with pytest.raises(MQTEdgeError, match="llm-f16.gguf is not part of the bundle"):
+        export(ExportOptions(model=str(tiny_ckpt), out=out, quant="f16"), on_stage=stages.append)
+    assert stages == [] and (out / "llm-f16.gguf").read_text() == "mine"
+
+
+def _immutable(tmp_path):
+    d = tmp_path / "immutable"
+    d.mkdir()
+    if subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not permitted here")
+    return d, lambda: subprocess.run(["chattr", "-i", str(d)])
+
+
+def _read_only_fs(tmp_path):
+    d = tmp_path / "ro"
+    d.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(d)], capture_output=True).returncode:
+        pytest.skip("mounting a read-only tmpfs is not permitted here")
+    return d, lambda: subprocess.run(["umount", str(d)])
+
+
+@pytest.mark.parametrize("where, message", [
+    ("file", "which is a file"),
+    ("proc", "cannot write to /proc"),
+    ("immutable", "Operation not permitted"),
+    ("ro", "Read-only file system"),
+])
+def test_an_unusable_out_is_one_line_before_any_model_loads(tiny_ckpt, tmp_path, where, message):
+    undo = None
+    if where == "file":
+        (tmp_path / "f").write_text("x")
+        out = tmp_path / "f" / "b"
+    elif where == "proc":
+        out = Path("/proc/b")
+    else:
+        parent, undo = (_immutable if where == "immutable" else _read_only_fs)(tmp_path)
+        out = parent / "b"
+    try:
+        stages = []
+        with pytest.raises(MQTEdgeError, match=message):
+            export(ExportOptions(model=str(tiny_ckpt), out=out), on_stage=stages.append)
+        assert stages == []  # refused before the "load" stage
+        r = cli("export", str(tiny_ckpt), "--out", str(out))
+        assert one_line_error(r) and message in r.stderr and r.returncode == 2, r.stderr
+    finally:
+        if undo:
+            undo()
+
+
+def test_stale_staging_is_removed_only_for_dead_exports(tiny_ckpt, tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for name in (f".other.partial-{dead.pid}", f".b.partial-{dead.pid}", f".x.partial-{alive.pid}"):
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "llm-f32.gguf").write_bytes(b"\0" * 1000)
+        (tmp_path / ".notes.partial-backup").mkdir()  # not a staging name (no pid): not ours
+
+        def stop(stage):
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            export(ExportOptions(model=str(tiny_ckpt), out=tmp_path / "b"), on_stage=stop)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.partial-backup", f".x.partial-{alive.pid}"]
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_ctrl_c_during_export_says_nothing_was_written(tiny_ckpt, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "b"
+    p = subprocess.Popen([sys.executable, "-m", "mqt_edge", "export", str(tiny_ckpt), "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    staged = tmp_path / f".b.partial-{p.pid}"
+    deadline = time.time() + 120
+    while not staged.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert staged.exists(), "the export never started staging"
+    p.send_signal(signal.SIGINT)
+    _, stderr = p.communicate(timeout=120)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert p.returncode == 130 and len(lines) == 1 and "nothing was written" in lines[0], stderr
+    assert list(tmp_path.iterdir()) == []

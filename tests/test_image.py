@@ -94,3 +94,79 @@ def test_arrays_must_be_hxwx3_uint8(arr):
 def test_other_types_are_refused():
     with pytest.raises(ImageError, match="cannot use an image of type"):
         load_image(42)
+
+
+def pad_then_resize(im: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """The straightforward order, for shapes too big for CLIPImageProcessor in a fast test."""
+    w, h = im.size
+    side = max(w, h)
+    sq = Image.new("RGB", (side, side), spec.pad_color)
+    sq.paste(im, ((side - w) // 2, (side - h) // 2))
+    if side != spec.size:
+        sq = sq.resize((spec.size, spec.size), resample=Image.Resampling.BICUBIC)
+    return np.asarray(sq)
+
+
+def strip(wh, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (wh[1], wh[0], 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("wh", [(901, 37), (2000, 3), (3001, 1), (337, 5), (335, 100), (400, 399), (60, 7)])
+def test_wide_images_are_never_padded_at_full_size_and_match_exactly(wh):
+    """The wide path (rows resized, then pad rows added) against the release's pad-then-resize."""
+    im = strip(wh, seed=sum(wh))
+    np.testing.assert_array_equal(preprocess(im, SPEC), release_pixels(im))
+
+
+@pytest.mark.parametrize("wh", [(4000, 3), (7000, 2), (5003, 1)])
+def test_long_wide_strips_match_pad_then_resize(wh):
+    im = strip(wh)
+    x = preprocess(im, SPEC)
+    pixels = (x[0].transpose(1, 2, 0) * np.asarray(SPEC.std, np.float32) + np.asarray(SPEC.mean, np.float32))
+    expected = pad_then_resize(im, SPEC)
+    ref = (expected.astype(np.float64) * SPEC.rescale).astype(np.float32)
+    ref = (ref - np.asarray(SPEC.mean, np.float32)) / np.asarray(SPEC.std, np.float32)
+    np.testing.assert_array_equal(x[0], ref.transpose(2, 0, 1))
+    assert pixels.shape == (336, 336, 3)
+
+
+PEAK = r"""
+import sys
+from PIL import Image
+from mqt_edge.errors import ImageError
+from mqt_edge.image import ImageSpec, preprocess, CLIP_MEAN, CLIP_STD
+w, h, pad = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "pad"
+Image.new("RGB", (w, h), (30, 140, 200)).save(sys.argv[1])
+try:
+    print("ok", preprocess(sys.argv[1], ImageSpec(336, (336, 336), CLIP_MEAN, CLIP_STD, pad)).shape)
+except ImageError as exc:
+    print("refused:", exc)
+print(next(int(l.split()[1]) // 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")))
+"""
+
+
+@pytest.mark.parametrize("wh, pad, outcome, peak_limit_mb", [
+    ((20000, 1), "pad", "ok", 120),  # was 1.6 GB and 9 s: padded to 20000 x 20000 first
+    ((1, 20000), "pad", "refused: image 1x20000 needs a 20000x20000 buffer", 60),
+    ((20000, 1), "nopad", "refused: image 20000x1 needs a 6720000x336 buffer", 60),
+    ((190000, 1), "pad", "ok", 60 + 3 * 64 * 1.3),  # the budget: one 64 MP RGB buffer (190000 x 336)
+])
+def test_preprocessing_memory_is_bounded_before_decoding(tmp_path, wh, pad, outcome, peak_limit_mb):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", PEAK, str(tmp_path / "s.png"), *map(str, wh), pad],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    result, peak_mb = r.stdout.splitlines()
+    assert result.startswith(outcome), result
+    assert int(peak_mb) < peak_limit_mb, f"peak RSS {peak_mb} MB"
+
+
+def test_a_truncated_file_opened_by_the_caller_is_an_image_error(tmp_path):
+    scene().save(tmp_path / "cut.png")
+    data = (tmp_path / "cut.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="cannot read the PIL image"):
+        preprocess(Image.open(tmp_path / "cut.png"), SPEC)

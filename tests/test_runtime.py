@@ -333,3 +333,173 @@ def test_prompt_head_cache_is_exact_after_refine(pipe, pipe_no_head):
         t.refine(tokens=64)
         assert s.ask(Q, max_new_tokens=10).token_ids == t.ask(Q, max_new_tokens=10).token_ids
     assert pipe.prompt_head() is pipe.prompt_head()  # computed once per pipeline
+
+
+# -- use after close: a clean ClosedError, never a signal (each case in a fresh interpreter) ---------
+
+CLOSE_MISUSE = r'''
+import sys, threading, time
+from PIL import Image
+from mqt_edge.errors import ClosedError
+from mqt_edge.pipeline import Pipeline
+
+bundle, Q = sys.argv[1], "What color is the circle?"
+im = Image.new("RGB", (64, 48), (200, 30, 30))
+
+def expect_closed(name, fn):
+    try:
+        fn()
+        print(name, "no error", flush=True)
+    except ClosedError as exc:
+        print(name, "ClosedError:", exc, flush=True)
+
+p = Pipeline.load(bundle)
+p.close()
+expect_closed("pipe.ask after pipe.close", lambda: p.ask(im, Q, tokens=2, max_new_tokens=2))
+expect_closed("pipe.look after pipe.close", lambda: p.look(im, tokens=2))
+p.close()  # twice is harmless
+
+with Pipeline.load(bundle) as p:
+    s = p.look(im, tokens=4)
+expect_closed("session.ask after its pipeline closed", lambda: s.ask(Q, max_new_tokens=2))
+expect_closed("session.refine after its pipeline closed", lambda: s.refine(8))
+expect_closed("session.generate after its pipeline closed", lambda: s.generate(Q))
+
+with Pipeline.load(bundle) as p:
+    s = p.look(im, tokens=4)
+    s.close()
+    expect_closed("session.ask after session.close", lambda: s.ask(Q, max_new_tokens=2))
+    expect_closed("session.refine after session.close", lambda: s.refine(64))
+    s.close()
+    g = p.look(im, tokens=4).generate(Q, max_new_tokens=8)
+    g.session.close()  # closing a session with this thread's unread answer
+    expect_closed("reading an answer of a closed session", lambda: list(g))
+
+def hammer(p, out, started, one_shot):
+    try:
+        s = None if one_shot else p.look(im, tokens=16)
+        started.set()
+        for _ in range(200):
+            if one_shot:
+                p.ask(im, Q, tokens=8, max_new_tokens=32)
+            else:
+                for piece in s.stream(Q, max_new_tokens=64):
+                    pass
+        out.append("finished")
+    except ClosedError:
+        out.append("ClosedError")
+
+for run in range(3):  # close the pipeline while other threads are inside ask / stream
+    p = Pipeline.load(bundle)
+    out, started = [], threading.Event()
+    ts = [threading.Thread(target=hammer, args=(p, out, started, k % 2 == 0)) for k in range(3)]
+    for t in ts:
+        t.start()
+    started.wait()
+    time.sleep(0.2)
+    p.close()
+    for t in ts:
+        t.join()
+    print("pipe.close during ask", run, sorted(out), flush=True)
+
+with Pipeline.load(bundle) as p:  # close a session while another thread streams from it
+    s = p.look(im, tokens=16)
+    out, started = [], threading.Event()
+    def reader():
+        try:
+            started.set()
+            for _ in range(200):
+                for piece in s.stream(Q, max_new_tokens=64):
+                    pass
+            out.append("finished")
+        except ClosedError:
+            out.append("ClosedError")
+    t = threading.Thread(target=reader)
+    t.start()
+    started.wait()
+    time.sleep(0.2)
+    s.close()
+    t.join()
+    print("session.close during stream", out, flush=True)
+print("done", flush=True)
+'''
+
+
+def test_use_after_close_raises_closed_error_and_never_crashes(f32_bundle):
+    r = subprocess.run([sys.executable, "-c", CLOSE_MISUSE, str(f32_bundle.root)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, f"exit {r.returncode} (a negative code is a signal)\n{r.stdout}\n{r.stderr[-2000:]}"
+    lines = r.stdout.splitlines()
+    assert lines[-1] == "done"
+    single = [line for line in lines if "during" not in line and line != "done"]
+    assert len(single) == 8 and all("ClosedError:" in line and "closed" in line.split(":", 1)[1] for line in single), lines
+    assert any("pipeline" in line for line in single) and any("this session is closed" in line for line in single)
+    races = [line for line in lines if "during" in line]
+    assert len(races) == 4 and all("ClosedError" in line for line in races), races  # 200 asks outlast the close
+
+
+# -- text that is not UTF-8, numbers without bounds, None where a number goes ------------------------
+
+def test_a_question_that_is_not_utf8_is_one_line(pipe, f32_bundle, tmp_path):
+    with pytest.raises(InputError, match="not valid UTF-8"):
+        pipe.ask(scene(), "What \udcff\udcfe color?")  # what a shell's bytes \xff\xfe decode to
+    with pytest.raises(InputError, match="not valid UTF-8"):
+        pipe.look(scene(), tokens=2).ask("lone \ud800 surrogate")
+    scene().save(tmp_path / "img.png")
+    r = subprocess.run([sys.executable, "-m", "mqt_edge", "run", str(tmp_path / "img.png"), b"What \xff\xfe color?",
+                        "--bundle", str(f32_bundle.root), "-m", "2"], capture_output=True, text=True)
+    lines = stderr_lines(r)
+    assert r.returncode == 2 and len(lines) == 1 and "not valid UTF-8" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(temperature=None), "temperature=None"),
+    (dict(top_p=None), "top_p=None"),
+    (dict(temperature="0.5"), "temperature='0.5'"),
+    (dict(max_new_tokens=2.5), "max_new_tokens=2.5"),
+    (dict(seed=-1), "seed=-1"),
+    (dict(seed=None), "seed=None"),
+])
+def test_wrong_typed_sampling_arguments_are_input_errors(pipe, kw, message):
+    with pytest.raises(InputError, match=message.replace("(", r"\(")):
+        pipe.ask(scene(), Q, tokens=2, **kw)
+    with pytest.raises(InputError, match=message.replace("(", r"\(")):
+        pipe.look(scene(), tokens=2).generate(Q, **kw)
+
+
+def test_threads_are_bounded_by_the_cores(f32_bundle):
+    import os
+
+    cores = os.cpu_count()
+    for bad in (0, cores + 1, 100000, 2.0, True):
+        with pytest.raises(InputError, match="CPU cores"):
+            Pipeline.load(f32_bundle.root, threads=bad)
+    with pytest.raises(InputError, match="n_gpu_layers"):
+        Pipeline.load(f32_bundle.root, n_gpu_layers=-1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threads", "100000"], "CPU cores"),
+    (["--confidence", "nan", "--refine", "16"], "--confidence nan"),
+    (["--confidence", "-1"], "--confidence -1"),
+    (["--ttft-ms", "nan"], "--ttft-ms nan"),
+    (["--temperature", "inf"], "temperature=inf"),
+    (["--seed", "-3"], "seed=-3"),
+])
+def test_cli_numbers_out_of_bounds_are_one_line(f32_bundle, tmp_path, args, message):
+    scene().save(tmp_path / "img.png")
+    r = cli("run", str(tmp_path / "img.png"), Q, "--bundle", str(f32_bundle.root), "-m", "2", *args)
+    lines = stderr_lines(r)
+    assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_gpu_layers_reported_are_those_llama_cpp_offloaded(f32_bundle):
+    import llama_cpp
+
+    with Pipeline.load(f32_bundle.root, n_gpu_layers=99) as p:
+        if llama_cpp.llama_supports_gpu_offload():
+            layers = f32_bundle.manifest["llm"]["layers"]
+            assert p.backends["llm"] == f"llama.cpp/gpu:{min(99, layers + 1)} layers"
+        else:
+            assert p.backends["llm"] == "llama.cpp/cpu"  # was "gpu:99 layers" on a CPU-only build
+        assert p.ask(scene(), Q, tokens=2, max_new_tokens=2).backends["llm"] == p.backends["llm"]

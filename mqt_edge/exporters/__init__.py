@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
-from ..bundle import DEFAULT_BUNDLE, FORMAT_VERSION, Bundle, artifact_entry, check_output_dir, staging, write_manifest
+from ..bundle import (DEFAULT_BUNDLE, FORMAT_VERSION, Bundle, artifact_entry, check_output_dir, remove_stale_staging,
+                      staging, write_manifest)
 from ..errors import InputError, MQTEdgeError, TokensError
 
 
@@ -95,7 +96,8 @@ def _check_modules(fmt: Format) -> None:
 
 
 def validate(opts: ExportOptions) -> None:
-    """Everything that can be checked before loading a model."""
+    """Everything that can be checked before loading a model; --out first, before torch is imported."""
+    check_output_dir(Path(opts.out))
     from .gguf_llm import get_quant
 
     get_quant(opts.quant)
@@ -112,7 +114,6 @@ def validate(opts: ExportOptions) -> None:
         from .tensorrt import load_tensorrt
 
         load_tensorrt()
-    check_output_dir(Path(opts.out))
 
 
 def _free_bytes(path: Path) -> int:
@@ -217,6 +218,10 @@ def native_stderr_silenced():
 
 def export(opts: ExportOptions, on_stage: Callable[[str], None] = lambda s: None) -> ExportResult:
     """Build a bundle from a checkpoint. Raises MQTEdgeError (nothing written) on any failure."""
+    validate(opts)  # before torch is imported or a model loaded: a bad --out costs milliseconds
+    out = Path(opts.out).absolute()
+    if out.parent.is_dir():
+        remove_stale_staging(out.parent)  # left by killed exports; never one whose process is alive
     with quiet_tools(), native_stderr_silenced():
         return _export(opts, on_stage)
 
@@ -228,7 +233,6 @@ def _export(opts: ExportOptions, on_stage: Callable[[str], None]) -> ExportResul
     from ..model.checkpoint import LlavaConfig, resolve_model_dir
     from . import gguf_llm, onnx_mqt, onnx_vision, parity
 
-    validate(opts)
     out = Path(opts.out)
     quant = gguf_llm.get_quant(opts.quant)
     seconds: dict[str, float] = {}

@@ -13,6 +13,11 @@ q4/q8 weights into an AMX buffer, and the first `llama_decode` then crashes (SIG
 ggml_backend_amx_mul_mat; llama.cpp issue 20824). When the build reports AMX_INT8 and the CPU has AMX,
 the model is loaded with `use_extra_bufts = false`, which keeps the weights in plain CPU buffers
 (docs/runtime.md has the measurements). `MQT_EDGE_EXTRA_BUFFERS=on|off` overrides the decision.
+
+Pointer safety: every native call runs inside a `_Gate`, which counts the calls in flight. `close()`
+refuses new calls, waits for those in flight, and only then frees the pointer and drops it, so no
+thread can reach freed memory: a call after close raises `ClosedError`. Closing a model first closes
+the contexts made from it (a context must never outlive its weights).
 """
 
 from __future__ import annotations
@@ -22,12 +27,15 @@ import ctypes
 import os
 import threading
 from functools import lru_cache
+import weakref
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from ..device import cpu_info
-from ..errors import InputError, MQTEdgeError, require
+from ..errors import ClosedError, InputError, MQTEdgeError, require
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 
@@ -119,6 +127,39 @@ def plain_llama(path: str | os.PathLike, **kwargs):
         return Llama(str(path), **kwargs)
 
 
+class _Gate:
+    """Native calls in flight on one pointer; `close()` waits for them and refuses new ones."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._cv = threading.Condition(threading.Lock())
+        self._in_flight = 0
+        self.closed = False
+
+    @contextmanager
+    def use(self) -> Iterator[None]:
+        with self._cv:
+            if self.closed:
+                raise ClosedError(f"the {self.what} is closed", "load the bundle again (Pipeline.load)")
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._in_flight -= 1
+                if not self._in_flight:
+                    self._cv.notify_all()
+
+    def close(self) -> bool:
+        """True for the one caller that must free the pointer (after every call in flight ended)."""
+        with self._cv:
+            if self.closed:
+                return False
+            self.closed = True
+            self._cv.wait_for(lambda: not self._in_flight)
+            return True
+
+
 class LlamaModel:
     """A GGUF loaded once; `n_gpu_layers` layers offloaded when llama.cpp was built with CUDA."""
 
@@ -134,13 +175,16 @@ class LlamaModel:
         self.n_embd = lib.llama_model_n_embd(self.ptr)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
         self.bos = lib.llama_vocab_bos(self.vocab)
-        self.gpu_layers = n_gpu_layers
+        self.gpu_layers = _offloaded(lib, self.ptr, n_gpu_layers)
+        self._gate = _Gate("llama.cpp model")
+        self._contexts: weakref.WeakSet[LlamaContext] = weakref.WeakSet()
 
     def tokenize(self, text: str, add_bos: bool) -> list[int]:
         """SentencePiece ids with llama.cpp's leading-space rule (= SentencePiece's dummy prefix)."""
         data = text.encode()
         buf = (ctypes.c_int32 * (len(data) + 8))()
-        n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, len(buf), add_bos, False)
+        with self._gate.use():
+            n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, len(buf), add_bos, False)
         if n < 0:
             raise LlamaError(f"llama.cpp could not tokenise a {len(data)}-byte text", "shorten the question")
         return list(buf[:n])
@@ -148,23 +192,38 @@ class LlamaModel:
     def piece(self, token: int) -> bytes:
         """The bytes of one token (control tokens give b"")."""
         buf = ctypes.create_string_buffer(64)
-        n = self.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
+        with self._gate.use():
             n = self.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = self.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         return buf.raw[:n]
 
     def is_eog(self, token: int) -> bool:
-        return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
+        with self._gate.use():
+            return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
 
     def context(self, n_ctx: int, n_batch: int = 512, threads: int | None = None,
                 kv_f32: bool = False) -> LlamaContext:
-        return LlamaContext(self, n_ctx, n_batch, threads, kv_f32)
+        with self._gate.use():
+            ctx = LlamaContext(self, n_ctx, n_batch, threads, kv_f32)
+            self._contexts.add(ctx)
+        return ctx
+
+    @property
+    def closed(self) -> bool:
+        return self._gate.closed
 
     def close(self) -> None:
-        if self.ptr:
-            self.lib.llama_model_free(self.ptr)
-            self.ptr = None
+        """Free the weights once no call is in flight; contexts made from them are closed first."""
+        if not getattr(self, "_gate", None):  # __init__ failed before the gate existed
+            return
+        if self._gate.close():
+            for ctx in list(self._contexts):
+                ctx.close()
+            ptr, self.ptr, self.vocab = self.ptr, None, None
+            if ptr:
+                self.lib.llama_model_free(ptr)
 
     def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order varies
         try:
@@ -178,6 +237,14 @@ class SequenceState:
 
     def __init__(self, data, size: int, n_past: int) -> None:
         self.data, self.size, self.n_past = data, size, n_past
+
+
+def _offloaded(lib, model_ptr, requested: int) -> int:
+    """Layers llama.cpp really put on a GPU: none on a build without GPU offload, else at most
+    every repeating layer plus the output layer (llama.cpp clamps a larger request)."""
+    if requested <= 0 or not lib.llama_supports_gpu_offload():
+        return 0
+    return min(requested, lib.llama_model_n_layer(model_ptr) + 1)
 
 
 class LlamaContext:
@@ -197,23 +264,32 @@ class LlamaContext:
         if kv_f32:  # f32 bundles promise the reference's numbers; llama.cpp's default f16 K/V drift ~1e-3
             params.type_k = params.type_v = 0  # GGML_TYPE_F32
             params.flash_attn_type = 0  # disabled: the CPU flash-attention path rounds K/V to f16
-        self.ptr = lib.llama_init_from_model(model.ptr, params)
+        self._gate = _Gate("llama.cpp context")
+        self.ptr = lib.llama_init_from_model(model.ptr, params)  # the caller holds the model's gate
         if not self.ptr:
+            self._gate.closed = True
             raise LlamaError(f"llama.cpp could not create a {n_ctx}-token context", "lower max_new_tokens or m")
         self.n_ctx, self.n_batch = n_ctx, n_batch
         self.n_past = 0  # next position to fill
         self._tok_batch = lib.llama_batch_init(n_batch, 0, 1)
         self._emb_batch = lib.llama_batch_init(n_batch, model.n_embd, 1)
 
+    @contextmanager
+    def _use(self) -> Iterator[None]:
+        # The model's gate too: a model being closed waits for this call, then closes this context.
+        with self.model._gate.use(), self._gate.use():
+            yield
+
     # -- feeding ------------------------------------------------------------------------------------
     def _decode(self, batch, n: int, want_logits: bool) -> None:
-        for i in range(n):
-            batch.pos[i] = self.n_past + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = want_logits and i == n - 1
-        batch.n_tokens = n
-        rc = self.lib.llama_decode(self.ptr, batch)
+        with self._use():  # the batch's arrays are freed by close(): touch them only while open
+            for i in range(n):
+                batch.pos[i] = self.n_past + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = want_logits and i == n - 1
+            batch.n_tokens = n
+            rc = self.lib.llama_decode(self.ptr, batch)
         if rc != 0:
             raise LlamaError(f"llama_decode failed ({rc}) at position {self.n_past}", "the context may be full")
         self.n_past += n
@@ -230,8 +306,9 @@ class LlamaContext:
         self._check_room(len(ids))
         for start in range(0, len(ids), self.n_batch):
             chunk = ids[start : start + self.n_batch]
-            for i, t in enumerate(chunk):
-                self._tok_batch.token[i] = t
+            with self._use():
+                for i, t in enumerate(chunk):
+                    self._tok_batch.token[i] = t
             self._decode(self._tok_batch, len(chunk), logits and start + len(chunk) == len(ids))
 
     def feed_embeddings(self, embeddings: np.ndarray, logits: bool = False) -> None:
@@ -243,21 +320,24 @@ class LlamaContext:
         self._check_room(n)
         for start in range(0, n, self.n_batch):
             chunk = emb[start : start + self.n_batch]
-            ctypes.memmove(self._emb_batch.embd, chunk.ctypes.data, chunk.nbytes)
+            with self._use():  # the batch is freed by close(): copy into it only while open
+                ctypes.memmove(self._emb_batch.embd, chunk.ctypes.data, chunk.nbytes)
             self._decode(self._emb_batch, len(chunk), logits and start + len(chunk) == n)
 
     def truncate(self, n_past: int) -> None:
         """Forget every position from n_past on (the KV cache keeps the prefix)."""
-        mem = self.lib.llama_get_memory(self.ptr)
-        self.lib.llama_memory_seq_rm(mem, 0, n_past, -1)
+        with self._use():
+            mem = self.lib.llama_get_memory(self.ptr)
+            self.lib.llama_memory_seq_rm(mem, 0, n_past, -1)
         self.n_past = n_past
 
     def save_sequence(self) -> SequenceState:
         """A copy of this context's KV cache (sequence 0) and its length, for `restore_sequence`."""
         lib = self.lib
-        size = lib.llama_state_seq_get_size(self.ptr, 0)
-        buf = (ctypes.c_uint8 * size)()
-        got = lib.llama_state_seq_get_data(self.ptr, buf, size, 0)
+        with self._use():
+            size = lib.llama_state_seq_get_size(self.ptr, 0)
+            buf = (ctypes.c_uint8 * size)()
+            got = lib.llama_state_seq_get_data(self.ptr, buf, size, 0)
         if got == 0:
             raise LlamaError("llama.cpp could not save the KV cache", "report this with `mqt-edge doctor`")
         return SequenceState(buf, got, self.n_past)
@@ -266,22 +346,37 @@ class LlamaContext:
         """Replace the KV cache with a saved one: the same values, not recomputed. The context
         must have the saving context's K/V types (the same model and kv_f32)."""
         self.truncate(0)
-        if state.n_past > self.n_ctx or self.lib.llama_state_seq_set_data(self.ptr, state.data, state.size, 0) == 0:
+        if state.n_past > self.n_ctx:
+            ok = False
+        else:
+            with self._use():
+                ok = self.lib.llama_state_seq_set_data(self.ptr, state.data, state.size, 0) != 0
+        if not ok:
             raise LlamaError(f"llama.cpp could not restore a {state.n_past}-position KV cache",
                              "report this with `mqt-edge doctor`")
         self.n_past = state.n_past
 
     def logits(self) -> np.ndarray:
         """Logits of the last position fed with logits on: (n_vocab,) float32, copied."""
-        ptr = self.lib.llama_get_logits_ith(self.ptr, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+        with self._use():
+            ptr = self.lib.llama_get_logits_ith(self.ptr, -1)
+            if not ptr:
+                raise LlamaError("llama.cpp has no logits for the last position", "feed a token with logits on first")
+            return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+
+    @property
+    def closed(self) -> bool:
+        return self._gate.closed
 
     def close(self) -> None:
-        if self.ptr:
+        """Free the KV cache once no call is in flight; later calls raise ClosedError."""
+        if not getattr(self, "_gate", None) or not self._gate.close():
+            return
+        ptr, self.ptr = self.ptr, None
+        if ptr:
             self.lib.llama_batch_free(self._tok_batch)
             self.lib.llama_batch_free(self._emb_batch)
-            self.lib.llama_free(self.ptr)
-            self.ptr = None
+            self.lib.llama_free(ptr)
 
     def __del__(self) -> None:  # pragma: no cover
         try:

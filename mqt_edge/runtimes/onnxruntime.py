@@ -11,9 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import Bundle
+from ..bundle import Bundle, BundleError
 from ..errors import InputError, require
 from ..quants import VISION_PRECISIONS
+
+# What each graph must take: a graph that loads but has other inputs was not exported by mqt-edge.
+INPUTS = {"vision": ["pixel_values"], "mqt": ["image_features", "query_ids"]}
 
 # Preference order; only those onnxruntime reports as available are used.
 PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -27,6 +30,16 @@ def available_providers() -> list[str]:
     ort = require("onnxruntime", "cpu")
     have = set(ort.get_available_providers())
     return [p for p in PROVIDERS if p in have]
+
+
+def _load(ort, path: Path, so, providers: list[str]):
+    """An InferenceSession, or one line naming the artifact (a truncated or foreign file)."""
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own InvalidProtobuf, Fail, NoSuchFile...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BundleError(f"onnxruntime cannot load {path.name} ({type(exc).__name__}: {first[:200]})",
+                          "re-export the bundle") from None
 
 
 class OnnxRuntimeVision:
@@ -67,7 +80,7 @@ class OnnxRuntimeVision:
         so.log_severity_level = 3
         if self.threads:
             so.intra_op_num_threads = self.threads
-        self._session = lambda path: ort.InferenceSession(str(path), so, providers=providers)  # noqa: E731
+        self._session = lambda path: _load(ort, path, so, providers)  # noqa: E731
         self.mqt = self._session(self.bundle.path("mqt"))
         self.provider = self.mqt.get_providers()[0]
         self.precision = self._pick_precision()
@@ -76,6 +89,10 @@ class OnnxRuntimeVision:
         role = "vision_int8" if self.precision == "int8" else ("vision_ort" if "vision_ort" in roles else "vision")
         self._vision_path: Path = self.bundle.path(role)
         self.vision = self._session(self._vision_path)
+        for role, sess in (("vision", self.vision), ("mqt", self.mqt)):
+            names = [i.name for i in sess.get_inputs()]
+            if names != INPUTS[role]:
+                raise BundleError(f"the bundle's {role} graph takes {names}, not {INPUTS[role]}", "re-export the bundle")
         return self
 
     def _pick_precision(self) -> str:

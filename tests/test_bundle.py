@@ -1,0 +1,94 @@
+"""Bundle.open trusts nothing: a strict manifest schema, artifacts inside the bundle, clean load failures."""
+
+import json
+import shutil
+
+import pytest
+
+from conftest import cli, scene, stderr_lines
+from mqt_edge.bundle import Bundle, BundleError, schema_errors, sha256_file
+from mqt_edge.errors import MQTEdgeError
+from mqt_edge.pipeline import Pipeline
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_ckpt, tmp_path_factory):
+    from mqt_edge.exporters import ExportOptions, export
+
+    return export(ExportOptions(model=str(tiny_ckpt), out=tmp_path_factory.mktemp("bd") / "b", quant="f32",
+                                max_tokens=16, parity=False)).bundle
+
+
+def edited(bundle, tmp_path, edit) -> "Path":  # noqa: F821
+    b = shutil.copytree(bundle.root, tmp_path / "b")
+    manifest = json.loads((b / "manifest.json").read_text())
+    edit(manifest, b)
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    return b
+
+
+def test_the_exported_manifest_conforms(bundle):
+    assert schema_errors(bundle.manifest) == []
+
+
+BREAKAGES = {
+    "no sha256": (lambda m, b: m["artifacts"]["llm"].pop("sha256"), "artifacts.llm.sha256: missing"),
+    "text max_tokens": (lambda m, b: m.update(max_tokens="16"), "max_tokens: '16' is not an integer"),
+    "empty preprocess": (lambda m, b: m.update(preprocess={}), "preprocess.size: missing"),
+    "unknown key": (lambda m, b: m.update(max_tokenz=16), "max_tokenz: unknown key"),
+    "unknown role": (lambda m, b: m["artifacts"].update(extra=m["artifacts"]["mqt"]), "artifacts.extra: unknown key"),
+    "bool as int": (lambda m, b: m["llm"].update(layers=True), "llm.layers: True is not an integer"),
+    "nan rescale": (lambda m, b: m["preprocess"].update(rescale=float("nan")), "preprocess.rescale"),
+    "short crop": (lambda m, b: m["preprocess"].update(crop=[336]), "preprocess.crop"),
+    "not an object": (lambda m, b: m["artifacts"].update(llm="llm.gguf"), "artifacts.llm: not an object"),
+    "path outside": (lambda m, b: m["artifacts"]["llm"].update(path="../outside.gguf"), "points outside"),
+    "absolute path": (lambda m, b: m["artifacts"]["mqt"].update(path="/etc/passwd"), "points outside"),
+}
+
+
+@pytest.mark.parametrize("name", BREAKAGES)
+def test_a_bad_manifest_is_one_bundle_error(bundle, tmp_path, name):
+    edit, message = BREAKAGES[name]
+    b = edited(bundle, tmp_path, edit)
+    with pytest.raises(BundleError, match="re-export") as exc:
+        Bundle.open(b, verify=False)
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_a_symlink_out_of_the_bundle_is_refused(bundle, tmp_path):
+    outside = tmp_path / "elsewhere.gguf"
+    shutil.copy(bundle.path("llm"), outside)
+
+    def link(m, b):
+        (b / "llm-f32.gguf").unlink()
+        (b / "llm-f32.gguf").symlink_to(outside)
+
+    with pytest.raises(BundleError, match="points outside"):
+        Bundle.open(edited(bundle, tmp_path, link))
+
+
+@pytest.mark.parametrize("role", ["mqt", "vision", "llm"])
+def test_a_truncated_artifact_whose_sha256_matches_is_one_line(bundle, tmp_path, role):
+    def truncate(m, b):
+        path = b / m["artifacts"][role]["path"]
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+        m["artifacts"][role].update(sha256=sha256_file(path), bytes=path.stat().st_size)
+
+    b = edited(bundle, tmp_path, truncate)
+    name = bundle.manifest["artifacts"][role]["path"]
+    with pytest.raises(MQTEdgeError, match=name) as exc:
+        Pipeline.load(b)
+    assert "re-export" in str(exc.value)
+    scene().save(tmp_path / "img.png")
+    r = cli("run", str(tmp_path / "img.png"), "What is it?", "--bundle", str(b), "-m", "2")
+    lines = stderr_lines(r)
+    assert r.returncode == 2 and len(lines) == 1 and name in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_graph_with_the_wrong_inputs_is_refused(bundle, tmp_path):
+    def swap(m, b):  # vision.onnx where mqt.onnx should be
+        shutil.copy(b / "vision.onnx", b / "mqt.onnx")
+        m["artifacts"]["mqt"].update(sha256=sha256_file(b / "mqt.onnx"), bytes=(b / "mqt.onnx").stat().st_size)
+
+    with pytest.raises(BundleError, match="mqt graph takes"):
+        Pipeline.load(edited(bundle, tmp_path, swap))
