@@ -503,3 +503,18 @@ def test_gpu_layers_reported_are_those_llama_cpp_offloaded(f32_bundle):
         else:
             assert p.backends["llm"] == "llama.cpp/cpu"  # was "gpu:99 layers" on a CPU-only build
         assert p.ask(scene(), Q, tokens=2, max_new_tokens=2).backends["llm"] == p.backends["llm"]
+
+
+def test_the_read_once_rule(pipe):
+    with pipe.look(scene(), tokens=4) as s:
+        g = s.generate(Q, max_new_tokens=3)
+        assert s.busy  # another thread's ask would wait: this is how it learns why
+        text = "".join(g)
+        assert not s.busy and g.answer.answer == text.strip()
+        with pytest.raises(InputError, match="already consumed"):
+            list(g)
+        g = s.generate(Q, max_new_tokens=3)
+        g.cancel()
+        assert not s.busy
+    stream = pipe.stream(scene(), Q, tokens=2, max_new_tokens=3)
+    assert "".join(stream) and list(stream) == []  # documented: a generator is read once
