@@ -27,6 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain text: "[/cpu|/cuda]" is an option list, not a closing tag
 )
 err = Console(stderr=True)
 
@@ -347,7 +348,8 @@ def ros2_cmd(
     run_node(options.check(), list(ctx.args))
 
 
-profiles_app = typer.Typer(help="List and show device profiles.", invoke_without_command=True, no_args_is_help=False)
+profiles_app = typer.Typer(help="List and show device profiles.", invoke_without_command=True, no_args_is_help=False,
+                           rich_markup_mode=None)
 app.add_typer(profiles_app, name="profiles")
 
 
