@@ -279,7 +279,7 @@ def reference_tokens(pipe: Pipeline, image, mmproj: Path) -> np.ndarray:
 def cmd_check(args) -> None:
     from mqt_edge.runtimes.llama import plain_llama
 
-    png = square_png(Path(args.workdir))
+    png = smooth_png(Path(args.workdir))
     with Pipeline.load(args.bundle, threads=args.threads) as pipe:
         ref = reference_tokens(pipe, str(png), Path(args.mmproj))
         llama = plain_llama(pipe.bundle.path("llm"), n_ctx=1024, n_threads=args.threads, verbose=False)
@@ -287,19 +287,30 @@ def cmd_check(args) -> None:
         _, ms, got = enc.encode(png.read_bytes())
         enc.close()
         llama.close()
+    if got.shape != ref.shape:
+        raise SystemExit(f"mtmd returned {got.shape} image tokens, the reference {ref.shape}")
     cos = np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
-    print(json.dumps({"tokens": got.shape[0], "encode_ms": round(ms), "cosine_min": float(cos.min()),
-                      "cosine_mean": float(cos.mean()),
+    low = np.flatnonzero(cos < 0.99)
+    print(json.dumps({"tokens": got.shape[0], "encode_ms": round(ms),
+                      "cosine_percentiles_0_1_5_50": [round(float(v), 5) for v in np.percentile(cos, [0, 1, 5, 50])],
+                      "tokens_below_0.99": low.tolist(),
                       "rel_err": float(np.linalg.norm(ref - got) / np.linalg.norm(ref))}))
-    if got.shape != ref.shape or cos.min() < args.min_cosine:
+    if np.percentile(cos, 5) < args.min_cosine:
         raise SystemExit("mtmd's image tokens do not match the reference: the mmproj GGUF is wrong")
 
 
-def square_png(workdir: Path) -> Path:
-    # 336 x 336: both preprocessors leave it unresized, so the check compares encoders, not resamplers.
+def smooth_png(workdir: Path) -> Path:
+    """336 x 336, constant along x, a gradient along y. mtmd resamples even an image of its own size, and
+    its output differs from the input at the right edge (seen: the last patch column, the bottom-right
+    patch most); constant rows make that resampling exact but for the corner, so the check compares
+    encoders, not resamplers. (Random CLIP weights amplify any pixel difference.)"""
+    from PIL import Image
+
     workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "check-336.png"
-    sample_images(3, seed=7)[2].resize((336, 336)).save(path)
+    y, x = np.mgrid[0:336, 0:336] / 336
+    rgb = (np.stack([80 + 100 * y, 120 + 60 * y, 150 - 50 * y], -1) + 0 * x[..., None]).astype(np.uint8)
+    path = workdir / "check-smooth-336.png"
+    Image.fromarray(rgb).save(path)
     return path
 
 
@@ -443,7 +454,7 @@ def main() -> None:
     c = sub.add_parser("check", help="mtmd's image tokens against our vision.onnx + the same projector")
     c.add_argument("--bundle", required=True)
     c.add_argument("--mmproj", required=True)
-    c.add_argument("--min-cosine", type=float, default=0.99)
+    c.add_argument("--min-cosine", type=float, default=0.999, help="on the 5th percentile of tokens")
     r = sub.add_parser("run", help="the interleaved benchmark")
     r.add_argument("--bundle", required=True)
     r.add_argument("--mmproj", required=True, help="the f16 mmproj (mtmd's end-to-end side)")
