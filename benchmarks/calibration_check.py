@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from mqt_edge.bundle import Bundle
-from mqt_edge.exporters.parity import sample_images
+from mqt_edge.image import sample_images
 from mqt_edge.profiles import load_profile
 from mqt_edge.profiles.planner import ModelFacts, Options, predict
 

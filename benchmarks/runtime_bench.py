@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mqt_edge.exporters.parity import sample_images
+from mqt_edge.image import sample_images
 from mqt_edge.image import preprocess
 from mqt_edge.pipeline import Pipeline
 

@@ -14,7 +14,7 @@ import json
 import statistics
 from pathlib import Path
 
-from mqt_edge.exporters.parity import sample_images
+from mqt_edge.image import sample_images
 from mqt_edge.pipeline import Pipeline
 
 STAGES = ("preprocess", "vision", "mqt", "prefill")

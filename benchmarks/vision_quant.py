@@ -27,7 +27,7 @@ import torch
 from mqt_edge.exporters import native_stderr_silenced, quiet_tools
 from mqt_edge.exporters.onnx_quant import quantize_vision
 from mqt_edge.exporters.onnx_vision import export_vision, optimize_vision
-from mqt_edge.exporters.parity import sample_images
+from mqt_edge.image import sample_images
 from mqt_edge.model import MQTLlava
 
 VARIANTS = {  # name: (source graph, method, options)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
 from .errors import ImageError
 
@@ -241,3 +241,27 @@ def preprocess(image: ImageInput, spec: ImageSpec, max_pixels: int = DEFAULT_MAX
     x = (arr.astype(np.float64) * spec.rescale).astype(np.float32)
     x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])  # (1, 3, H, W)
+
+
+def sample_images(n: int = 3, seed: int = 0) -> list[Image.Image]:
+    """Real-looking sample images (parity checks, calibration, benchmarks): gradients, shapes,
+    texture and noise, in several aspect ratios."""
+    rng = np.random.default_rng(seed)
+    sizes = [(480, 320), (256, 384), (640, 640), (333, 201)]
+    out = []
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        y, x = np.mgrid[0:h, 0:w] / max(w, h)
+        base = rng.uniform(60, 200, 3)
+        tilt = rng.uniform(-80, 80, (2, 3))
+        arr = base + x[..., None] * tilt[0] + y[..., None] * tilt[1]
+        im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+        d = ImageDraw.Draw(im)
+        for _ in range(int(rng.integers(2, 6))):
+            cx, cy, r = rng.integers(0, w), rng.integers(0, h), int(rng.integers(10, min(w, h) // 3))
+            color = tuple(int(c) for c in rng.integers(0, 256, 3))
+            [d.ellipse, d.rectangle][int(rng.integers(0, 2))]([cx - r, cy - r, cx + r, cy + r], fill=color)
+        im = im.filter(ImageFilter.GaussianBlur(0.8))
+        noisy = np.asarray(im, np.float32) + rng.normal(0, 4, (h, w, 3))
+        out.append(Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)))
+    return out

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
+from ..device import available_ram_bytes
 from ..bundle import (DEFAULT_BUNDLE, FORMAT_VERSION, Bundle, artifact_entry, check_output_dir, remove_stale_staging,
                       staging, write_manifest)
 from ..errors import InputError, MQTEdgeError, TokensError
@@ -120,16 +121,6 @@ def _free_bytes(path: Path) -> int:
     while not path.exists():
         path = path.parent
     return shutil.disk_usage(path).free
-
-
-def _available_ram() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _llm_params(cfg: dict) -> int:
@@ -251,7 +242,7 @@ def _export(opts: ExportOptions, on_stage: Callable[[str], None]) -> ExportResul
     llm_params = _llm_params(raw)
     stored = str(raw.get("torch_dtype") or raw.get("dtype") or "float32").removeprefix("torch.")
     # The LLM only serves the logits check; at fp32 a 7B would not fit in RAM, so keep it as stored.
-    llm_dtype = "float32" if llm_params * 4 < 0.45 * _available_ram() else stored
+    llm_dtype = "float32" if llm_params * 4 < 0.45 * (available_ram_bytes() or 0) else stored
     model = MQTLlava.from_pretrained(ckpt, vision_tower=opts.vision_tower, dtype=torch.float32,
                                      llm_dtype=llm_dtype)
     M = model.num_queries

@@ -37,7 +37,7 @@ def line_fit(x, y) -> tuple[float, float]:
 
 
 def measure(bundle_dir: str, runs: int = 2, threads: int | None = None) -> Calibration:
-    from ..exporters.parity import sample_images
+    from ..image import sample_images
     from ..pipeline import Pipeline
 
     from ..errors import InputError
