@@ -673,8 +673,30 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print one JSON ob
 
 
 def main() -> None:
+    try:  # typer >= 0.22 carries its own copy of click; earlier ones use click itself
+        from typer._click.exceptions import ClickException, UsageError
+        from typer.exceptions import Abort
+    except ImportError:  # pragma: no cover - depends on the installed typer
+        from click.exceptions import Abort, ClickException, UsageError
+
     try:
-        app()
+        code = app(standalone_mode=False)  # usage errors come back here, to be printed in one line
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError" and exc.ctx is not None:  # bare `mqt-edge`: its help
+            print(exc.ctx.get_help())
+            sys.exit(2)
+        where = f"{exc.ctx.command_path} --help" if exc.ctx is not None else "mqt-edge --help"
+        message = " ".join(exc.format_message().split()).rstrip(".")
+        err.print(f"[bold red]error:[/] {escape(message)}; run {escape(where)}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except ClickException as exc:
+        err.print(f"[bold red]error:[/] {escape(' '.join(exc.format_message().split()))}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except Abort:
+        err.print("interrupted")
+        sys.exit(130)
     except MQTEdgeError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)

@@ -35,3 +35,17 @@ def test_every_help_renders(path):
 def test_run_help_in_a_real_process():
     r = cli("run", "--help")
     assert r.returncode == 0 and "--vision-backend" in r.stdout and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, message, where", [
+    (["run", "x.png", "q", "--tokens", "abc"], "Invalid value for '--tokens'", "run --help"),
+    (["run"], "Missing argument 'image'", "run --help"),
+    (["run", "x.png", "q", "--nope"], "No such option: --nope", "run --help"),
+    (["bogus"], "No such command 'bogus'", "mqt_edge --help"),
+    (["profiles", "show"], "Missing argument 'name'", "profiles show --help"),
+])
+def test_usage_errors_are_one_line_naming_the_help_to_run(args, message, where):
+    r = cli(*args)
+    lines = [line for line in r.stderr.splitlines() if line.strip() and "DeprecationWarning" not in line]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert message in lines[0] and lines[0].endswith(where) and "Usage:" not in r.stderr
