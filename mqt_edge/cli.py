@@ -672,6 +672,12 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print one JSON ob
     print("\n".join(lines(rep)))
 
 
+def _fail(message: str, code: int) -> None:
+    """The one way a user error ends: one line on stderr, a non-zero exit code."""
+    err.print(f"[bold red]error:[/] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
 def main() -> None:
     try:  # typer >= 0.22 carries its own copy of click; earlier ones use click itself
         from typer._click.exceptions import ClickException, UsageError
@@ -688,18 +694,11 @@ def main() -> None:
             print(exc.ctx.get_help())
             sys.exit(2)
         where = f"{exc.ctx.command_path} --help" if exc.ctx is not None else "mqt-edge --help"
-        message = " ".join(exc.format_message().split()).rstrip(".")
-        err.print(f"[bold red]error:[/] {escape(message)}; run {escape(where)}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
+        _fail(f"{' '.join(exc.format_message().split()).rstrip('.')}; run {where}", exc.exit_code)
     except ClickException as exc:
-        err.print(f"[bold red]error:[/] {escape(' '.join(exc.format_message().split()))}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
-    except Abort:
-        err.print("interrupted")
-        sys.exit(130)
+        _fail(exc.format_message(), exc.exit_code)
     except MQTEdgeError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+        _fail(str(exc), exc.exit_code)
+    except (Abort, KeyboardInterrupt):
         err.print("interrupted")
         sys.exit(130)

@@ -494,8 +494,6 @@ class Pipeline:
         _, after = self.template.split(check_question(question))
         return self.llm.tokenize(after, add_bos=False)
 
-    _check_tokens = check_tokens  # the names earlier callers used
-    _question_ids = question_ids
 
     # -- policy: which m, when to refine (every front end calls these, none re-implements them) ----
     def device_profile(self):
@@ -538,8 +536,7 @@ class Pipeline:
         `refine_to` tokens (only the new queries are computed) and answers again, exactly as a
         fresh request at that m would. `on_piece(text)` receives the text as it is decoded."""
         check_question(question)
-        max_new = gen.get("max_new_tokens", 128)
-        _check_sampling(max_new, gen.get("temperature", 0.0), gen.get("top_p", 1.0), gen.get("seed", 0))
+        reserve = self._reserve(question, gen)  # checks the sampling arguments too
         if refine_to is not None:
             self.check_tokens(refine_to)
             if tokens is not None and refine_to <= tokens:
@@ -547,8 +544,7 @@ class Pipeline:
                                  f"refine to a larger m, e.g. --refine {min(4 * tokens, self.max_tokens)}")
         if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not math.isfinite(confidence):
             raise InputError(f"confidence={confidence!r} is not a number", "use a probability in 0..1 (1.01: always)")
-        choice = self.choose_tokens(tokens, max_new, ttft_ms, memory_mb)
-        reserve = len(self.question_ids(question)) + max_new
+        choice = self.choose_tokens(tokens, gen.get("max_new_tokens", 128), ttft_ms, memory_mb)
         with self.look(image, tokens=choice.tokens, reserve=reserve, refinable=refine_to is not None) as session:
             g = session.generate(question, **gen)
             attempt = None
