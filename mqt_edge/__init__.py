@@ -6,9 +6,9 @@
 The top level stays light: `Pipeline` is imported on first use.
 """
 
+from ._version import __version__
 from .errors import MQTEdgeError
 
-__version__ = "0.1.0"
 __all__ = ["MQTEdgeError", "Pipeline", "__version__"]
 
 
