@@ -18,11 +18,13 @@ import sys
 from typing import Callable
 
 from . import __version__, device
+from .runtimes import BACKENDS, backend_info
 
 # Distributions whose versions matter in a bug report (read from metadata: nothing is imported).
 PACKAGES = ("numpy", "pillow", "typer", "rich", "llama-cpp-python", "onnxruntime", "onnxruntime-gpu",
             "tensorrt", "nvidia-ml-py", "torch", "transformers")
-GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+# onnxruntime execution providers that put vision on a GPU (the on_gpu rows of the backend table).
+GPU_PROVIDERS = tuple(row.provider for row in BACKENDS.values() if row.provider and row.on_gpu)
 
 
 def _version_of(dist: str) -> str | None:
@@ -70,7 +72,7 @@ def probe_tensorrt() -> dict:
     try:
         import onnxruntime as ort
 
-        ep = "TensorrtExecutionProvider" in ort.get_available_providers()
+        ep = backend_info("onnxruntime/tensorrt-ep").provider in ort.get_available_providers()
     except ImportError:
         ep = None
     return {"present": found, "version": _version_of("tensorrt") if found else None, "ort_provider": ep}

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, Union
 from .errors import InputError, MQTEdgeError
 from .pipeline import Answer, EncodedImage, Pipeline, Session, _check_sampling
 from .prompt import check_question
+from .runtimes import backend_info, make_vision
 
 
 @dataclass
@@ -121,7 +122,7 @@ def overlap_wins(pipe: Pipeline, vision_threads: int | None, llm_threads: int | 
     default model's overlapped loop answered no faster than the sequential one (the bench preset's
     few answers leaned the other way, too few to decide), so a CPU-only pipeline overlaps only with
     8 or more cores (not measured); a GPU-side vision backend or LLM always overlaps (not measured)."""
-    if not pipe.vision.name.endswith("/cpu") or pipe.llm.gpu_layers:
+    if not _vision_on_cpu(pipe) or pipe.llm.gpu_layers:
         return True
     cores = os.cpu_count() or 1
     return cores >= 8 and (vision_threads or 1) + (llm_threads or 1) <= cores
@@ -164,7 +165,7 @@ class Watch:
             raise InputError(f"refine={refine} is not above m = {self.tokens}", "refine to a larger m, or pass None")
         self.refine, self.confidence = refine, confidence
         self.overlap = overlap_wins(pipe, vision_threads, llm_threads) if overlap is None else bool(overlap)
-        if self.overlap and vision_threads is None and llm_threads is None and pipe.vision.name.endswith("/cpu"):
+        if self.overlap and vision_threads is None and llm_threads is None and _vision_on_cpu(pipe):
             cores = pipe.threads or os.cpu_count() or 2
             vision_threads, llm_threads = max(1, cores // 2), max(1, cores - cores // 2)
         self.vision_threads, self.llm_threads = vision_threads, llm_threads
@@ -351,14 +352,16 @@ class _Handoff:
             return self._items.pop(0)
 
 
-def _own_runner(pipe: Pipeline, threads: int | None):
-    """A vision runner with its own onnxruntime thread budget, or None to share the pipeline's."""
-    from .runtimes.onnxruntime import OnnxRuntimeVision
+def _vision_on_cpu(pipe: Pipeline) -> bool:
+    return backend_info(pipe.vision.backend).on_gpu is False
 
+
+def _own_runner(pipe: Pipeline, threads: int | None):
+    """A vision runner with its own thread budget, or None to share the pipeline's."""
     vision = pipe.vision
-    if threads is None or not isinstance(vision, OnnxRuntimeVision) or threads == vision.threads:
+    if threads is None or not backend_info(vision.backend).threads or threads == vision.threads:
         return None
-    return OnnxRuntimeVision(pipe.bundle, vision.requested, threads).activate()
+    return make_vision(pipe.bundle, vision.backend, threads, vision.requested_precision).activate()
 
 
 def choose_tokens(pipe: Pipeline, tokens: int | None, profile: str | None, max_new_tokens: int) -> tuple[int, dict | None]:

@@ -247,7 +247,7 @@ def test_tensorrt_without_tensorrt(tiny_ckpt, tmp_path):
 
 def test_tensorrt_engines_build_on_a_gpu(tiny_ckpt, tmp_path):
     trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed (Jetson/GPU only)")
-    from mqt_edge.exporters.tensorrt import TensorRTUnavailable, load_tensorrt
+    from mqt_edge.runtimes.tensorrt import TensorRTUnavailable, load_tensorrt
 
     try:
         load_tensorrt()

@@ -518,3 +518,33 @@ def test_the_read_once_rule(pipe):
         assert not s.busy
     stream = pipe.stream(scene(), Q, tokens=2, max_new_tokens=3)
     assert "".join(stream) and list(stream) == []  # documented: a generator is read once
+
+
+def test_every_backend_keeps_the_runner_contract(f32_bundle):
+    """Each BACKENDS row names a class that is a VisionRunner (built without activating: the
+    constructor only stores), and running before activate() or after deactivate() is one clear error."""
+    import importlib
+
+    from mqt_edge.runtimes import (BACKENDS, InactiveRunnerError, VisionRunner, backend_info, make_vision,
+                                   resolve_backend)
+    from mqt_edge.runtimes.onnxruntime import OnnxRuntimeVision
+    from mqt_edge.runtimes.tensorrt import TensorRTVision
+
+    classes = {getattr(importlib.import_module(f"mqt_edge.runtimes.{row.module}"), row.runner)
+               for row in BACKENDS.values() if row.concrete}
+    assert classes == {OnnxRuntimeVision, TensorRTVision}
+    pixels = np.zeros((1, 3, 8, 8), np.float32)
+    for cls in classes:
+        runner = cls(f32_bundle, None, None, "auto")
+        assert isinstance(runner, VisionRunner) and not runner.is_active and runner.backend in BACKENDS
+        for call in (lambda: runner.features(pixels), lambda: runner.tokens(pixels, np.arange(2))):
+            with pytest.raises(InactiveRunnerError, match="not active; call activate"):
+                call()
+    runner = make_vision(f32_bundle, "onnxruntime/cpu").activate()
+    assert runner.is_active and runner.backend == "onnxruntime/cpu" and backend_info(runner.backend).on_gpu is False
+    runner.deactivate()
+    with pytest.raises(InactiveRunnerError):
+        runner.tokens(np.zeros((1, 4, 8), np.float32), np.arange(2))
+    assert resolve_backend(f32_bundle, "auto", "auto") == "onnxruntime"  # no engines in the bundle
+    with pytest.raises(InputError, match="unknown vision backend 'magic'"):
+        backend_info("magic")

@@ -2,7 +2,8 @@
 
 Engines are specific to the GPU and the TensorRT version, so they are built on the target
 (`mqt-edge engine --bundle DIR`, or `export --tensorrt` when the build host is the target) and the
-manifest records both. TensorRT is imported lazily: every other part of mqt-edge works without it.
+manifest records both. TensorRT is imported lazily (through `runtimes.tensorrt.load_tensorrt`,
+which the runner uses too): every other part of mqt-edge works without it.
 
 Optimisation profiles: vision.onnx over the batch (1..max_batch); mqt.onnx over the batch and the
 number of query ids m (1..max_tokens, tuned for `opt_tokens`).
@@ -14,34 +15,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from ..errors import MissingDependencyError, MQTEdgeError
-
-
-class TensorRTUnavailable(MQTEdgeError):
-    """TensorRT is installed but cannot build here (no GPU)."""
-
-
-def load_tensorrt():
-    """Import TensorRT and make sure a GPU is visible, or raise one line saying what to do."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise MissingDependencyError(
-            "TensorRT is not installed",
-            "on Jetson use JetPack's (sudo apt install nvidia-jetpack, venv with --system-site-packages); "
-            "elsewhere pip install 'mqt-edge[tensorrt]'",
-        ) from None
-    logger = trt.Logger(trt.Logger.ERROR)
-    try:
-        builder = trt.Builder(logger)
-    except Exception:  # TensorRT raises a bare error when CUDA finds no device
-        builder = None
-    if builder is None:
-        raise TensorRTUnavailable(
-            "TensorRT found no CUDA GPU on this machine",
-            "build engines on the target device: mqt-edge engine --bundle DIR",
-        )
-    return trt, logger, builder
+from ..runtimes.tensorrt import load_tensorrt  # the runtime's loader: TensorRT import and GPU check
 
 
 def gpu_name() -> str:

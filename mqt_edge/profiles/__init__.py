@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from operator import ge, gt, lt
 import sys
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
@@ -275,25 +276,31 @@ def load_profile(name_or_path: str, mode: str | None = None) -> Profile:
 
 
 # ---- detection (the probing itself is mqt_edge.device's; here names become profiles) -----------
+# Jetson modules: (words the lower-cased module name holds, [(test, GiB of RAM, profile)]). The first
+# row whose words all match decides: its first RAM tier that passes gives the profile, none gives None.
+# A module no row matches (Xavier, the original Nano, TX2) has no built-in profile.
+JETSON_MODULES = (
+    (("thor",), ((ge, -math.inf, "jetson-thor"),)),
+    (("orin", "nano"), ((gt, 6, "jetson-orin-nano-8gb"),)),  # the 4 GB module has no profile
+    (("orin", "nx"), ((gt, 12, "jetson-orin-nx-16gb"),)),  # nor the 8 GB NX
+    (("orin",), ((lt, 40, "jetson-agx-orin-32gb"), (ge, 40, "jetson-agx-orin-64gb"))),
+)
+
+
 def detect_jetson() -> str | None:
     """The Orin/Thor profile of this Jetson, from the module name device.py reads."""
     model = (device.jetson_model() or "").lower()
-    if not model:
-        return None
-    if "thor" in model:
-        return "jetson-thor"
-    if "orin" not in model:  # Xavier, the original Nano, TX2: no built-in profile
+    tiers = next((t for words, t in JETSON_MODULES if all(w in model for w in words)), ()) if model else ()
+    if not tiers:
         return None
     ram = _total_ram_gb() or 0
-    if "nano" in model:
-        return "jetson-orin-nano-8gb" if ram > 6 else None  # the 4 GB module has no profile
-    if "nx" in model:
-        return "jetson-orin-nx-16gb" if ram > 12 else None  # nor the 8 GB NX
-    return "jetson-agx-orin-32gb" if ram < 40 else "jetson-agx-orin-64gb"
+    return next((profile for test, gib, profile in tiers if test(ram, gib)), None)
 
 
 GPU_NAMES = (("4090", "rtx-4090"), ("3060", "rtx-3060-12gb"), ("l4", "l4"), ("a100", "a100-80gb"),
              ("h100", "h100-80gb"))
+# Words that make a card another one than its profile's, whatever its memory: a laptop 4090, a 3060 Ti.
+GPU_VARIANTS = ("laptop", " ti", "mobile")
 
 
 def detect_gpu() -> str | None:
@@ -306,7 +313,7 @@ def match_gpu(name: str, mem_gb: float) -> str | None:
     """A built-in profile for a GPU name, only when its memory matches too (an A100 40GB, a laptop
     4090 or a 3060 Ti is not the profile's card)."""
     low = name.lower()
-    if "laptop" in low or " ti" in low or "mobile" in low:
+    if any(word in low for word in GPU_VARIANTS):
         return None
     for key, profile in GPU_NAMES:
         if re.search(rf"\b{key}\b", low):

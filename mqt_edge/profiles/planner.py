@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 
 from ..errors import InputError, MQTEdgeError
 from ..quants import QUANTS, check_vision_precision
+from ..runtimes import backend_info  # the registry table only: no runner is imported
 from . import Profile
 
 CANDIDATES = (1, 2, 4, 8, 16, 36, 64, 144, 256)
@@ -138,7 +139,7 @@ class Options:
         sequential load, the vision graph's precision (`run`, `plan` and the Pipeline API all ask
         the same way)."""
         layers = None if n_gpu_layers is None or n_gpu_layers >= facts.layers else n_gpu_layers
-        return cls(vision_on_cpu=(vision_backend or "auto").endswith("/cpu"), sequential_load=sequential,
+        return cls(vision_on_cpu=backend_info(vision_backend).on_gpu is False, sequential_load=sequential,
                    gpu_layers=layers, vision_precision=check_vision_precision(vision_precision or "auto"))
 
     def label(self, facts: ModelFacts) -> str:
@@ -176,7 +177,8 @@ def _kv_bytes(f: ModelFacts, m: int, o: Options) -> int:
 
 
 def _vision_on_gpu(profile: Profile, o: Options) -> bool:
-    return profile.kind != "cpu" and not o.vision_on_cpu and profile.prefer.vision_backend.startswith("tensorrt")
+    """Vision as the profile's fp16 engines on the GPU (TensorRT); onnxruntime's fp32 graph otherwise."""
+    return profile.kind != "cpu" and not o.vision_on_cpu and backend_info(profile.prefer.vision_backend).fp16
 
 
 def _vision_int8(profile: Profile, f: ModelFacts, o: Options) -> bool:

@@ -1,8 +1,8 @@
 """Vision and MQT on onnxruntime, with the best execution provider this machine has.
 
-Loader/runner in Polygraphy's shape: the constructor only stores arguments, `activate()` creates
+A `VisionRunner` (runtimes/base.py): the constructor only stores arguments, `activate()` creates
 the sessions, `deactivate()` frees them. onnxruntime is imported lazily so that a TensorRT-only
-device can still import mqt_edge.runtimes.
+device can still import mqt_edge.runtimes. Its execution providers are rows of `BACKENDS`.
 """
 
 from __future__ import annotations
@@ -14,13 +14,16 @@ import numpy as np
 from ..bundle import Bundle, BundleError
 from ..errors import InputError, require
 from ..quants import VISION_PRECISIONS
+from . import BACKENDS, backend_info
+from .base import check_active
 
 # What each graph must take: a graph that loads but has other inputs was not exported by mqt-edge.
 INPUTS = {"vision": ["pixel_values"], "mqt": ["image_features", "query_ids"]}
 
-# Preference order; only those onnxruntime reports as available are used.
+# Preference order; only those onnxruntime reports as available are used. A new execution
+# provider is its row in BACKENDS plus its place here.
 PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-SHORT = {"TensorrtExecutionProvider": "tensorrt-ep", "CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
+NAMES = {row.provider: name for name, row in BACKENDS.items() if row.provider}  # -> e.g. onnxruntime/cpu
 # auto: the int8 graph (when the bundle has one) on the CPU execution provider, where it was measured
 # to win (docs/export.md); fp32 on GPU providers, which run onnxruntime's integer MatMuls poorly.
 PRECISIONS = VISION_PRECISIONS
@@ -30,6 +33,11 @@ def available_providers() -> list[str]:
     ort = require("onnxruntime", "cpu")
     have = set(ort.get_available_providers())
     return [p for p in PROVIDERS if p in have]
+
+
+def _short(provider: str) -> str:
+    """How messages name a provider: cpu, cuda, tensorrt-ep."""
+    return NAMES.get(provider, provider).removeprefix("onnxruntime/")
 
 
 def _load(ort, path: Path, so, providers: list[str]):
@@ -43,10 +51,11 @@ def _load(ort, path: Path, so, providers: list[str]):
 
 
 class OnnxRuntimeVision:
-    """vision.onnx + mqt.onnx on one execution provider (auto: the best available)."""
+    """vision.onnx + mqt.onnx on one execution provider (None: the best available)."""
 
     def __init__(self, bundle: Bundle, provider: str | None = None, threads: int | None = None,
                  precision: str | None = None) -> None:
+        # provider: onnxruntime's name for it (CPUExecutionProvider), as the BACKENDS row gives it.
         self.bundle, self.requested, self.threads = bundle, provider, threads
         self.requested_precision = check_precision(bundle, precision)
         self.vision = self.mqt = None
@@ -60,20 +69,28 @@ class OnnxRuntimeVision:
 
     @property
     def mqt_name(self) -> str:
-        return f"onnxruntime/{SHORT.get(self.provider, self.provider)}"
+        return NAMES.get(self.provider, f"onnxruntime/{self.provider}")
+
+    @property
+    def backend(self) -> str:
+        """The BACKENDS row: the provider in use once active, else the one asked for."""
+        return NAMES.get(self.provider or self.requested, "onnxruntime")
+
+    @property
+    def is_active(self) -> bool:
+        return self.mqt is not None
 
     def activate(self) -> OnnxRuntimeVision:
         ort = require("onnxruntime", "cpu")
         have = available_providers()
         if self.requested:
-            full = {v: k for k, v in SHORT.items()}.get(self.requested, self.requested)
-            if full not in have:
+            if self.requested not in have:
                 raise InputError(
-                    f"onnxruntime has no {self.requested} execution provider here (it has: "
-                    f"{', '.join(SHORT[p] for p in have)})",
+                    f"onnxruntime has no {_short(self.requested)} execution provider here (it has: "
+                    f"{', '.join(_short(p) for p in have)})",
                     "install onnxruntime-gpu (pip install 'mqt-edge[gpu]') or pick another --vision-backend",
                 )
-            providers = [full, "CPUExecutionProvider"]
+            providers = list(dict.fromkeys([self.requested, "CPUExecutionProvider"]))  # the CPU one once
         else:
             providers = have
         so = ort.SessionOptions()
@@ -99,10 +116,11 @@ class OnnxRuntimeVision:
         if self.requested_precision != "auto":
             return self.requested_precision
         has_int8 = "vision_int8" in self.bundle.manifest["artifacts"]
-        return "int8" if has_int8 and self.provider == "CPUExecutionProvider" else "fp32"
+        return "int8" if has_int8 and backend_info(self.backend).on_gpu is False else "fp32"
 
     def features(self, pixel_values: np.ndarray) -> np.ndarray:
         """(B, 3, H, W) float32 -> (B, P, C)."""
+        check_active(self)
         if self.vision is None:  # freed by free_vision(): load it again
             self.vision = self._session(self._vision_path)
         return self.vision.run(None, {"pixel_values": pixel_values})[0]
@@ -113,6 +131,7 @@ class OnnxRuntimeVision:
 
     def tokens(self, features: np.ndarray, query_ids: np.ndarray) -> np.ndarray:
         """(B, P, C), ids (m,) -> (B, m, hidden)."""
+        check_active(self)
         return self.mqt.run(None, {"image_features": features, "query_ids": query_ids.astype(np.int64)})[0]
 
     def deactivate(self) -> None:

@@ -1,8 +1,10 @@
 """Vision and MQT on the bundle's native TensorRT engines (`mqt-edge engine` builds them).
 
-TensorRT and cuda-python are imported in `activate()` only; on a machine without them every other
-backend still works. Engines are tied to the GPU and TensorRT version they were built with, which
-the manifest records, so a mismatch is reported before anything runs.
+Loader and runner: `load_tensorrt` imports TensorRT and checks for a GPU (the engine builder on the
+build host uses it too); `TensorRTVision` is a `VisionRunner` (runtimes/base.py). TensorRT and
+cuda-python are imported in `activate()` only; on a machine without them every other backend still
+works. Engines are tied to the GPU and TensorRT version they were built with, which the manifest
+records, so a mismatch is reported before anything runs.
 """
 
 from __future__ import annotations
@@ -10,7 +12,35 @@ from __future__ import annotations
 import numpy as np
 
 from ..bundle import Bundle, BundleError
-from ..errors import MissingDependencyError
+from ..errors import MissingDependencyError, MQTEdgeError
+from .base import check_active
+
+
+class TensorRTUnavailable(MQTEdgeError):
+    """TensorRT is installed but cannot run here (no GPU)."""
+
+
+def load_tensorrt():
+    """(tensorrt module, logger, builder), after making sure a GPU is visible, or one line saying what to do."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise MissingDependencyError(
+            "TensorRT is not installed",
+            "on Jetson use JetPack's (sudo apt install nvidia-jetpack, venv with --system-site-packages); "
+            "elsewhere pip install 'mqt-edge[tensorrt]'",
+        ) from None
+    logger = trt.Logger(trt.Logger.ERROR)
+    try:
+        builder = trt.Builder(logger)
+    except Exception:  # TensorRT raises a bare error when CUDA finds no device
+        builder = None
+    if builder is None:
+        raise TensorRTUnavailable(
+            "TensorRT found no CUDA GPU on this machine",
+            "build engines on the target device: mqt-edge engine --bundle DIR",
+        )
+    return trt, logger, builder
 
 
 def _cuda_runtime():
@@ -35,15 +65,19 @@ def _check(result):
 
 
 class TensorRTVision:
-    name = "tensorrt"
+    name = backend = "tensorrt"
 
-    def __init__(self, bundle: Bundle) -> None:
-        self.bundle = bundle
+    def __init__(self, bundle: Bundle, provider: str | None = None, threads: int | None = None,
+                 precision: str | None = None) -> None:
+        # provider, threads and precision are the contract's; engines are fp16 and run on the GPU.
+        self.bundle, self.threads, self.precision = bundle, threads, precision
         self.engines: dict = {}
 
-    def activate(self) -> TensorRTVision:
-        from ..exporters.tensorrt import load_tensorrt
+    @property
+    def is_active(self) -> bool:
+        return "mqt" in self.engines  # free_vision() drops the vision engine only
 
+    def activate(self) -> TensorRTVision:
         arts = self.bundle.manifest["artifacts"]
         if "vision_trt" not in arts or "mqt_trt" not in arts:
             raise BundleError(f"the bundle at {self.bundle.root} has no TensorRT engines",
@@ -98,11 +132,13 @@ class TensorRTVision:
                 cudart.cudaFree(ptr)
 
     def features(self, pixel_values: np.ndarray) -> np.ndarray:
+        check_active(self)
         if "vision" not in self.engines:
             self._load("vision")
         return self._run("vision", {"pixel_values": pixel_values.astype(np.float32)}, "image_features")
 
     def tokens(self, features: np.ndarray, query_ids: np.ndarray) -> np.ndarray:
+        check_active(self)
         return self._run("mqt", {"image_features": features.astype(np.float32),
                                  "query_ids": query_ids.astype(np.int64)}, "visual_tokens")
 
