@@ -26,7 +26,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "runtimes": ("runtimes",),
     "profiles": ("profiles",),
     "ground": ("bundle", "atomic", "image", "prompt", "vqa", "presets", "quants", "costs", "device",
-               "defaults", "errors", "_version"),
+               "defaults", "errors", "_version", "backends"),
 }
 # What each layer may import besides itself. Device code (everything but the build host) never
 # imports the build host; runtimes and profiles stand side by side on the ground.

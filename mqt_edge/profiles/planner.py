@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 
 from ..errors import InputError, MQTEdgeError
 from ..quants import QUANTS, check_vision_precision
-from ..runtimes import backend_info  # the registry table only: no runner is imported
+from ..backends import backend_info
 from . import Profile
 
 CANDIDATES = (1, 2, 4, 8, 16, 36, 64, 144, 256)
