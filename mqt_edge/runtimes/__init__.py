@@ -22,7 +22,7 @@ def make_vision(bundle: Bundle, choice: str | None = None, threads: int | None =
     if choice not in VISION_BACKENDS:
         raise InputError(f"unknown vision backend '{choice}'", f"choose one of: {', '.join(VISION_BACKENDS)}")
     precision = check_precision(bundle, precision)
-    has_engines = "vision_trt" in bundle.manifest["artifacts"]
+    has_engines = bundle.manifest.has("vision_trt")
     trt_ready = has_engines and importlib.util.find_spec("tensorrt") and importlib.util.find_spec("cuda")
     # An explicit int8 request means onnxruntime: TensorRT engines are built from the fp32 graph.
     if choice == "tensorrt" or (choice == "auto" and trt_ready and precision != "int8"):
