@@ -36,7 +36,7 @@ def main() -> None:
     ref = evaluate_reference(MQTLlava.from_pretrained(args.model, dtype=torch.float32), items, ms)
     with Pipeline.load(args.bundle) as pipe:
         rows = evaluate(pipe, items, ms, timing_samples=10)
-        quant = pipe.bundle.manifest["llm"]["quant"]
+        quant = pipe.bundle.manifest.llm.quant
         if args.save:
             save_to_bundle(pipe.bundle, rows, Path(args.data))
     report = {"n": len(items), "bundle_quant": quant, "reference": [asdict(r) for r in ref],

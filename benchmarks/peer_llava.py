@@ -228,7 +228,7 @@ def open_pipeline(bundle: str, threads: int, precision: str) -> Pipeline | None:
 
 
 def _int8_role(bundle: str) -> str | None:
-    roles = Bundle.open(bundle, verify=False).manifest["artifacts"]
+    roles = Bundle.open(bundle, verify=False).manifest.artifacts
     return next((r for r in roles if "vision" in r and "int8" in r), None)
 
 
@@ -385,7 +385,7 @@ def cmd_run(args) -> None:
     report["int8_e2e"] = int8 is not None
     fp32 = pipes["mqt-edge fp32"]
     gguf_path = fp32.bundle.path("llm")
-    report["bundle"] = {"llm": fp32.bundle.manifest["llm"]["quant"], "path": args.bundle,
+    report["bundle"] = {"llm": fp32.bundle.manifest.llm.quant, "path": args.bundle,
                         "llm_file": str(gguf_path), "mmproj": args.mmproj}
     mt = MtmdChat(gguf_path, Path(args.mmproj), args.threads)
     run_e2e(args, mt, pipes, png, image, report)

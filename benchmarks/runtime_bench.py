@@ -83,7 +83,7 @@ def bench_reuse(pipe, image, runs, new_tokens):
 def bench_llava_baseline(pipe, image, runs, patches=576):
     """TTFT with LLaVA-1.5's token count: 576 visual tokens through the same llama.cpp runtime."""
     hidden = pipe.llm.n_embd
-    C = pipe.bundle.manifest["vision"]["feature_dim"]
+    C = pipe.bundle.manifest.vision.feature_dim
     rng = np.random.default_rng(0)
     w1 = rng.standard_normal((C, hidden), np.float32) * 0.02
     w2 = rng.standard_normal((hidden, hidden), np.float32) * 0.02
@@ -164,9 +164,8 @@ def main() -> None:
         ref_ms, ref_n = bench_reference(args.model, image, args.new_tokens, m_full)
     report = {
         "machine": f"{threads} CPU cores ({os.uname().machine})",
-        "bundle": {"llm": manifest["llm"]["quant"], "llm_bytes": manifest["llm"]["bytes"],
-                   "params": manifest["llm"]["params"],
-                   "source": (manifest["source"].get("synth") or {}).get("preset", manifest["source"]["model"])},
+        "bundle": {"llm": manifest.llm.quant, "llm_bytes": manifest.llm.bytes, "params": manifest.llm.params,
+                   "source": (manifest.source.get("synth") or {}).get("preset", manifest.source["model"])},
         "rows": rows,
         "reuse": reuse,
         "llava_baseline_ttft_ms": baseline,

@@ -26,15 +26,14 @@ import shutil
 import signal
 import tempfile
 import threading
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Iterator
 
 from .errors import InputError, MQTEdgeError
 
 FORMAT_VERSION = 1
-REQUIRED = ("mqt_edge_version", "max_tokens", "artifacts", "preprocess", "prompt", "llm", "vision", "mqt")
 MANIFEST = "manifest.json"
 DEFAULT_BUNDLE = Path("mqt-edge-bundle")
 JOURNAL = ".mqt-edge-replacing.json"  # present only while a re-export swaps files in DIR
@@ -120,6 +119,197 @@ class BundleError(MQTEdgeError):
     """A bundle is missing, corrupt, or of a format this version cannot read."""
 
 
+# -- the manifest as records: with the schema above, the only code that knows manifest.json's layout ----
+# Display-only parts (source, graphs, export, parity, seconds, accuracy_data, vision.int8) stay free-form
+# dicts; everything the runtime or the planner acts on is a typed field. None means "not in the file".
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of the bundle, checked by size and sha256 before anything runs."""
+
+    path: str  # relative to the bundle directory
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Artifact(FileEntry):
+    """A graph, engine or GGUF file, with the ONNX external data beside it if any."""
+
+    data: FileEntry | None = None  # NAME.data, for a graph over protobuf's 2 GiB
+    tensorrt: str | None = None  # engines only: the TensorRT version that built them,
+    gpu: str | None = None  # the GPU they were built on,
+    opt_tokens: int | None = None  # and their optimisation profile
+    max_batch: int | None = None
+
+    def files(self) -> tuple[FileEntry, ...]:
+        return (self, self.data) if self.data else (self,)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.bytes for f in self.files())
+
+    @classmethod
+    def from_json(cls, d: dict) -> Artifact:
+        return cls(**(d | ({"data": FileEntry(**d["data"])} if "data" in d else {})))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preprocess:
+    size: int  # shortest edge after resize
+    crop: tuple[int, int]  # (height, width)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    pad_to_square: bool
+    rescale: float
+    pad_color: tuple[int, int, int] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prompt:
+    name: str
+    system: str
+    user: str
+    assistant: str
+    sep: str
+    stop: str
+    prefix_tokens: int | None = None  # BOS + the prompt before <image>
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    bos: int
+    eos: tuple[int, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LLMFacts:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    context_length: int
+    params: int
+    quant: str  # a QUANTS name: the GGUF's weight type
+    bytes: int  # of the GGUF
+
+
+@dataclass(frozen=True, kw_only=True)
+class VisionFacts:
+    flops: int  # per image
+    params: int
+    patches: int  # P
+    feature_dim: int  # C
+    layers_run: int | None = None
+    image_size: int | None = None
+    int8: dict | None = None  # how vision-int8.onnx was quantised (display only)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MQTFacts:
+    flops_per_image: int  # the part of the MQT cost independent of m
+    flops_per_token: int
+    params: int | None = None
+    num_queries: int | None = None
+    max_tokens: int | None = None
+    heads: int | None = None
+    hidden: int | None = None
+
+
+# Manifest fields that are records, and how each is read from its checked JSON object.
+_RECORDS = {"preprocess": Preprocess, "prompt": Prompt, "special_tokens": SpecialTokens, "llm": LLMFacts,
+            "vision": VisionFacts, "mqt": MQTFacts}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """What a bundle is: its artifacts by role, and the facts the runtime and the planner need."""
+
+    format_version: int = FORMAT_VERSION
+    mqt_edge_version: str
+    created: str | None = None  # ISO 8601, UTC
+    max_tokens: int  # the largest m the MQT graph serves
+    artifacts: Mapping[str, Artifact]  # role (vision, mqt, llm, vision_ort, vision_int8, vision_trt, mqt_trt)
+    source: dict | None = None
+    graphs: dict | None = None  # each graph's input and output shapes, as exported
+    preprocess: Preprocess
+    prompt: Prompt
+    special_tokens: SpecialTokens | None = None
+    llm: LLMFacts
+    vision: VisionFacts
+    mqt: MQTFacts
+    export: dict | None = None  # the export's options
+    parity: dict | None = None  # the export's parity report per check ({} when skipped)
+    seconds: dict | None = None
+    accuracy: tuple[dict, ...] | None = None  # rows from `mqt-edge eval` (tokens, accuracy, ...)
+    accuracy_data: dict | None = None
+
+    def has(self, role: str) -> bool:
+        return role in self.artifacts
+
+    @classmethod
+    def from_json(cls, data: object, where: str = "the manifest") -> Manifest:
+        """Parse strictly: unknown keys, wrong types and unreadable formats are one BundleError."""
+        data = _upgrade(data, where)
+        problems = schema_errors(data)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise BundleError(f"{where} is not a valid bundle manifest: {problems[0]}{more}", "re-export the bundle")
+        if data["max_tokens"] < 1:
+            raise BundleError(f"{where} has max_tokens {data['max_tokens']}", "re-export the bundle")
+        parsed = {key: _tuples(kind, data[key]) for key, kind in _RECORDS.items() if key in data}
+        parsed["artifacts"] = {role: Artifact.from_json(e) for role, e in data["artifacts"].items()}
+        if "accuracy" in data:
+            parsed["accuracy"] = tuple(data["accuracy"])
+        return cls(**(data | parsed))
+
+    def to_json(self) -> dict:
+        """The manifest.json object: `Manifest.from_json(m.to_json()) == m`."""
+        return _plain(self)
+
+
+def _tuples(kind: type, d: dict):
+    """A flat record from its checked JSON object; its lists become tuples so it stays immutable."""
+    return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def _plain(value):
+    """Records as JSON objects without their absent (None) fields; tuples as lists; the rest as is."""
+    if is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value) if getattr(value, f.name) is not None}
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# Format N -> N + 1, for every format this version still reads (a layout change bumps FORMAT_VERSION and
+# adds its row here). None yet: format 1 is the first, and is today's layout.
+UPGRADES: dict[int, Callable[[dict], dict]] = {}
+FIRST_FORMAT = min(UPGRADES, default=FORMAT_VERSION)
+
+
+def _upgrade(data: object, where: str) -> dict:
+    """The manifest in today's layout, or one line saying to re-export."""
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise BundleError(f"{where} has no bundle format_version (it is not an mqt-edge manifest, or too old)",
+                          "re-export the bundle with this mqt-edge")
+    if version > FORMAT_VERSION:
+        raise BundleError(f"{where} has bundle format {version}; this mqt-edge reads formats "
+                          f"{FIRST_FORMAT}-{FORMAT_VERSION}",
+                          "upgrade mqt-edge (pip install -U mqt-edge) or re-export with this version")
+    if version < FIRST_FORMAT:
+        raise BundleError(f"{where} has bundle format {version}, older than this mqt-edge reads "
+                          f"({FIRST_FORMAT}-{FORMAT_VERSION})", "re-export the bundle with this mqt-edge")
+    while version < FORMAT_VERSION:
+        data, version = UPGRADES[version](data), version + 1
+    return data
+
+
 def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -128,20 +318,18 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
-def artifact_entry(root: Path, rel: str) -> dict:
-    """{path, sha256, bytes} of a file under root, including its ONNX external data if any."""
+def artifact_entry(root: Path, rel: str) -> Artifact:
+    """The Artifact of a file under root, including its ONNX external data if any."""
     path = root / rel
-    entry = {"path": rel, "sha256": sha256_file(path), "bytes": path.stat().st_size}
     data = path.with_name(path.name + ".data")
-    if data.is_file():
-        entry["data"] = {"path": data.name, "sha256": sha256_file(data), "bytes": data.stat().st_size}
-    return entry
+    extra = FileEntry(data.name, sha256_file(data), data.stat().st_size) if data.is_file() else None
+    return Artifact(path=rel, sha256=sha256_file(path), bytes=path.stat().st_size, data=extra)
 
 
 @dataclass
 class Bundle:
     root: Path
-    manifest: dict
+    manifest: Manifest
 
     @classmethod
     def open(cls, root: str | os.PathLike = DEFAULT_BUNDLE, verify: bool = True) -> Bundle:
@@ -153,22 +341,11 @@ class Bundle:
                 "make one with: mqt-edge export MODEL --out " + str(root),
             )
         try:
-            manifest = json.loads(path.read_text())
-            version = int(manifest["format_version"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BundleError(f"{path} is corrupt ({exc})", "re-export the bundle") from None
-        if version > FORMAT_VERSION:
-            raise BundleError(
-                f"{root} has bundle format {version}; this mqt-edge reads up to {FORMAT_VERSION}",
-                "upgrade mqt-edge (pip install -U mqt-edge) or re-export with this version",
-            )
-        problems = schema_errors(manifest)
-        if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise BundleError(f"{path} is not a valid bundle manifest: {problems[0]}{more}", "re-export the bundle")
-        if manifest["max_tokens"] < 1:
-            raise BundleError(f"{path} has max_tokens {manifest['max_tokens']}", "re-export the bundle")
-        _check_inside(root, manifest["artifacts"])
+        manifest = Manifest.from_json(data, str(path))
+        _check_inside(root, manifest.artifacts)
         bundle = cls(root, manifest)
         if verify:
             bundle.verify()
@@ -176,37 +353,34 @@ class Bundle:
 
     def verify(self) -> None:
         """Check every artifact's size and sha256 against the manifest."""
-        for role, entry in self.manifest.get("artifacts", {}).items():
-            for item in (entry, entry.get("data")):
-                if not item:
-                    continue
-                path = self.root / item["path"]
+        for role, entry in self.manifest.artifacts.items():
+            for item in entry.files():
+                path = self.root / item.path
                 if not path.is_file():
                     raise BundleError(f"bundle artifact missing: {path} ({role})", "re-export the bundle")
-                if path.stat().st_size != item["bytes"] or sha256_file(path) != item["sha256"]:
+                if path.stat().st_size != item.bytes or sha256_file(path) != item.sha256:
                     raise BundleError(
                         f"bundle artifact {path} does not match its sha256 in {MANIFEST} ({role})",
                         "the file is corrupt or was changed; re-export or re-copy the bundle",
                     )
 
     def path(self, role: str) -> Path:
-        try:
-            return self.root / self.manifest["artifacts"][role]["path"]
-        except KeyError:
-            raise BundleError(f"the bundle at {self.root} has no '{role}' artifact", "re-export it") from None
+        if not self.manifest.has(role):
+            raise BundleError(f"the bundle at {self.root} has no '{role}' artifact", "re-export it")
+        return self.root / self.manifest.artifacts[role].path
 
     @property
     def max_tokens(self) -> int:
-        return int(self.manifest["max_tokens"])
+        return self.manifest.max_tokens
 
 
-def _check_inside(root: Path, artifacts: dict) -> None:
+def _check_inside(root: Path, artifacts: Mapping[str, Artifact]) -> None:
     """Every artifact path resolves inside the bundle directory (symlinks followed)."""
     base = root.resolve()
     for role, entry in artifacts.items():
-        for item in (entry, entry.get("data")):
-            if item and not (root / item["path"]).resolve().is_relative_to(base):
-                raise BundleError(f"bundle artifact '{item['path']}' ({role}) points outside {root}",
+        for item in entry.files():
+            if not (root / item.path).resolve().is_relative_to(base):
+                raise BundleError(f"bundle artifact '{item.path}' ({role}) points outside {root}",
                                   "re-export the bundle; a bundle never refers to files outside itself")
 
 
@@ -374,8 +548,8 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def write_manifest(root: Path, manifest: dict) -> None:
+def write_manifest(root: Path, manifest: Manifest) -> None:
     """Written last, via a temporary name: its presence is what makes a directory a bundle."""
     tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.write_text(json.dumps(manifest.to_json(), indent=2))
     os.replace(tmp, root / MANIFEST)

@@ -136,10 +136,8 @@ def export_cmd(
     table = Table(title=f"bundle {result.bundle.root}")
     for col in ("artifact", "size", "parity"):
         table.add_column(col)
-    parity = manifest["parity"]
-    for role, entry in manifest["artifacts"].items():
-        size = entry["bytes"] + entry.get("data", {}).get("bytes", 0)
-        table.add_row(entry["path"], f"{size / 2**20:,.1f} MiB", _parity_cell(role, manifest, parity))
+    for role, entry in manifest.artifacts.items():
+        table.add_row(entry.path, f"{entry.total_bytes / 2**20:,.1f} MiB", _parity_cell(role, manifest.parity))
     err.print(table)
 
 
@@ -166,28 +164,40 @@ def _export_with_progress(export, opts, screen: Console):
         return export(opts, on_stage=on_stage)
 
 
-def _parity_cell(role: str, manifest: dict, parity: dict) -> str:
+def _int8_cell(parity: dict, role: str) -> str:
+    r = parity["vision_int8"]
+    flag = "pass" if r["enforced"] else "reported"
+    return (f"{flag}: worst token cosine {r['min_token_cosine']:.4f}, "
+            f"answers {r.get('answer_agreement', float('nan')):.0%} same as fp32")
+
+
+def _onnx_cell(parity: dict, role: str) -> str:
+    onnx = parity["onnx"]
+    key = "vision_ort" if role == "vision_ort" else "vision"  # mqt.onnx is checked behind vision.onnx
+    worst = max(v["max_abs_err"] for k, v in onnx[key].items() if k.startswith(("m=", "ids=")))
+    return f"{'pass' if onnx[key]['pass'] else 'FAIL'}: tokens max err {worst:.1e}"
+
+
+def _llm_cell(parity: dict, role: str) -> str:
+    cells = []
+    for k, r in parity.items():
+        if k.startswith("gguf_"):
+            figs = f"rel {r['rel_err']:.1e}" if "max_rel_err" in r["thresholds"] else f"KL {r['kl']:.3f}"
+            flag = "pass" if r["pass"] and r.get("enforced", True) else ("reported" if r["pass"] else "FAIL")
+            cells.append(f"{k[5:]} {flag}: {figs}, top-1 {r['top1']:.0%}")
+    return "; ".join(cells)
+
+
+# The export summary's parity column: role -> the cell from the manifest's parity report.
+_PARITY_CELLS = {"vision_int8": _int8_cell, "vision": _onnx_cell, "vision_ort": _onnx_cell, "mqt": _onnx_cell,
+                 "llm": _llm_cell}
+
+
+def _parity_cell(role: str, parity: dict | None) -> str:
     if not parity:
         return "skipped"
-    if role == "vision_int8":
-        r = parity["vision_int8"]
-        flag = "pass" if r["enforced"] else "reported"
-        return (f"{flag}: worst token cosine {r['min_token_cosine']:.4f}, "
-                f"answers {r.get('answer_agreement', float('nan')):.0%} same as fp32")
-    if role in ("vision", "vision_ort", "mqt"):
-        onnx = parity["onnx"]
-        key = "vision_ort" if role == "vision_ort" else "vision"
-        worst = max(v["max_abs_err"] for k, v in onnx[key].items() if k.startswith(("m=", "ids=")))
-        return f"{'pass' if onnx[key]['pass'] else 'FAIL'}: tokens max err {worst:.1e}"
-    if role == "llm":
-        cells = []
-        for k, r in parity.items():
-            if k.startswith("gguf_"):
-                figs = f"rel {r['rel_err']:.1e}" if "max_rel_err" in r["thresholds"] else f"KL {r['kl']:.3f}"
-                flag = "pass" if r["pass"] and r.get("enforced", True) else ("reported" if r["pass"] else "FAIL")
-                cells.append(f"{k[5:]} {flag}: {figs}, top-1 {r['top1']:.0%}")
-        return "; ".join(cells)
-    return "built on this device"
+    cell = _PARITY_CELLS.get(role)
+    return cell(parity, role) if cell else "built on this device"  # TensorRT engines: no parity run
 
 
 @app.command()
@@ -202,8 +212,8 @@ def engine(
     with err.status("building TensorRT engines"):
         b = build_engines_in_bundle(bundle, opt_tokens, max_batch)
     for role in ("vision_trt", "mqt_trt"):
-        e = b.manifest["artifacts"][role]
-        err.print(f"{e['path']}: {e['bytes'] / 2**20:,.1f} MiB, TensorRT {e['tensorrt']} on {e['gpu']}")
+        e = b.manifest.artifacts[role]
+        err.print(f"{e.path}: {e.bytes / 2**20:,.1f} MiB, TensorRT {e.tensorrt} on {e.gpu}")
 
 
 @app.command()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .errors import InputError, require
@@ -138,8 +138,7 @@ def save_to_bundle(bundle, rows: list[Row], data: Path) -> None:
 
     from .bundle import write_manifest
 
-    manifest = dict(bundle.manifest)
-    manifest["accuracy"] = [asdict(r) for r in rows]
-    manifest["accuracy_data"] = {"file": str(Path(data).resolve()),
-                                 "sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest()}
+    manifest = replace(bundle.manifest, accuracy=tuple(asdict(r) for r in rows),
+                       accuracy_data={"file": str(Path(data).resolve()),
+                                      "sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest()})
     write_manifest(bundle.root, manifest)

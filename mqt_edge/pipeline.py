@@ -418,10 +418,9 @@ class Pipeline:
         b = Bundle.open(bundle, verify=verify)
         vision = make_vision(b, vision_backend, threads, vision_precision).activate()
         llm = LlamaModel(b.path("llm"), n_gpu_layers)
-        fields = PromptTemplate.__dataclass_fields__
-        template = PromptTemplate(**{k: v for k, v in b.manifest["prompt"].items() if k in fields})
+        template = PromptTemplate(**{k: getattr(b.manifest.prompt, k) for k in PromptTemplate.__dataclass_fields__})
         name = profile if profile is None or isinstance(profile, str) else profile.name
-        pipe = cls(b, vision, llm, ImageSpec.from_dict(b.manifest["preprocess"]), template, threads,
+        pipe = cls(b, vision, llm, ImageSpec.from_dict(asdict(b.manifest.preprocess)), template, threads,
                    max_pixels, name, sequential, vision_backend=vision_backend or "auto",
                    n_gpu_layers=n_gpu_layers, mode=mode, head_cache=head_cache,
                    vision_precision=vision_precision or "auto")
@@ -435,7 +434,7 @@ class Pipeline:
     def kv_f32(self) -> bool:
         # An f32 bundle promises the reference's numbers: f32 K/V and no f16 flash-attention path
         # (measured: logits within 4e-7 of PyTorch instead of 5e-3 at m = 256).
-        return self.bundle.manifest["llm"]["quant"] == "f32"
+        return self.bundle.manifest.llm.quant == "f32"
 
     def prompt_head(self):
         """The KV cache of BOS + the prompt before <image>, computed once per pipeline (None when
@@ -459,7 +458,7 @@ class Pipeline:
 
     @property
     def context_length(self) -> int:
-        return int(self.bundle.manifest["llm"]["context_length"])
+        return self.bundle.manifest.llm.context_length
 
     @property
     def backends(self) -> dict:

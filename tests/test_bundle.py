@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -28,7 +29,7 @@ def edited(bundle, tmp_path, edit) -> "Path":  # noqa: F821
 
 
 def test_the_exported_manifest_conforms(bundle):
-    assert schema_errors(bundle.manifest) == []
+    assert schema_errors(bundle.manifest.to_json()) == []
 
 
 BREAKAGES = {
@@ -75,7 +76,7 @@ def test_a_truncated_artifact_whose_sha256_matches_is_one_line(bundle, tmp_path,
         m["artifacts"][role].update(sha256=sha256_file(path), bytes=path.stat().st_size)
 
     b = edited(bundle, tmp_path, truncate)
-    name = bundle.manifest["artifacts"][role]["path"]
+    name = bundle.manifest.artifacts[role].path
     with pytest.raises(MQTEdgeError, match=name) as exc:
         Pipeline.load(b)
     assert "re-export" in str(exc.value)
@@ -92,3 +93,42 @@ def test_a_graph_with_the_wrong_inputs_is_refused(bundle, tmp_path):
 
     with pytest.raises(BundleError, match="mqt graph takes"):
         Pipeline.load(edited(bundle, tmp_path, swap))
+
+
+# manifest.json as the format-1 exporter wrote it (tiny, f32, m <= 16, no parity run), kept verbatim so
+# that a later layout change cannot quietly stop reading the bundles already on devices.
+FORMAT_1 = Path(__file__).parent / "data" / "manifest-format1.json"
+
+
+def test_a_format_1_bundle_loads_and_answers(bundle, tmp_path):
+    def use_format_1(m, b):  # the recorded manifest over this export's files (their sizes and hashes)
+        recorded = json.loads(FORMAT_1.read_text())
+        for role, entry in recorded["artifacts"].items():
+            entry.update({k: m["artifacts"][role][k] for k in ("path", "sha256", "bytes")})
+        m.clear()
+        m.update(recorded)
+
+    b = edited(bundle, tmp_path, use_format_1)
+    recorded = json.loads((b / "manifest.json").read_text())
+    assert recorded["format_version"] == 1
+    assert Bundle.open(b).manifest.to_json() == recorded  # every field read, nothing lost
+    with Pipeline.load(b, threads=1) as pipe:
+        a = pipe.ask(scene(), "What is it?", tokens=2, max_new_tokens=3)
+    assert a.tokens == 2 and len(a.token_ids) > 0 and isinstance(a.answer, str)
+
+
+UNREADABLE = {  # manifests of layouts this version does not read: one line, saying to re-export
+    "format 0": (lambda m, b: m.update(format_version=0, model=m.pop("llm")), "has bundle format 0"),
+    "no format": (lambda m, b: m.pop("format_version"), "has no bundle format_version"),
+}
+
+
+@pytest.mark.parametrize("name", UNREADABLE)
+def test_an_unreadable_old_manifest_is_one_line_through_the_cli(bundle, tmp_path, name):
+    edit, message = UNREADABLE[name]
+    b = edited(bundle, tmp_path, edit)
+    scene().save(tmp_path / "img.png")
+    r = cli("run", str(tmp_path / "img.png"), "What is it?", "--bundle", str(b), "-m", "2")
+    lines = stderr_lines(r)
+    assert r.returncode != 0 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert message in lines[0] and "re-export" in lines[0], lines[0]

@@ -96,7 +96,7 @@ def test_gguf_logits_match_transformers(release):
 
 def test_manifest_describes_the_bundle(release):
     ref, bundle = release
-    m = bundle.manifest
+    m = bundle.manifest.to_json()
     assert m["format_version"] == 1 and m["max_tokens"] == 256
     assert set(m["artifacts"]) == {"vision", "mqt", "llm"}
     assert all(len(a["sha256"]) == 64 for a in m["artifacts"].values())
@@ -120,7 +120,7 @@ def q4_bundle(tiny_ckpt, tmp_path_factory):
 def test_q4_k_m_loads_and_generates(q4_bundle):
     from mqt_edge.runtimes.llama import plain_llama
 
-    m = q4_bundle.manifest
+    m = q4_bundle.manifest.to_json()
     assert m["llm"]["quant"] == "q4_k_m" and q4_bundle.path("llm").name == "llm-q4_k_m.gguf"
     assert m["parity"]["gguf_f32"]["pass"]  # the conversion is gated before quantisation
     assert "kl" in m["parity"]["gguf_q4_k_m"] and "top1" in m["parity"]["gguf_q4_k_m"]
@@ -144,8 +144,8 @@ def test_max_tokens_drops_unused_queries(q4_bundle):
 def test_optimized_vision_is_an_extra_checked_artifact(tiny_ckpt, tmp_path):
     b = export(ExportOptions(model=str(tiny_ckpt), out=tmp_path / "b", quant="f16", optimize=2)).bundle
     assert b.path("vision_ort").is_file() and b.path("vision").is_file()
-    assert b.manifest["parity"]["onnx"]["vision_ort"]["pass"]
-    assert b.manifest["export"]["optimize"] == 2
+    assert b.manifest.parity["onnx"]["vision_ort"]["pass"]
+    assert b.manifest.export["optimize"] == 2
 
 
 def test_interrupted_export_leaves_nothing(tiny_ckpt, tmp_path):
@@ -256,8 +256,8 @@ def test_tensorrt_engines_build_on_a_gpu(tiny_ckpt, tmp_path):
     b = export(ExportOptions(model=str(tiny_ckpt), out=tmp_path / "b", quant="f16", tensorrt=True,
                              opt_tokens=16)).bundle
     for role in ("vision_trt", "mqt_trt"):
-        entry = b.manifest["artifacts"][role]
-        assert entry["tensorrt"] == trt.__version__ and entry["gpu"] and b.path(role).stat().st_size > 0
+        entry = b.manifest.artifacts[role]
+        assert entry.tensorrt == trt.__version__ and entry.gpu and b.path(role).stat().st_size > 0
 
 
 def test_bundle_open_rejects_bad_bundles(q4_bundle, tmp_path):
@@ -288,7 +288,7 @@ def test_engine_command_without_tensorrt(q4_bundle):
         pass
     r = cli("engine", "--bundle", str(q4_bundle.root))
     assert one_line_error(r) and "TensorRT is not installed" in r.stderr
-    assert "vision_trt" not in Bundle.open(q4_bundle.root).manifest["artifacts"]
+    assert "vision_trt" not in Bundle.open(q4_bundle.root).manifest.artifacts
 
 
 def test_export_without_model_says_how_to_get_one(tmp_path):

@@ -498,7 +498,7 @@ def test_gpu_layers_reported_are_those_llama_cpp_offloaded(f32_bundle):
 
     with Pipeline.load(f32_bundle.root, n_gpu_layers=99) as p:
         if llama_cpp.llama_supports_gpu_offload():
-            layers = f32_bundle.manifest["llm"]["layers"]
+            layers = f32_bundle.manifest.llm.layers
             assert p.backends["llm"] == f"llama.cpp/gpu:{min(99, layers + 1)} layers"
         else:
             assert p.backends["llm"] == "llama.cpp/cpu"  # was "gpu:99 layers" on a CPU-only build

@@ -142,8 +142,8 @@ def test_the_session_budget_follows_the_memory_limit(tiny):
     with pytest.raises(Exception, match="--parallel 4 needs 4 sessions"):
         policy.plan_startup(tiny, base.with_(cache_mb=3 * start.session_bytes / 2**20, parallel=4))
     # a context's bytes: KV of n_ctx positions (f32 here) + buffers
-    f = tiny.bundle.manifest["llm"]
-    assert start.session_bytes >= start.n_ctx * f["layers"] * 2 * f["kv_heads"] * f["head_dim"] * 4
+    f = tiny.bundle.manifest.llm
+    assert start.session_bytes >= start.n_ctx * f.layers * 2 * f.kv_heads * f.head_dim * 4
 
 
 @pytest.mark.parametrize("pieces, stops, want", [

@@ -32,9 +32,8 @@ def fp32_only(int8_bundle, tmp_path_factory):
     root = tmp_path_factory.mktemp("fp32") / "b"
     shutil.copytree(int8_bundle.root, root)
     (root / "vision-int8.onnx").unlink()
-    manifest = dict(int8_bundle.manifest)
-    manifest["artifacts"] = {k: v for k, v in manifest["artifacts"].items() if k != "vision_int8"}
-    write_manifest(root, manifest)
+    manifest = int8_bundle.manifest
+    write_manifest(root, replace(manifest, artifacts={k: v for k, v in manifest.artifacts.items() if k != "vision_int8"}))
     return Bundle.open(root)
 
 
@@ -45,7 +44,7 @@ def session(path):
 
 
 def test_int8_graph_is_in_the_bundle_and_the_manifest(int8_bundle):
-    m = int8_bundle.manifest
+    m = int8_bundle.manifest.to_json()
     assert m["artifacts"]["vision_int8"]["path"] == "vision-int8.onnx" and m["export"]["vision_quant"] == "int8"
     Bundle.open(int8_bundle.root)  # its sha256 is checked like every artifact's
     fp32 = onnx.load(str(int8_bundle.path("vision")))
@@ -64,7 +63,7 @@ def test_int8_graph_is_in_the_bundle_and_the_manifest(int8_bundle):
 
 def test_int8_parity_figures_are_the_int8_graphs(int8_bundle, tiny_model):
     """The reported token cosine is recomputed here from the int8 graph and the PyTorch reference."""
-    r = int8_bundle.manifest["parity"]["vision_int8"]
+    r = int8_bundle.manifest.parity["vision_int8"]
     assert r["thresholds"] == {"min_token_cosine": parity.INT8_MIN_COSINE, "min_agreement": parity.INT8_MIN_AGREEMENT}
     assert r["enforced"] is False and r["pass"]  # random weights: reported, as q4_k_m is
     px = np.concatenate([tiny_model.pixel_values(im).numpy() for im in parity.sample_images(3)])
@@ -117,7 +116,7 @@ def test_trained_models_are_gated(tiny_ckpt, tmp_path, monkeypatch):
 def test_answer_gate_raises_for_a_trained_model(int8_bundle, tiny_model):
     from mqt_edge.exporters import _int8_answers
 
-    entry = dict(int8_bundle.manifest["parity"]["vision_int8"], enforced=True)
+    entry = dict(int8_bundle.manifest.parity["vision_int8"], enforced=True)
     before, _ = tiny_model.prompt_ids("?")
     questions = [tiny_model.prompt_ids(q)[1] for q in parity.SAMPLE_QUESTIONS[:2]]
     rng = np.random.default_rng(1)
@@ -185,7 +184,7 @@ def test_planner_costs_the_int8_graph(int8_bundle, fp32_only):
     from mqt_edge.profiles.planner import INT8_VISION_SPEEDUP, ModelFacts, Options, _analytic, memory_breakdown
 
     f8, f32 = ModelFacts.from_bundle(int8_bundle), ModelFacts.from_bundle(fp32_only)
-    assert f8.vision_int8_bytes == int8_bundle.manifest["artifacts"]["vision_int8"]["bytes"] and not f32.vision_int8_bytes
+    assert f8.vision_int8_bytes == int8_bundle.manifest.artifacts["vision_int8"].bytes and not f32.vision_int8_bytes
     cpu = load_profile("cpu")
     t8, t32 = _analytic(cpu, f8, 16, Options()), _analytic(cpu, f32, 16, Options())
     forced = _analytic(cpu, f8, 16, Options(vision_precision="fp32"))

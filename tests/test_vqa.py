@@ -117,7 +117,7 @@ def test_eval_cli_table_json_plot_and_save(bundle, tmp_path):
     assert all(row["n"] == 6 and 0 <= row["accuracy"] <= 1 and row["ttft_ms"] > 0 for row in rows)
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
     saved = Bundle.open(bundle.root)  # still verifies: the table lives in the manifest only
-    assert [row["tokens"] for row in saved.manifest["accuracy"]] == [2, 16, 64]
+    assert [row["tokens"] for row in saved.manifest.accuracy] == [2, 16, 64]
     assert ModelFacts.from_bundle(saved).accuracy  # the planner sees the table
     result = plan(load_profile("cpu"), ModelFacts.from_bundle(saved))
     assert "smallest m within" in result.reason  # ... and switches to the accuracy policy

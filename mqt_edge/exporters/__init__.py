@@ -15,14 +15,15 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from .. import __version__
 from ..device import available_ram_bytes
-from ..bundle import (DEFAULT_BUNDLE, FORMAT_VERSION, Bundle, artifact_entry, check_output_dir, remove_stale_staging,
-                      staging, write_manifest)
+from ..bundle import (DEFAULT_BUNDLE, FORMAT_VERSION, Bundle, LLMFacts, Manifest, MQTFacts, Preprocess, Prompt,
+                      SpecialTokens, VisionFacts, artifact_entry, check_output_dir, remove_stale_staging, staging,
+                      write_manifest)
 from ..errors import InputError, MQTEdgeError, TokensError
 
 
@@ -378,42 +379,42 @@ def _export(opts: ExportOptions, on_stage: Callable[[str], None]) -> ExportResul
                 done("tensorrt")
 
             stage("manifest")
-            manifest = {
-                "format_version": FORMAT_VERSION,
-                "mqt_edge_version": __version__,
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "max_tokens": max_tokens,
-                "artifacts": manifest_artifacts,
-                "source": {
+            manifest = Manifest(
+                format_version=FORMAT_VERSION,
+                mqt_edge_version=__version__,
+                created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                max_tokens=max_tokens,
+                artifacts=manifest_artifacts,
+                source={
                     "model": str(opts.model),
                     "path": str(ckpt.resolve()),
                     "config_sha256": hashlib.sha256((ckpt / "config.json").read_bytes()).hexdigest(),
                     "synth": raw.get("mqt_edge_synth"),
                 },
-                "graphs": graphs,
-                "preprocess": spec.to_dict(),
-                "prompt": template.to_dict() | {"prefix_tokens": prefix_tokens},
-                "special_tokens": {"bos": bos, "eos": eos},
-                "llm": {
-                    "layers": int(raw["num_hidden_layers"]),
-                    "hidden": int(raw["hidden_size"]),
-                    "heads": int(raw["num_attention_heads"]),
-                    "kv_heads": int(raw.get("num_key_value_heads") or raw["num_attention_heads"]),
-                    "head_dim": int(raw["hidden_size"]) // int(raw["num_attention_heads"]),
-                    "intermediate": int(raw["intermediate_size"]),
-                    "vocab": gguf_info["vocab"],
-                    "context_length": int(raw.get("max_position_embeddings", 4096)),
-                    "params": gguf_info["params"],
-                    "quant": quant.name,
-                    "bytes": manifest_artifacts["llm"]["bytes"],
-                },
-                "vision": vision_cost,
-                "mqt": mqt_cost,
-                "export": opts.to_dict() | {"max_tokens": max_tokens, "gguf_intermediate": inter,
-                                            "reference_llm_dtype": llm_dtype},
-                "parity": report,
-                "seconds": {k: v for k, v in seconds.items() if k != "manifest"},  # stages done
-            }
+                graphs=graphs,
+                preprocess=Preprocess(**spec.to_dict() | {"pad_color": spec.pad_color}),
+                prompt=Prompt(**template.to_dict(), prefix_tokens=prefix_tokens),
+                special_tokens=SpecialTokens(bos, tuple(eos)),
+                llm=LLMFacts(
+                    layers=int(raw["num_hidden_layers"]),
+                    hidden=int(raw["hidden_size"]),
+                    heads=int(raw["num_attention_heads"]),
+                    kv_heads=int(raw.get("num_key_value_heads") or raw["num_attention_heads"]),
+                    head_dim=int(raw["hidden_size"]) // int(raw["num_attention_heads"]),
+                    intermediate=int(raw["intermediate_size"]),
+                    vocab=gguf_info["vocab"],
+                    context_length=int(raw.get("max_position_embeddings", 4096)),
+                    params=gguf_info["params"],
+                    quant=quant.name,
+                    bytes=manifest_artifacts["llm"].bytes,
+                ),
+                vision=VisionFacts(**vision_cost),
+                mqt=MQTFacts(**mqt_cost),
+                export=opts.to_dict() | {"max_tokens": max_tokens, "gguf_intermediate": inter,
+                                         "reference_llm_dtype": llm_dtype},
+                parity=report,
+                seconds={k: v for k, v in seconds.items() if k != "manifest"},  # stages done
+            )
             write_manifest(tmp, manifest)
             done("manifest")
     except OSError as exc:
@@ -526,14 +527,14 @@ def _build_engines(src: Path, dst: Path, graphs: dict, max_tokens: int, opt_toke
     """vision.engine and mqt.engine in dst, built from src's ONNX files."""
     from . import tensorrt as trt_export
 
-    shapes = trt_export.engine_shapes({"graphs": graphs, "max_tokens": max_tokens}, opt_tokens, max_batch)
+    shapes = trt_export.engine_shapes(graphs, max_tokens, opt_tokens, max_batch)
     entries = {}
     for role in ("vision", "mqt"):
         trt_export.build_engine(src / f"{role}.onnx", dst / f"{role}.engine", shapes[role])
-        entries[f"{role}_trt"] = artifact_entry(dst, f"{role}.engine") | {
-            "tensorrt": trt_export.tensorrt_version(), "gpu": trt_export.gpu_name(),
-            "opt_tokens": opt_tokens, "max_batch": max_batch,
-        }
+        entries[f"{role}_trt"] = replace(
+            artifact_entry(dst, f"{role}.engine"), tensorrt=trt_export.tensorrt_version(),
+            gpu=trt_export.gpu_name(), opt_tokens=opt_tokens, max_batch=max_batch,
+        )
     return entries
 
 
@@ -547,12 +548,10 @@ def build_engines_in_bundle(bundle_dir: Path, opt_tokens: int = 64, max_batch: i
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        entries = _build_engines(bundle_dir, tmp, bundle.manifest["graphs"], bundle.max_tokens, opt_tokens, max_batch)
+        entries = _build_engines(bundle_dir, tmp, bundle.manifest.graphs, bundle.max_tokens, opt_tokens, max_batch)
         for entry in entries.values():
-            os.replace(tmp / entry["path"], bundle_dir / entry["path"])
-        manifest = dict(bundle.manifest)
-        manifest["artifacts"] = {**manifest["artifacts"], **entries}
-        write_manifest(bundle_dir, manifest)
+            os.replace(tmp / entry.path, bundle_dir / entry.path)
+        write_manifest(bundle_dir, replace(bundle.manifest, artifacts={**bundle.manifest.artifacts, **entries}))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Bundle.open(bundle_dir)

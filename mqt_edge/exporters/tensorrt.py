@@ -53,11 +53,11 @@ def build_engine(onnx_path: Path, engine_path: Path, shapes: dict[str, tuple], w
     engine_path.write_bytes(bytes(blob))
 
 
-def engine_shapes(manifest: dict, opt_tokens: int, max_batch: int) -> dict[str, dict[str, tuple]]:
-    """The optimisation profiles of both graphs, from the shapes the manifest records."""
-    v = manifest["graphs"]["vision"]["inputs"]["pixel_values"]
-    _, P, C = manifest["graphs"]["mqt"]["inputs"]["image_features"]
-    M = int(manifest["max_tokens"])
+def engine_shapes(graphs: dict, max_tokens: int, opt_tokens: int, max_batch: int) -> dict[str, dict[str, tuple]]:
+    """The optimisation profiles of both graphs, from the shapes the manifest records (its `graphs`)."""
+    v = graphs["vision"]["inputs"]["pixel_values"]
+    _, P, C = graphs["mqt"]["inputs"]["image_features"]
+    M = int(max_tokens)
     opt = max(1, min(opt_tokens, M))
     return {
         "vision": {"pixel_values": ((1, *v[1:]), (1, *v[1:]), (max_batch, *v[1:]))},

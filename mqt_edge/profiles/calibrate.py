@@ -68,8 +68,8 @@ def measure(bundle_dir: str, runs: int = 2, threads: int | None = None) -> Calib
         prefill_ms_fixed=round(prefill_fixed, 3), prefill_ms_per_token=round(prefill_slope, 4),
         decode_ms_per_token=round(statistics.median(decode), 3) if decode else 0.0,
         peak_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        llm_params=int(manifest["llm"]["params"]), llm_bytes=int(manifest["llm"]["bytes"]),
-        vision_flops=int(manifest["vision"]["flops"]), bundle=str(Path(bundle_dir).resolve()),
+        llm_params=manifest.llm.params, llm_bytes=manifest.llm.bytes,
+        vision_flops=manifest.vision.flops, bundle=str(Path(bundle_dir).resolve()),
         vision_precision=precision,
     )
 

@@ -68,17 +68,18 @@ class ModelFacts:
     @classmethod
     def from_bundle(cls, bundle) -> ModelFacts:
         m = bundle.manifest
-        llm, vis, mqt = m["llm"], m["vision"], m["mqt"]
-        acc = tuple((int(r["tokens"]), float(r["accuracy"])) for r in m.get("accuracy", []))
+        llm, vis, mqt = m.llm, m.vision, m.mqt
+        acc = tuple((int(r["tokens"]), float(r["accuracy"])) for r in m.accuracy or ())
+        int8 = m.artifacts.get("vision_int8")
         return cls(
-            name=str(bundle.root), quant=llm["quant"], llm_params=int(llm["params"]), llm_bytes=int(llm["bytes"]),
-            layers=llm["layers"], hidden=llm["hidden"], kv_heads=llm["kv_heads"], head_dim=llm["head_dim"],
-            vocab=llm["vocab"], context_length=llm["context_length"], vision_params=vis["params"],
-            vision_flops=vis["flops"], patches=vis["patches"], vision_width=vis["feature_dim"],
-            mqt_bytes=m["artifacts"]["mqt"]["bytes"],
-            mqt_flops_image=mqt["flops_per_image"], mqt_flops_token=mqt["flops_per_token"],
-            max_tokens=m["max_tokens"], prompt_tokens=int(m["prompt"].get("prefix_tokens", PROMPT_TOKENS)),
-            accuracy=acc, vision_int8_bytes=_artifact_bytes(m["artifacts"].get("vision_int8")),
+            name=str(bundle.root), quant=llm.quant, llm_params=llm.params, llm_bytes=llm.bytes,
+            layers=llm.layers, hidden=llm.hidden, kv_heads=llm.kv_heads, head_dim=llm.head_dim,
+            vocab=llm.vocab, context_length=llm.context_length, vision_params=vis.params,
+            vision_flops=vis.flops, patches=vis.patches, vision_width=vis.feature_dim,
+            mqt_bytes=m.artifacts["mqt"].bytes,
+            mqt_flops_image=mqt.flops_per_image, mqt_flops_token=mqt.flops_per_token,
+            max_tokens=m.max_tokens, prompt_tokens=m.prompt.prefix_tokens or PROMPT_TOKENS,
+            accuracy=acc, vision_int8_bytes=int8.total_bytes if int8 else 0,
         )
 
     @classmethod
@@ -104,10 +105,6 @@ class ModelFacts:
             mqt_bytes=4 * (heads_mqt * M * P + D * D + D * h + 2 * D + h),
             mqt_flops_image=2 * P * D * D, mqt_flops_token=2 * P * D + 2 * D * h, max_tokens=M,
         )
-
-
-def _artifact_bytes(entry: dict | None) -> int:
-    return 0 if not entry else int(entry["bytes"]) + int(entry.get("data", {}).get("bytes", 0))
 
 
 def llm_param_count(h: int, inter: int, layers: int, vocab: int, heads: int, kv_heads: int) -> int:

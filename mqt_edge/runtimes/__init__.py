@@ -28,7 +28,7 @@ __all__ = ["BACKENDS", "VISION_BACKENDS", "Backend", "InactiveRunnerError", "Vis
 
 def _ready(row: Backend, bundle: Bundle, precision: str) -> bool:
     """Can `auto` pick this row for this bundle on this machine?"""
-    arts = bundle.manifest["artifacts"]
+    arts = bundle.manifest.artifacts
     return ((row.int8 or precision != "int8") and all(role in arts for role in row.artifacts)
             and all(importlib.util.find_spec(m) for m in row.needs))
 

@@ -102,8 +102,8 @@ class OnnxRuntimeVision:
         self.provider = self.mqt.get_providers()[0]
         self.precision = self._pick_precision()
         # The ORT-fused vision graph, when the bundle has one, is for onnxruntime only.
-        roles = self.bundle.manifest["artifacts"]
-        role = "vision_int8" if self.precision == "int8" else ("vision_ort" if "vision_ort" in roles else "vision")
+        has = self.bundle.manifest.has
+        role = "vision_int8" if self.precision == "int8" else ("vision_ort" if has("vision_ort") else "vision")
         self._vision_path: Path = self.bundle.path(role)
         self.vision = self._session(self._vision_path)
         for role, sess in (("vision", self.vision), ("mqt", self.mqt)):
@@ -115,7 +115,7 @@ class OnnxRuntimeVision:
     def _pick_precision(self) -> str:
         if self.requested_precision != "auto":
             return self.requested_precision
-        has_int8 = "vision_int8" in self.bundle.manifest["artifacts"]
+        has_int8 = self.bundle.manifest.has("vision_int8")
         return "int8" if has_int8 and backend_info(self.backend).on_gpu is False else "fp32"
 
     def features(self, pixel_values: np.ndarray) -> np.ndarray:
@@ -143,7 +143,7 @@ def check_precision(bundle: Bundle, precision: str | None) -> str:
     precision = precision or "auto"
     if precision not in PRECISIONS:
         raise InputError(f"unknown vision precision '{precision}'", f"choose one of: {', '.join(PRECISIONS)}")
-    if precision == "int8" and "vision_int8" not in bundle.manifest["artifacts"]:
+    if precision == "int8" and not bundle.manifest.has("vision_int8"):
         raise InputError(f"the bundle {bundle.root} has no int8 vision graph",
                          "re-export it with --vision-quant int8, or use --vision-precision fp32")
     return precision

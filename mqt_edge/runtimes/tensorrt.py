@@ -78,12 +78,12 @@ class TensorRTVision:
         return "mqt" in self.engines  # free_vision() drops the vision engine only
 
     def activate(self) -> TensorRTVision:
-        arts = self.bundle.manifest["artifacts"]
-        if "vision_trt" not in arts or "mqt_trt" not in arts:
+        m = self.bundle.manifest
+        if not (m.has("vision_trt") and m.has("mqt_trt")):
             raise BundleError(f"the bundle at {self.bundle.root} has no TensorRT engines",
                               "build them on this device: mqt-edge engine --bundle " + str(self.bundle.root))
         trt, logger, _ = load_tensorrt()
-        built = arts["vision_trt"]["tensorrt"]
+        built = m.artifacts["vision_trt"].tensorrt
         if built != trt.__version__:
             raise BundleError(f"the engines were built with TensorRT {built}, this device has {trt.__version__}",
                               "rebuild them: mqt-edge engine --bundle " + str(self.bundle.root))
