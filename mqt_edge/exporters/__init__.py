@@ -61,14 +61,19 @@ class ExportResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _step(module: str, name: str) -> Callable[[ExportJob], None]:
+@dataclass(frozen=True)
+class Step:
     """A format module's function, imported on first call: validate() and `mqt-edge engine` import
     this package where torch (which most format modules need) is absent."""
-    def call(job: ExportJob) -> None:
-        getattr(import_module(f"{__name__}.{module}"), name)(job)
 
-    call.__qualname__ = f"{module}.{name}"
-    return call
+    module: str  # under mqt_edge.exporters
+    name: str
+
+    def resolve(self) -> Callable[[ExportJob], None]:
+        return getattr(import_module(f"{__name__}.{self.module}"), self.name)
+
+    def __call__(self, job: ExportJob) -> None:
+        self.resolve()(job)
 
 
 def _nothing(job: ExportJob) -> None:
@@ -112,18 +117,18 @@ FORMATS: dict[str, Format] = {
     for f in (
         Format("onnx", "vision.onnx, mqt.onnx (+ vision-ort.onnx with --optimize)",
                "CLIP tower and query transformer; dynamic batch and m", _ONNX, "export",
-               _step("onnx_graphs", "build"), _step("onnx_graphs", "check")),
+               Step("onnx_graphs", "build"), Step("onnx_graphs", "check")),
         Format("vision_int8", "vision-int8.onnx", "INT8 vision graph for onnxruntime on CPUs", _ONNX, "export",
-               _step("onnx_quant", "build"), _step("onnx_quant", "check"), when=_int8),
+               Step("onnx_quant", "build"), Step("onnx_quant", "check"), when=_int8),
         Format("gguf", "llm-f32.gguf or llm-f16.gguf", "the LLaMA for llama.cpp, converted unquantised", _GGUF,
-               "export", _step("gguf_llm", "build"), _step("gguf_llm", "check")),
+               "export", Step("gguf_llm", "build"), Step("gguf_llm", "check")),
         Format("quantize", "llm-<quant>.gguf", "llama.cpp's quantisation: q8_0, q5_k_m, q4_k_m", _GGUF, "export",
-               _step("gguf_llm", "build_quantised"), _step("gguf_llm", "check_quantised"),
+               Step("gguf_llm", "build_quantised"), Step("gguf_llm", "check_quantised"),
                when=lambda opts: get_quant(opts.quant).quantised),
         Format("int8_answers", "(a check only)", "int8 vision's greedy answers against fp32's, through the GGUF",
-               _GGUF, "export", check=_step("onnx_quant", "check_answers"), when=_int8),
+               _GGUF, "export", check=Step("onnx_quant", "check_answers"), when=_int8),
         Format("tensorrt", "vision.engine, mqt.engine", "FP16 engines, built on the target device",
-               ("tensorrt",), "tensorrt", _step("tensorrt", "build"), when=lambda opts: opts.tensorrt,
+               ("tensorrt",), "tensorrt", Step("tensorrt", "build"), when=lambda opts: opts.tensorrt,
                probe=_tensorrt_here),
     )
 }
@@ -396,5 +401,5 @@ def build_engines_in_bundle(bundle_dir: Path, opt_tokens: int = 64, max_batch: i
     return Bundle.open(bundle_dir)
 
 
-__all__ = ["FORMATS", "ExportError", "ExportJob", "ExportOptions", "ExportResult", "Format", "build_engines_in_bundle",
-           "enabled", "export", "validate"]
+__all__ = ["FORMATS", "ExportError", "ExportJob", "ExportOptions", "ExportResult", "Format", "Step",
+           "build_engines_in_bundle", "enabled", "export", "validate"]
