@@ -1,5 +1,6 @@
-"""The LLM weight formats a bundle can carry: one table, read by the exporter (what to write and
-the parity thresholds that gate it) and by the planner (how many bytes the weights take).
+"""The LLM weight formats a bundle can carry: one table, read by the exporter (what to write, the
+parity thresholds that gate it and the rule that applies them: `Quant.judge`) and by the planner
+(how many bytes the weights take).
 
 Ground layer: pure data, no imports beyond the standard library, so `plan` runs on a device install.
 """
@@ -9,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import InputError
+
+MIN_DECIDED = 0.5  # share of positions an unquantised file's top-1 check must rest on
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,29 @@ class Quant:
     max_rel_err: float | None = None
     min_top1: float = 1.0
     max_kl: float | None = None
+
+    @property
+    def quantised(self) -> bool:
+        """Quantised files are judged by KL and top-1; f32/f16 by relative error, as a conversion."""
+        return self.max_kl is not None
+
+    def judge(self, r: dict, enforced: bool = True) -> dict:
+        """Add the verdict and thresholds to a logits report (exporters/parity.py:logits_report) of
+        this file against the reference; `enforced=False` reports a quantised file without gating."""
+        if not self.quantised:
+            # Only decided positions count for top-1 (below the float noise either argmax is right);
+            # at least half must be decided, or the check would be vacuous.
+            r["pass"] = (r["rel_err"] <= self.max_rel_err and r["top1_decided"] >= self.min_top1
+                         and r["decided_positions"] >= MIN_DECIDED * r["positions"])
+            r["thresholds"] = {"max_rel_err": self.max_rel_err, "min_top1": self.min_top1, "min_decided": MIN_DECIDED}
+            return r
+        r["thresholds"] = {"max_kl": self.max_kl, "min_top1": self.min_top1}
+        r["pass"] = (r["kl"] <= self.max_kl and r["top1"] >= self.min_top1) or not enforced
+        if not enforced:
+            r["enforced"] = False
+            r["note"] = ("random-weight checkpoint: quantised-quality thresholds describe trained "
+                         "models; the unquantised check gates the conversion")
+        return r
 
 
 QUANTS: dict[str, Quant] = {

@@ -411,3 +411,27 @@ def test_ctrl_c_during_export_says_nothing_was_written(tiny_ckpt, tmp_path):
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert p.returncode == 130 and len(lines) == 1 and "nothing was written" in lines[0], stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_format_row_names_functions_that_exist():
+    from mqt_edge.exporters import FORMATS, Step, enabled
+
+    steps = [s for f in FORMATS.values() for s in (f.build, f.check) if isinstance(s, Step)]
+    assert len(steps) == 10 and all(callable(s.resolve()) for s in steps)
+    names = lambda **kw: [f.name for f in enabled(ExportOptions(model="m", **kw))]  # noqa: E731
+    assert names(quant="f16") == ["onnx", "gguf"]
+    assert names(vision_quant="int8", tensorrt=True) == ["onnx", "vision_int8", "gguf", "quantize", "int8_answers",
+                                                         "tensorrt"]
+
+
+def test_the_gguf_pass_rules_sit_with_their_thresholds():
+    from mqt_edge.quants import QUANTS
+
+    conv = {"positions": 10, "rel_err": 1e-3, "top1": 1.0, "decided_positions": 5, "top1_decided": 1.0, "kl": 0.0}
+    assert QUANTS["f32"].judge(dict(conv))["pass"]
+    assert not QUANTS["f32"].judge(dict(conv, rel_err=3e-3))["pass"]
+    assert not QUANTS["f32"].judge(dict(conv, decided_positions=4))["pass"]  # under half the positions decided
+    q = dict(conv, kl=0.2, top1=0.9)
+    assert not QUANTS["q4_k_m"].judge(dict(q))["pass"]
+    r = QUANTS["q4_k_m"].judge(dict(q), enforced=False)
+    assert r["pass"] and r["enforced"] is False and r["thresholds"] == {"max_kl": 0.1, "min_top1": 0.7}

@@ -114,7 +114,7 @@ def test_trained_models_are_gated(tiny_ckpt, tmp_path, monkeypatch):
 
 
 def test_answer_gate_raises_for_a_trained_model(int8_bundle, tiny_model):
-    from mqt_edge.exporters import _int8_answers
+    from mqt_edge.exporters.onnx_quant import _int8_answers
 
     entry = dict(int8_bundle.manifest.parity["vision_int8"], enforced=True)
     before, _ = tiny_model.prompt_ids("?")

@@ -4,11 +4,16 @@ Written with the `gguf` package (its LLaMA tensor-name map, its SentencePiece vo
 classes), then quantised by llama.cpp itself through llama-cpp-python. Tensors are streamed: the
 writer's header and tensor table are built from shapes alone, then each tensor is read, converted
 and written before the next is touched, so a 7B converts in a few hundred MB of RAM.
+
+As export formats: "gguf" takes the PyTorch reference logits, frees the torch model and writes the
+f32/f16 file, checked as a conversion; "quantize" turns it into llm-<quant>.gguf, checked by KL and
+top-1 (the rules and thresholds: quants.py).
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 from pathlib import Path
 
@@ -17,6 +22,7 @@ import numpy as np
 from ..errors import InputError, require
 from ..model.checkpoint import MQT_PREFIX, VISION_PREFIX, WeightReader
 from ..quants import QUANTS, Quant, get_quant  # noqa: F401  (re-exported: callers use gguf_llm.QUANTS)
+from .job import ExportJob, Reference
 
 
 def _permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -35,31 +41,39 @@ def llm_keys(reader: WeightReader) -> list[str]:
 def write_gguf(ckpt: Path, config: dict, path: Path, float_type: str, name: str) -> dict:
     """Write an unquantised GGUF (float_type "f32" or "f16"); return parameter counts."""
     gguf = require("gguf", "export")
-    from gguf.vocab import SentencePieceVocab, SpecialVocab
-
-    n_layers = int(config["num_hidden_layers"])
-    n_head = int(config["num_attention_heads"])
-    n_kv = int(config.get("num_key_value_heads") or n_head)
-    hidden = int(config["hidden_size"])
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
-    reader = WeightReader(ckpt)
-    keys = llm_keys(reader)
 
     w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    _add_hparams(w, gguf, config, float_type, name)
+    n_vocab = _add_vocab(w, gguf, ckpt, config)
+    reader = WeightReader(ckpt)
+    try:
+        params = _add_tensors(w, gguf, reader, config, float_type)
+    finally:
+        reader.close()
+    return {"params": params, "vocab": n_vocab}
+
+
+def _add_hparams(w, gguf, config: dict, float_type: str, name: str) -> None:
+    n_head = int(config["num_attention_heads"])
+    hidden = int(config["hidden_size"])
     w.add_name(name)
     w.add_context_length(int(config.get("max_position_embeddings", 4096)))
     w.add_embedding_length(hidden)
-    w.add_block_count(n_layers)
+    w.add_block_count(int(config["num_hidden_layers"]))
     w.add_feed_forward_length(int(config["intermediate_size"]))
     w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv)
+    w.add_head_count_kv(int(config.get("num_key_value_heads") or n_head))
     w.add_rope_dimension_count(hidden // n_head)
     w.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
     w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if float_type == "f32" else gguf.LlamaFileType.MOSTLY_F16)
 
-    vocab = SentencePieceVocab(ckpt)
-    tokens, scores, types = (list(x) for x in zip(*vocab.all_tokens()))
+
+def _add_vocab(w, gguf, ckpt: Path, config: dict) -> int:
+    """The SentencePiece vocabulary and special tokens; returns the token count (embedding rows)."""
+    from gguf.vocab import SentencePieceVocab, SpecialVocab
+
+    tokens, scores, types = (list(x) for x in zip(*SentencePieceVocab(ckpt).all_tokens()))
     n_embd_rows = int(config.get("vocab_size") or len(tokens))
     for i in range(len(tokens), n_embd_rows):  # embedding rows beyond the tokenizer: unused tokens
         tokens.append(f"[PAD{i}]".encode())
@@ -75,6 +89,15 @@ def write_gguf(ckpt: Path, config: dict, path: Path, float_type: str, name: str)
     special.add_special_token.setdefault("bos", True)
     special.add_special_token.setdefault("eos", False)
     special.add_to_gguf(w, quiet=True)
+    return len(tokens)
+
+
+def _add_tensors(w, gguf, reader: WeightReader, config: dict, float_type: str) -> int:
+    """Header and tensor table from shapes alone, then each tensor streamed; returns the parameter count."""
+    n_head = int(config["num_attention_heads"])
+    n_kv = int(config.get("num_key_value_heads") or n_head)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(config["num_hidden_layers"]))
+    keys = llm_keys(reader)
 
     def target(key: str, shape: tuple[int, ...]) -> tuple[str, np.dtype]:
         gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
@@ -93,16 +116,15 @@ def write_gguf(ckpt: Path, config: dict, path: Path, float_type: str, name: str)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
+    heads = {"self_attn.q_proj.weight": n_head, "self_attn.k_proj.weight": n_kv}  # rotary rows to reorder
     for key, tensor in reader.items("", only=set(keys)):
         arr = tensor.float().numpy()
-        if key.endswith("self_attn.q_proj.weight"):
-            arr = _permute_rotary(arr, n_head)
-        elif key.endswith("self_attn.k_proj.weight"):
-            arr = _permute_rotary(arr, n_kv)
+        n = next((h for suffix, h in heads.items() if key.endswith(suffix)), None)
+        if n is not None:
+            arr = _permute_rotary(arr, n)
         w.write_tensor_data(np.ascontiguousarray(arr.astype(target(key, arr.shape)[1])))
     w.close()
-    reader.close()
-    return {"params": params, "vocab": len(tokens)}
+    return params
 
 
 def quantize(src: Path, dst: Path, quant: Quant, threads: int | None = None) -> None:
@@ -114,3 +136,71 @@ def quantize(src: Path, dst: Path, quant: Quant, threads: int | None = None) -> 
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize returned {rc} for {src} -> {quant.name}")
+
+
+def intermediate(quant: Quant, stored_dtype: str) -> str:
+    """The unquantised GGUF llama.cpp converts from: f32 unless f16 is asked for or is what the
+    checkpoint stores (an f16 checkpoint gains nothing from an f32 file)."""
+    return "f32" if quant.name == "f32" or (quant.name != "f16" and stored_dtype == "float32") else "f16"
+
+
+# -- the "gguf" and "quantize" formats (FORMATS in __init__.py) --------------------------------------
+
+def build(job: ExportJob) -> None:
+    """The reference logits (while the torch LLM is loaded), then free it, then the f32/f16 GGUF."""
+    if job.opts.parity:
+        with job.stage("parity: reference logits"):
+            job.reference = _reference(job.model)
+    job.model = None  # the torch model is gone before llama.cpp loads a GGUF: both would not fit a 7B
+    gc.collect()
+    rel = f"llm-{job.inter}.gguf"
+    with job.stage(f"gguf ({job.inter})"):
+        job.gguf = write_gguf(job.ckpt, job.raw, job.tmp / rel, job.inter, job.ckpt.name)
+    job.artifacts["llm"] = rel
+
+
+def check(job: ExportJob) -> None:
+    """The conversion itself: logits within QUANTS[f32|f16]'s thresholds, and the same tokenisation."""
+    from . import parity
+
+    ref, path = job.reference, job.path("llm")
+    with job.stage(f"parity: gguf {job.inter}"):
+        r = parity.logits_report(parity.gguf_logits(path, ref.ids, job.opts.threads), ref.logits)
+        QUANTS[job.inter].judge(r)
+        job.report["tokenizer"] = parity.tokenizer_report(path, ref.pieces, ref.before, ref.after)
+        job.report[f"gguf_{job.inter}"] = r
+    job.gate("tokenizer")
+    job.gate(f"gguf_{job.inter}")
+
+
+def build_quantised(job: ExportJob) -> None:
+    src, dst = job.path("llm"), job.tmp / f"llm-{job.quant.name}.gguf"
+    with job.stage(f"quantize ({job.quant.name})"):
+        quantize(src, dst, job.quant, job.opts.threads)
+        src.unlink()
+    job.artifacts["llm"] = dst.name
+
+
+def check_quantised(job: ExportJob) -> None:
+    """KL and top-1 against the reference; reported, not enforced, for a synth checkpoint."""
+    from . import parity
+
+    ref, key = job.reference, f"gguf_{job.quant.name}"
+    with job.stage(f"parity: gguf {job.quant.name}"):
+        r = parity.logits_report(parity.gguf_logits(job.path("llm"), ref.ids, job.opts.threads), ref.logits)
+        job.report[key] = job.quant.judge(r, enforced=not job.is_synth)
+    job.gate(key)
+
+
+def _reference(model) -> Reference:
+    import torch
+
+    from . import parity
+
+    question = "What is shown in this image?"
+    before, after = model.prompt_ids(question)
+    ids = before + after
+    with torch.no_grad():
+        logits = model.llm(torch.tensor([ids])).logits[0].float().numpy()  # (T, vocab)
+    return Reference(ids=ids, logits=logits, before=before, after=after, pieces=model.template.split(question),
+                     questions=[model.prompt_ids(q)[1] for q in parity.SAMPLE_QUESTIONS])

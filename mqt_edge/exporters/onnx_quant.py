@@ -10,6 +10,10 @@ Only MatMuls with a constant weight are quantised: attention's q·kᵀ and softm
 activations, and quantising those costs accuracy for little time. The patch-embedding Conv, the
 LayerNorms and the residual adds stay fp32. The source may be the portable vision.onnx or the
 ORT-fused vision-ort.onnx (`--optimize`); the interface is unchanged: pixel_values -> image_features.
+
+As export formats: "vision_int8" writes the graph and checks its visual tokens while the torch
+model is loaded; "int8_answers" checks greedy answers through the bundle's final GGUF, so its row
+comes after the LLM's.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import numpy as np
 
 from ..errors import InputError
+from .job import ExportError, ExportJob
 
 if TYPE_CHECKING:
     import onnx
@@ -149,3 +154,85 @@ def _count_int8_matmuls(proto: onnx.ModelProto) -> int:
     deq = {o for n in proto.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     return sum(n.op_type == "MatMulInteger" or (n.op_type == "MatMul" and any(i in deq for i in n.input))
                for n in proto.graph.node)
+
+
+# -- the "vision_int8" and "int8_answers" formats (FORMATS in __init__.py) -------------------------
+
+def build(job: ExportJob) -> None:
+    """vision-int8.onnx from the graph onnxruntime would otherwise run (the fused one with --optimize)."""
+    from . import parity
+
+    with job.stage("vision int8"):
+        src = job.artifacts.get("vision_ort", job.artifacts["vision"])
+        calib = [job.model.pixel_values(im).numpy() for im in parity.sample_images(8, seed=7)]
+        info = quantize_vision(job.tmp / src, job.tmp / "vision-int8.onnx", DEFAULT_METHOD,
+                               calib if DEFAULT_METHOD == "static" else ())
+        job.artifacts["vision_int8"] = "vision-int8.onnx"
+        job.vision_cost["int8"] = info
+
+
+def check(job: ExportJob) -> None:
+    """Token parity now, while the torch model is loaded; the answers wait for the final GGUF."""
+    with job.stage("parity: vision int8"):
+        job.report["vision_int8"], job.int8_tokens = _int8_parity(job)
+
+
+def check_answers(job: ExportJob) -> None:
+    from . import parity
+
+    with job.stage("parity: int8 answers"):
+        r = job.reference
+        job.report["vision_int8"] = _int8_answers(job.report["vision_int8"], job.path("llm"), r.before, r.questions,
+                                                  job.int8_tokens, job.opts.threads, parity)
+
+
+def _int8_parity(job: ExportJob) -> tuple[dict, dict]:
+    """vision-int8.onnx -> mqt.onnx against the PyTorch reference: token errors per m; also the
+    fp32 and int8 graphs' visual tokens for the answer-agreement check once the GGUF exists."""
+    import torch
+
+    from . import parity
+    from .onnx_graphs import cpu_session
+
+    model, M, random_weights = job.model, job.max_tokens, job.random_weights
+    mqt = cpu_session(job.path("mqt"))
+    px = np.concatenate([model.pixel_values(im).numpy() for im in parity.sample_images(3)])
+    ms = sorted({1, max(1, M // 2 - 1), M})
+    with torch.no_grad():
+        ref_feats = model.image_features(torch.from_numpy(px))
+        ref = {m: model.mqt(ref_feats, tokens=m).numpy() for m in ms}
+    feats = {k: cpu_session(job.path(role)).run(None, {"pixel_values": px})[0]
+             for k, role in (("fp32", "vision"), ("int8", "vision_int8"))}
+    run = lambda f, m: mqt.run(None, {"image_features": f, "query_ids": np.arange(m, dtype=np.int64)})[0]  # noqa: E731
+    tokens = {k: {m: run(f, m) for m in ms} for k, f in feats.items()}
+    out = {"images": len(px), "tokens": ms, "features": parity.int8_token_report(feats["int8"], ref_feats.numpy())}
+    out |= {f"m={m}": parity.int8_token_report(tokens["int8"][m], ref[m]) for m in ms}
+    out["min_token_cosine"] = min(out[f"m={m}"]["min_cosine"] for m in ms)
+    out["thresholds"] = {"min_token_cosine": parity.INT8_MIN_COSINE, "min_agreement": parity.INT8_MIN_AGREEMENT}
+    out["enforced"] = not random_weights
+    out["pass"] = out["min_token_cosine"] >= parity.INT8_MIN_COSINE or random_weights
+    if not out["pass"]:
+        raise _int8_error(out)
+    return out, tokens
+
+
+def _int8_answers(entry: dict, llm: Path, prefix: list[int], questions: list[list[int]], tokens: dict,
+                  threads: int | None, parity) -> dict:
+    """The int8 entry with answer agreement added; raises when a trained model's falls short."""
+    r = parity.answer_agreement(llm, prefix, questions, tokens["fp32"], tokens["int8"], threads)
+    entry = entry | {"answers": r, "answer_agreement": r["agreement"]}
+    entry["pass"] = not entry["enforced"] or (entry["min_token_cosine"] >= parity.INT8_MIN_COSINE
+                                              and r["agreement"] >= parity.INT8_MIN_AGREEMENT)
+    if not entry["pass"]:
+        raise _int8_error(entry)
+    return entry
+
+
+def _int8_error(r: dict) -> ExportError:
+    figures = f"worst token cosine {r['min_token_cosine']:.4f}"
+    if "answer_agreement" in r:
+        figures += f", answer agreement {r['answer_agreement']:.0%}"
+    t = r["thresholds"]
+    return ExportError(f"parity failed for the int8 vision graph ({figures}; thresholds: cosine >= "
+                       f"{t['min_token_cosine']}, agreement >= {t['min_agreement']:.0%})",
+                       "the export was discarded; export with --vision-quant fp32 for this model")

@@ -14,8 +14,12 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..runtimes.tensorrt import load_tensorrt  # the runtime's loader: TensorRT import and GPU check
+
+if TYPE_CHECKING:
+    from .job import ExportJob
 
 
 def gpu_name() -> str:
@@ -72,3 +76,25 @@ def tensorrt_version() -> str:
     import tensorrt as trt
 
     return trt.__version__
+
+
+def build_engines(src: Path, dst: Path, graphs: dict, max_tokens: int, opt_tokens: int, max_batch: int) -> dict:
+    """vision.engine and mqt.engine in dst, built from src's ONNX files; their manifest entries."""
+    from dataclasses import replace
+
+    from ..bundle import artifact_entry
+
+    shapes = engine_shapes(graphs, max_tokens, opt_tokens, max_batch)
+    entries = {}
+    for role in ("vision", "mqt"):
+        build_engine(src / f"{role}.onnx", dst / f"{role}.engine", shapes[role])
+        entries[f"{role}_trt"] = replace(artifact_entry(dst, f"{role}.engine"), tensorrt=tensorrt_version(),
+                                         gpu=gpu_name(), opt_tokens=opt_tokens, max_batch=max_batch)
+    return entries
+
+
+def build(job: ExportJob) -> None:
+    """The "tensorrt" format (export --tensorrt, when the build host is the target)."""
+    with job.stage("tensorrt"):
+        job.entries |= build_engines(job.tmp, job.tmp, job.graphs, job.max_tokens, job.opts.opt_tokens,
+                                     job.opts.max_batch)

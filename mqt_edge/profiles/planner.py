@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
+from ..costs import llm_param_count, mqt_flops, vision_cost
 from ..errors import InputError, MQTEdgeError
 from ..quants import QUANTS, check_vision_precision
 from ..backends import backend_info
@@ -97,28 +98,17 @@ class ModelFacts:
                           c["image_size"], c["patch_size"])
         D, P, M = c["hidden_size"], vis["patches"], p.num_queries
         heads_mqt = p.query_heads  # the constant (heads, M, P) attention weights of mqt.onnx
+        mqt = mqt_flops(P, D, h)
         return cls(
             name=f"preset {preset}", quant=quant, llm_params=params,
             llm_bytes=int(params * QUANT_BITS[quant] / 8), layers=L["num_hidden_layers"], hidden=h,
             kv_heads=kv, head_dim=h // heads, vocab=p.vocab_size, context_length=L["max_position_embeddings"],
             vision_params=vis["params"], vision_flops=vis["flops"], patches=P, vision_width=D,
             mqt_bytes=4 * (heads_mqt * M * P + D * D + D * h + 2 * D + h),
-            mqt_flops_image=2 * P * D * D, mqt_flops_token=2 * P * D + 2 * D * h, max_tokens=M,
+            mqt_flops_image=mqt["flops_per_image"], mqt_flops_token=mqt["flops_per_token"], max_tokens=M,
         )
 
 
-def llm_param_count(h: int, inter: int, layers: int, vocab: int, heads: int, kv_heads: int) -> int:
-    per_layer = 2 * h * h + 2 * h * (h // heads * kv_heads) + 3 * h * inter + 2 * h
-    return 2 * vocab * h + layers * per_layer + h
-
-
-def vision_cost(D: int, inter: int, layers_run: int, image: int, patch: int) -> dict:
-    """CLIP-ViT FLOPs for one image over the layers actually run, and its parameter count."""
-    P = (image // patch) ** 2
-    T = P + 1
-    flops = 2 * P * 3 * patch * patch * D + layers_run * (2 * T * (4 * D * D + 2 * D * inter) + 4 * T * T * D)
-    params = 3 * patch * patch * D + (T + 1) * D + layers_run * (4 * D * D + 2 * D * inter + 9 * D + inter) + 4 * D
-    return {"flops": int(flops), "params": int(params), "patches": P}
 
 
 @dataclass(frozen=True)
