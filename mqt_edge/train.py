@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .atomic import atomic_dir
 from .errors import InputError
 from .image import preprocess
 from .presets import QUERY_HEADS_KEY
@@ -508,10 +509,8 @@ def save_checkpoint(model: MQTLlava, out: Path, extra_config: dict | None = None
     from safetensors.torch import save_file
 
     out = Path(out)
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "clip-vision").mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:
+        (tmp / "clip-vision").mkdir()
         src = model.config.path
         shutil.copy(src / "tokenizer.model", tmp / "tokenizer.model")
         for name in ("tokenizer_config.json", "generation_config.json"):
@@ -538,10 +537,4 @@ def save_checkpoint(model: MQTLlava, out: Path, extra_config: dict | None = None
                                            "torch_dtype": "float32", QUERY_HEADS_KEY: model.mqt.config.num_heads,
                                            } | (extra_config or {})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
