@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
+from .bundle import DEFAULT_BUNDLE
 from .errors import InputError, MQTEdgeError
 
 app = typer.Typer(
@@ -91,7 +92,7 @@ def reference(
 @app.command("export")
 def export_cmd(
     model: Optional[str] = typer.Argument(None, help="MQT-LLaVA checkpoint directory or hub id (default: the shipped model)."),
-    out: Path = typer.Option(Path("mqt-edge-bundle"), "--out", "-o", help="Bundle directory to write."),
+    out: Path = typer.Option(DEFAULT_BUNDLE, "--out", "-o", help="Bundle directory to write."),
     max_tokens: Optional[int] = typer.Option(None, help="Largest m the bundle serves (default: the model's M)."),
     quant: str = typer.Option("q4_k_m", help="LLM weights: f32 | f16 | q8_0 | q5_k_m | q4_k_m."),
     vision_tower: Optional[str] = typer.Option(None, help="CLIP directory overriding mm_vision_tower."),
@@ -192,7 +193,7 @@ def _parity_cell(role: str, manifest: dict, parity: dict) -> str:
 
 @app.command()
 def engine(
-    bundle: Path = typer.Option(Path("mqt-edge-bundle"), "--bundle", "-b", help="Bundle directory."),
+    bundle: Path = typer.Option(DEFAULT_BUNDLE, "--bundle", "-b", help="Bundle directory."),
     opt_tokens: int = typer.Option(64, help="Optimal m of the TensorRT profile."),
     max_batch: int = typer.Option(4, help="Largest batch of the TensorRT profiles."),
 ) -> None:
@@ -210,7 +211,7 @@ def engine(
 def run(
     image: Path = typer.Argument(..., help="Image file."),
     question: str = typer.Argument(..., help="Question about the image."),
-    bundle: Path = typer.Option(Path("mqt-edge-bundle"), "--bundle", "-b", help="Bundle directory."),
+    bundle: Path = typer.Option(DEFAULT_BUNDLE, "--bundle", "-b", help="Bundle directory."),
     tokens: Optional[int] = typer.Option(None, "--tokens", "-m", help="Visual tokens m (default: the planner's)."),
     profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Device profile (default: auto)."),
     mode: Optional[str] = typer.Option(None, help="The profile's power mode, e.g. super."),
@@ -270,7 +271,7 @@ def run(
 
 @app.command()
 def serve(
-    bundle: Path = typer.Option(Path("mqt-edge-bundle"), "--bundle", "-b", help="Bundle directory."),
+    bundle: Path = typer.Option(DEFAULT_BUNDLE, "--bundle", "-b", help="Bundle directory."),
     profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Device profile (default: auto)."),
     mode: Optional[str] = typer.Option(None, help="The profile's power mode, e.g. super."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 exposes the server: set --api-key)."),
@@ -318,7 +319,7 @@ def serve(
 @app.command("ros2", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def ros2_cmd(
     ctx: typer.Context,
-    bundle: Path = typer.Option(Path("mqt-edge-bundle"), "--bundle", "-b", help="Bundle directory."),
+    bundle: Path = typer.Option(DEFAULT_BUNDLE, "--bundle", "-b", help="Bundle directory."),
     tokens: int = typer.Option(0, "--tokens", "-m", min=0, help="Visual tokens m (0: the planner's)."),
     profile: str = typer.Option("", "--profile", help="Device profile for the planner (default: auto)."),
     query: str = typer.Option("", help="Standing query, answered as frames allow (default: only the query topic)."),
@@ -477,7 +478,7 @@ def plan_cmd(
 @app.command()
 def calibrate(
     out: Path = typer.Option(..., "--out", "-o", help="Profile file to write, e.g. my-device.toml."),
-    bundle: Path = typer.Option(Path("mqt-edge-bundle"), "--bundle", "-b", help="Bundle to measure with."),
+    bundle: Path = typer.Option(DEFAULT_BUNDLE, "--bundle", "-b", help="Bundle to measure with."),
     base: Optional[str] = typer.Option(None, help="Profile to start from (default: auto)."),
     runs: int = typer.Option(2, help="Runs per point."),
     threads: Optional[int] = typer.Option(None, help="CPU threads."),
@@ -512,7 +513,7 @@ def synth_vqa(
 @app.command("eval")
 def eval_cmd(
     data: Path = typer.Option(..., "--data", "-d", help="VQA jsonl (image, text, answer per line)."),
-    bundle: Path = typer.Option(Path("mqt-edge-bundle"), "--bundle", "-b", help="Bundle directory."),
+    bundle: Path = typer.Option(DEFAULT_BUNDLE, "--bundle", "-b", help="Bundle directory."),
     tokens: str = typer.Option(",".join(map(str, (2, 4, 8, 16, 36, 64, 144, 256))), help="Comma-separated m values."),
     limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N records."),
     timing_samples: int = typer.Option(5, min=1, help="Fresh requests per m for TTFT and total time."),

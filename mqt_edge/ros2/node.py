@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from ..bundle import DEFAULT_BUNDLE
 from ..errors import InputError, MQTEdgeError, require
 from ..prompt import check_question
 from . import image_from_ros
@@ -36,7 +37,7 @@ QUEUED_QUERIES = 8  # questions waiting for the model; older ones are dropped (a
 class NodeOptions:
     """The node's ROS parameters (0 or "" means "not set": ROS parameters cannot be None)."""
 
-    bundle: str = "mqt-edge-bundle"
+    bundle: str = str(DEFAULT_BUNDLE)
     tokens: int = 0  # fixed m; 0: the planner's m on `profile`
     profile: str = ""  # device profile for the planner ("" : auto)
     refine: int = 0  # refine to this m when the first token is not confident (0: never)
