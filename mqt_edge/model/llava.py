@@ -35,7 +35,11 @@ from .mqt import MatryoshkaQueryTransformer, MQTConfig
 
 
 @dataclass(frozen=True)
-class Generation:
+class ReferenceAnswer:
+    """What the PyTorch reference answered (`MQTLlava.generate`): the text and the ids behind it.
+
+    A finished record, unlike the device pipeline's `Generation`, which is a live iterator."""
+
     text: str
     token_ids: list[int]  # generated ids, EOS excluded
     margins: list[float] = field(default_factory=list, compare=False)  # top-1 minus top-2 logit, per step
@@ -335,7 +339,7 @@ class MQTLlava(nn.Module):
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int = 0,
-    ) -> Generation:
+    ) -> ReferenceAnswer:
         """Answer a question about an image; greedy when temperature is 0 (the release's eval)."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens={max_new_tokens}", "ask for at least one new token")
@@ -367,7 +371,7 @@ class MQTLlava(nn.Module):
                 break
             out_ids.append(next_id)
             step_input = embed(ids([next_id]))[None]
-        return Generation(self.tokenizer.decode(out_ids, skip_special=True).strip(), out_ids, margins)
+        return ReferenceAnswer(self.tokenizer.decode(out_ids, skip_special=True).strip(), out_ids, margins)
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
