@@ -484,7 +484,7 @@ def calibrate(
     threads: Optional[int] = typer.Option(None, help="CPU threads."),
 ) -> None:
     """Measure this device with a bundle and write a profile (use it with --profile my-device.toml)."""
-    from .profiles.calibrate import calibrate as run_calibration
+    from .calibrate import calibrate as run_calibration
 
     if out.suffix != ".toml":
         raise InputError(f"--out {out} is not a .toml file", "name it like my-device.toml")
