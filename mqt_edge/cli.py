@@ -591,73 +591,28 @@ def train(
     keep_stages: bool = typer.Option(False, help="Also save the model after each stage, as OUT-stageN."),
 ) -> None:
     """Matryoshka training on the synthetic shapes task (stage 1: m = M, stage 2: random m)."""
-    import tempfile
-    import time
-
-    import numpy as np
     import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from .model import MQTLlava
-    from .model.synth import write_checkpoint
-    from .train import (
-        StageConfig,
-        local_vision_init,
-        localize_queries,
-        reset_llm as reset_llm_weights,
-        save_checkpoint,
-        synthetic_examples,
-        train_stage,
-    )
+    from .train import TrainRecipe, train_checkpoint
 
     if threads:
         torch.set_num_threads(threads)
-    chosen = tuple(p.strip() for p in parts.split(",") if p.strip())
-    if visual_norm is not None and not reset_llm:
-        raise InputError("--visual-norm rescales the visual tokens for a fresh LLM", "add --reset-llm")
-    stage0_lr = stage0_lr or lr
-    stages = [StageConfig(0, stage0_steps, batch_size, stage0_lr, ("vision",)),
-              StageConfig(1, stage1_steps, batch_size, lr, chosen, aux_weight=aux_weight,
-                          token_aux_weight=token_aux_weight, separate_turns=separate_turns),
-              StageConfig(2, stage2_steps, batch_size, lr, chosen, aux_weight=aux_weight,
-                          token_aux_weight=token_aux_weight, separate_turns=separate_turns)]
-    started = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        start = model or str(write_checkpoint(init, Path(tmp) / "init", seed=seed))
-        net = MQTLlava.from_pretrained(start, dtype="float32")
-        torch.manual_seed(seed)
-        history: dict[str, list[float]] = {}
-        if local_init:
-            local_vision_init(net, seed=seed)
-        if localize:
-            history["localize_kl"] = [localize_queries(net)]
-        if reset_llm:
-            history["visual_norm_before"] = [reset_llm_weights(net, seed, visual_norm)]
-        data = synthetic_examples(seed, turns, colour_twins)
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
-                      TextColumn("m {task.fields[m]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                      console=err) as bar:
-            for cfg in stages:
-                if not cfg.steps:
-                    continue
-                task = bar.add_task(f"stage {cfg.stage}", total=cfg.steps, loss=float("nan"), m="-")
-                history[f"stage{cfg.stage}"] = train_stage(
-                    net, cfg, data, seed + cfg.stage,
-                    on_step=lambda s, loss, m, t=task: bar.update(t, advance=1, loss=loss, m=m))
-                if keep_stages and cfg.stage:
-                    save_checkpoint(net, out.with_name(f"{out.name}-stage{cfg.stage}"))
-        recipe = {"stage0_steps": stage0_steps, "stage1_steps": stage1_steps, "stage2_steps": stage2_steps,
-                  "batch_size": batch_size, "lr": lr, "parts": list(chosen), "aux_weight": aux_weight,
-                  "token_aux_weight": token_aux_weight, "separate_turns": separate_turns,
-                  "colour_twins": colour_twins, "reset_llm": reset_llm, "visual_norm": visual_norm,
-                  "stage0_lr": stage0_lr, "localize": localize, "local_init": local_init, "turns": turns, "seed": seed,
-                  "init": model or init,
-                  "examples_seen": batch_size * (stage0_steps + stage1_steps + stage2_steps),
-                  "train_seconds": round(time.time() - started),
-                  "final_loss": {k: float(np.mean(v[-50:])) for k, v in history.items() if k.startswith("stage")}}
-        save_checkpoint(net, out, {"mqt_edge_train": recipe})
-    (Path(out) / "train_log.json").write_text(json.dumps(history))
-    err.print(f"wrote {out}: final losses {recipe['final_loss']}", highlight=False)
+    recipe = TrainRecipe(
+        stage0_steps=stage0_steps, stage1_steps=stage1_steps, stage2_steps=stage2_steps, batch_size=batch_size,
+        lr=lr, parts=tuple(p.strip() for p in parts.split(",") if p.strip()), aux_weight=aux_weight,
+        token_aux_weight=token_aux_weight, separate_turns=separate_turns, colour_twins=colour_twins,
+        reset_llm=reset_llm, visual_norm=visual_norm, stage0_lr=stage0_lr, localize=localize,
+        local_init=local_init, turns=turns, seed=seed)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
+                  TextColumn("m {task.fields[m]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=err) as bar:
+        def on_stage(cfg):
+            task = bar.add_task(f"stage {cfg.stage}", total=cfg.steps, loss=float("nan"), m="-")
+            return lambda s, loss, m: bar.update(task, advance=1, loss=loss, m=m)
+
+        final = train_checkpoint(out, recipe, model=model, init=init, keep_stages=keep_stages, on_stage=on_stage)
+    err.print(f"wrote {out}: final losses {final}", highlight=False)
 
 
 
