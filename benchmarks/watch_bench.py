@@ -1,4 +1,4 @@
-"""Answers per second of `Pipeline.watch`: overlapped against sequential, on one bundle.
+"""Answers per second of `Watch`: overlapped against sequential, on one bundle.
 
     python benchmarks/watch_bench.py --bundle B [--tokens 16,256] [--seconds 8] [--rounds 3]
 
@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from mqt_edge.pipeline import Pipeline
+from mqt_edge.watch import Watch
 
 EXAMPLE = np.asarray(Image.open(Path(__file__).parent.parent / "examples" / "shapes.png").convert("RGB"))
 Q = "What color is the circle?"
@@ -43,8 +44,8 @@ def camera(seconds: float, fps: float = 30.0, seed: int = 0):
 
 
 def run_once(pipe: Pipeline, overlap: bool, vt, lt, m: int, seconds: float, max_new_tokens: int) -> dict:
-    with pipe.watch(camera(seconds), Q, tokens=m, overlap=overlap, vision_threads=vt, llm_threads=lt,
-                    max_new_tokens=max_new_tokens) as w:
+    with Watch(pipe, camera(seconds), Q, tokens=m, overlap=overlap, vision_threads=vt, llm_threads=lt,
+               max_new_tokens=max_new_tokens) as w:
         answers = list(w)
     s = w.stats
     lat = [a.timings_ms["latency"] for a in answers]

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import tempfile
 import threading
@@ -31,13 +30,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 
+from .atomic import atomic_dir, move_into_place, remove_stale_staging  # noqa: F401 (the exporters import it here)
 from .errors import InputError, MQTEdgeError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DEFAULT_BUNDLE = Path("mqt-edge-bundle")
 JOURNAL = ".mqt-edge-replacing.json"  # present only while a re-export swaps files in DIR
-STAGING = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)$")  # .DIR.partial-PID beside DIR
 # Names an export may write into DIR: a user file by one of these names would be overwritten.
 ARTIFACT_NAMES = re.compile(r"^(vision(-ort|-int8)?\.onnx|mqt\.onnx)(\.data)?$|^llm-\w+\.gguf$|^(vision|mqt)\.engine$")
 
@@ -455,36 +454,6 @@ def owned_files(out: Path) -> set[str]:
     return {n for n in names if _plain_name(n)}
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OverflowError:  # no such process can exist
-        return False
-    except OSError:  # EPERM: alive, someone else's
-        return True
-    return True
-
-
-def remove_stale_staging(parent: Path) -> list[Path]:
-    """Remove the staging directories (.NAME.partial-PID) in `parent` whose export process is gone;
-    never one whose process is alive. Returns what was removed."""
-    removed = []
-    try:
-        entries = list(parent.iterdir())
-    except OSError:
-        return removed
-    for p in entries:
-        match = STAGING.match(p.name)
-        if match and p.is_dir() and not p.is_symlink() and not _alive(int(match["pid"])):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
-
-
 @contextmanager
 def _sigint_deferred() -> Iterator[None]:
     """Ctrl-C waits until the files are swapped (a few renames): a bundle is never half-replaced."""
@@ -502,24 +471,18 @@ def _sigint_deferred() -> Iterator[None]:
 @contextmanager
 def staging(out: Path) -> Iterator[Path]:
     """Yield a hidden directory beside `out`; on success its files replace `out`'s bundle, on failure it vanishes."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(out.parent)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out, _install) as tmp:
         yield tmp
-        if not (tmp / MANIFEST).is_file():
-            raise RuntimeError("staging finished without a manifest")  # a bug, not a user error
-        with _sigint_deferred():
-            if out.is_dir() and any(out.iterdir()):
-                _replace_owned(tmp, out)
-            else:
-                if out.is_dir():
-                    out.rmdir()
-                os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _install(tmp: Path, out: Path) -> None:
+    if not (tmp / MANIFEST).is_file():
+        raise RuntimeError("staging finished without a manifest")  # a bug, not a user error
+    with _sigint_deferred():
+        if out.is_dir() and any(out.iterdir()):
+            _replace_owned(tmp, out)
+        else:
+            move_into_place(tmp, out)
 
 
 def _replace_owned(tmp: Path, out: Path) -> None:

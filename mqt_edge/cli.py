@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
+from .bundle import DEFAULT_BUNDLE
 from .errors import InputError, MQTEdgeError
 
 app = typer.Typer(
@@ -91,7 +92,7 @@ def reference(
 @app.command("export")
 def export_cmd(
     model: Optional[str] = typer.Argument(None, help="MQT-LLaVA checkpoint directory or hub id (default: the shipped model)."),
-    out: Path = typer.Option(Path("mqt-edge-bundle"), "--out", "-o", help="Bundle directory to write."),
+    out: Path = typer.Option(DEFAULT_BUNDLE, "--out", "-o", help="Bundle directory to write."),
     max_tokens: Optional[int] = typer.Option(None, help="Largest m the bundle serves (default: the model's M)."),
     quant: str = typer.Option("q4_k_m", help="LLM weights: f32 | f16 | q8_0 | q5_k_m | q4_k_m."),
     vision_tower: Optional[str] = typer.Option(None, help="CLIP directory overriding mm_vision_tower."),
@@ -202,7 +203,7 @@ def _parity_cell(role: str, parity: dict | None) -> str:
 
 @app.command()
 def engine(
-    bundle: Path = typer.Option(Path("mqt-edge-bundle"), "--bundle", "-b", help="Bundle directory."),
+    bundle: Path = typer.Option(DEFAULT_BUNDLE, "--bundle", "-b", help="Bundle directory."),
     opt_tokens: int = typer.Option(64, help="Optimal m of the TensorRT profile."),
     max_batch: int = typer.Option(4, help="Largest batch of the TensorRT profiles."),
 ) -> None:
@@ -220,7 +221,7 @@ def engine(
 def run(
     image: Path = typer.Argument(..., help="Image file."),
     question: str = typer.Argument(..., help="Question about the image."),
-    bundle: Path = typer.Option(Path("mqt-edge-bundle"), "--bundle", "-b", help="Bundle directory."),
+    bundle: Path = typer.Option(DEFAULT_BUNDLE, "--bundle", "-b", help="Bundle directory."),
     tokens: Optional[int] = typer.Option(None, "--tokens", "-m", help="Visual tokens m (default: the planner's)."),
     profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Device profile (default: auto)."),
     mode: Optional[str] = typer.Option(None, help="The profile's power mode, e.g. super."),
@@ -280,7 +281,7 @@ def run(
 
 @app.command()
 def serve(
-    bundle: Path = typer.Option(Path("mqt-edge-bundle"), "--bundle", "-b", help="Bundle directory."),
+    bundle: Path = typer.Option(DEFAULT_BUNDLE, "--bundle", "-b", help="Bundle directory."),
     profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Device profile (default: auto)."),
     mode: Optional[str] = typer.Option(None, help="The profile's power mode, e.g. super."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 exposes the server: set --api-key)."),
@@ -328,7 +329,7 @@ def serve(
 @app.command("ros2", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def ros2_cmd(
     ctx: typer.Context,
-    bundle: Path = typer.Option(Path("mqt-edge-bundle"), "--bundle", "-b", help="Bundle directory."),
+    bundle: Path = typer.Option(DEFAULT_BUNDLE, "--bundle", "-b", help="Bundle directory."),
     tokens: int = typer.Option(0, "--tokens", "-m", min=0, help="Visual tokens m (0: the planner's)."),
     profile: str = typer.Option("", "--profile", help="Device profile for the planner (default: auto)."),
     query: str = typer.Option("", help="Standing query, answered as frames allow (default: only the query topic)."),
@@ -487,13 +488,13 @@ def plan_cmd(
 @app.command()
 def calibrate(
     out: Path = typer.Option(..., "--out", "-o", help="Profile file to write, e.g. my-device.toml."),
-    bundle: Path = typer.Option(Path("mqt-edge-bundle"), "--bundle", "-b", help="Bundle to measure with."),
+    bundle: Path = typer.Option(DEFAULT_BUNDLE, "--bundle", "-b", help="Bundle to measure with."),
     base: Optional[str] = typer.Option(None, help="Profile to start from (default: auto)."),
     runs: int = typer.Option(2, help="Runs per point."),
     threads: Optional[int] = typer.Option(None, help="CPU threads."),
 ) -> None:
     """Measure this device with a bundle and write a profile (use it with --profile my-device.toml)."""
-    from .profiles.calibrate import calibrate as run_calibration
+    from .calibrate import calibrate as run_calibration
 
     if out.suffix != ".toml":
         raise InputError(f"--out {out} is not a .toml file", "name it like my-device.toml")
@@ -522,7 +523,7 @@ def synth_vqa(
 @app.command("eval")
 def eval_cmd(
     data: Path = typer.Option(..., "--data", "-d", help="VQA jsonl (image, text, answer per line)."),
-    bundle: Path = typer.Option(Path("mqt-edge-bundle"), "--bundle", "-b", help="Bundle directory."),
+    bundle: Path = typer.Option(DEFAULT_BUNDLE, "--bundle", "-b", help="Bundle directory."),
     tokens: str = typer.Option(",".join(map(str, (2, 4, 8, 16, 36, 64, 144, 256))), help="Comma-separated m values."),
     limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N records."),
     timing_samples: int = typer.Option(5, min=1, help="Fresh requests per m for TTFT and total time."),
@@ -600,73 +601,28 @@ def train(
     keep_stages: bool = typer.Option(False, help="Also save the model after each stage, as OUT-stageN."),
 ) -> None:
     """Matryoshka training on the synthetic shapes task (stage 1: m = M, stage 2: random m)."""
-    import tempfile
-    import time
-
-    import numpy as np
     import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from .model import MQTLlava
-    from .model.synth import write_checkpoint
-    from .train import (
-        StageConfig,
-        local_vision_init,
-        localize_queries,
-        reset_llm as reset_llm_weights,
-        save_checkpoint,
-        synthetic_examples,
-        train_stage,
-    )
+    from .train import TrainRecipe, train_checkpoint
 
     if threads:
         torch.set_num_threads(threads)
-    chosen = tuple(p.strip() for p in parts.split(",") if p.strip())
-    if visual_norm is not None and not reset_llm:
-        raise InputError("--visual-norm rescales the visual tokens for a fresh LLM", "add --reset-llm")
-    stage0_lr = stage0_lr or lr
-    stages = [StageConfig(0, stage0_steps, batch_size, stage0_lr, ("vision",)),
-              StageConfig(1, stage1_steps, batch_size, lr, chosen, aux_weight=aux_weight,
-                          token_aux_weight=token_aux_weight, separate_turns=separate_turns),
-              StageConfig(2, stage2_steps, batch_size, lr, chosen, aux_weight=aux_weight,
-                          token_aux_weight=token_aux_weight, separate_turns=separate_turns)]
-    started = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        start = model or str(write_checkpoint(init, Path(tmp) / "init", seed=seed))
-        net = MQTLlava.from_pretrained(start, dtype="float32")
-        torch.manual_seed(seed)
-        history: dict[str, list[float]] = {}
-        if local_init:
-            local_vision_init(net, seed=seed)
-        if localize:
-            history["localize_kl"] = [localize_queries(net)]
-        if reset_llm:
-            history["visual_norm_before"] = [reset_llm_weights(net, seed, visual_norm)]
-        data = synthetic_examples(seed, turns, colour_twins)
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
-                      TextColumn("m {task.fields[m]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                      console=err) as bar:
-            for cfg in stages:
-                if not cfg.steps:
-                    continue
-                task = bar.add_task(f"stage {cfg.stage}", total=cfg.steps, loss=float("nan"), m="-")
-                history[f"stage{cfg.stage}"] = train_stage(
-                    net, cfg, data, seed + cfg.stage,
-                    on_step=lambda s, loss, m, t=task: bar.update(t, advance=1, loss=loss, m=m))
-                if keep_stages and cfg.stage:
-                    save_checkpoint(net, out.with_name(f"{out.name}-stage{cfg.stage}"))
-        recipe = {"stage0_steps": stage0_steps, "stage1_steps": stage1_steps, "stage2_steps": stage2_steps,
-                  "batch_size": batch_size, "lr": lr, "parts": list(chosen), "aux_weight": aux_weight,
-                  "token_aux_weight": token_aux_weight, "separate_turns": separate_turns,
-                  "colour_twins": colour_twins, "reset_llm": reset_llm, "visual_norm": visual_norm,
-                  "stage0_lr": stage0_lr, "localize": localize, "local_init": local_init, "turns": turns, "seed": seed,
-                  "init": model or init,
-                  "examples_seen": batch_size * (stage0_steps + stage1_steps + stage2_steps),
-                  "train_seconds": round(time.time() - started),
-                  "final_loss": {k: float(np.mean(v[-50:])) for k, v in history.items() if k.startswith("stage")}}
-        save_checkpoint(net, out, {"mqt_edge_train": recipe})
-    (Path(out) / "train_log.json").write_text(json.dumps(history))
-    err.print(f"wrote {out}: final losses {recipe['final_loss']}", highlight=False)
+    recipe = TrainRecipe(
+        stage0_steps=stage0_steps, stage1_steps=stage1_steps, stage2_steps=stage2_steps, batch_size=batch_size,
+        lr=lr, parts=tuple(p.strip() for p in parts.split(",") if p.strip()), aux_weight=aux_weight,
+        token_aux_weight=token_aux_weight, separate_turns=separate_turns, colour_twins=colour_twins,
+        reset_llm=reset_llm, visual_norm=visual_norm, stage0_lr=stage0_lr, localize=localize,
+        local_init=local_init, turns=turns, seed=seed)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
+                  TextColumn("m {task.fields[m]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=err) as bar:
+        def on_stage(cfg):
+            task = bar.add_task(f"stage {cfg.stage}", total=cfg.steps, loss=float("nan"), m="-")
+            return lambda s, loss, m: bar.update(task, advance=1, loss=loss, m=m)
+
+        final = train_checkpoint(out, recipe, model=model, init=init, keep_stages=keep_stages, on_stage=on_stage)
+    err.print(f"wrote {out}: final losses {final}", highlight=False)
 
 
 

@@ -36,7 +36,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 
@@ -46,9 +46,6 @@ from .image import DEFAULT_MAX_PIXELS, ImageInput, ImageSpec, preprocess
 from .prompt import PromptTemplate, check_question
 from .runtimes import make_vision
 from .runtimes.llama import LlamaModel
-
-if TYPE_CHECKING:
-    from .watch import Watch
 
 QUESTION_RESERVE = 512  # context a session keeps for question + answer, beyond its visual prefix
 
@@ -579,12 +576,6 @@ class Pipeline:
             if self.sequential and runner is None:  # free the vision graph before the LLM allocates its context
                 self.vision.free_vision()
         return EncodedImage(features, visual, (t1 - t0, t2 - t1, time.perf_counter() - t2))
-
-    def watch(self, frames: Iterable, question: str | Callable, **options) -> Watch:
-        """Answer `question` about the newest of a stream of frames; see `mqt_edge.watch.Watch`."""
-        from .watch import Watch
-
-        return Watch(self, frames, question, **options)
 
     def look(self, image: ImageInput | EncodedImage, tokens: int | None = None, reserve: int = QUESTION_RESERVE,
              refinable: bool = True) -> Session:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .atomic import atomic_dir
 from .errors import InputError
 from .image import preprocess
 from .presets import QUERY_HEADS_KEY
@@ -145,33 +146,13 @@ def patch_labels(scene, spec, grid: tuple[int, int], sub: int = 3) -> np.ndarray
     resize, centre crop); the object covering most of them labels the patch, so shapes smaller
     than a patch still label one.
     """
-    gh, gw = grid
-    ch, cw = spec.crop
-    w, h = scene.width, scene.height
-    if spec.pad_to_square:  # padded (centred, floor) to a square before the resize
-        fw = fh = max(w, h)
-        pad_x, pad_y = (fw - w) // 2, (fh - h) // 2
-    else:
-        fw, fh, pad_x, pad_y = w, h, 0, 0
-    scale = min(fw, fh) / spec.size  # original pixels per resized pixel (shorter edge -> spec.size)
-    ox = (fw / scale - cw) / 2 * scale - pad_x  # the centre crop's origin in original pixels
-    oy = (fh / scale - ch) / 2 * scale - pad_y
-    v = (np.arange(gh * sub) + 0.5) * (ch / (gh * sub))  # sample points in crop pixels
-    u = (np.arange(gw * sub) + 0.5) * (cw / (gw * sub))
-    x = u[None, :] * scale + ox  # (1, W*sub) in original pixels
-    y = v[:, None] * scale + oy  # (H*sub, 1)
-    hits = np.zeros((len(scene.shapes), gh, gw), np.int32)
-    for i, s in enumerate(scene.shapes):
-        x0, y0, x1, y1 = s.box()
-        if s.kind == "circle":
-            inside = (x - s.cx) ** 2 + (y - s.cy) ** 2 <= (s.size / 2) ** 2
-        elif s.kind == "square":
-            inside = (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
-        else:  # upward triangle: the half-width grows linearly from the apex
-            inside = (y >= y0) & (y <= y1) & (np.abs(x - s.cx) <= (y - y0) / max(y1 - y0, 1e-6) * s.size / 2)
-        hits[i] = inside.reshape(gh, sub, gw, sub).sum(axis=(1, 3))
     from .vqa import COLORS, SHAPES
 
+    gh, gw = grid
+    x, y = _sample_points(scene, spec, grid, sub)
+    hits = np.zeros((len(scene.shapes), gh, gw), np.int32)
+    for i, s in enumerate(scene.shapes):
+        hits[i] = _inside(s, x, y).reshape(gh, sub, gw, sub).sum(axis=(1, 3))
     # Only the colour label marks background: the other labels are defined on object patches alone,
     # so the easy object-vs-background split (~90% of patches) does not drown the shape signal.
     labels = np.full((gh * gw, len(LABELS)), -100, np.int64)
@@ -187,7 +168,45 @@ def patch_labels(scene, spec, grid: tuple[int, int], sub: int = 3) -> np.ndarray
         if n == 2:
             other = scene.shapes[1 - i]
             labels[at, COLUMN["side"]] = 0 if s.cx < other.cx else 1
-    # Scene-wide facts on every patch, so that any visual token can carry the whole scene.
+    _scene_wide_labels(labels, scene)
+    return labels
+
+
+def _sample_points(scene, spec, grid: tuple[int, int], sub: int) -> tuple[np.ndarray, np.ndarray]:
+    """x (1, W*sub) and y (H*sub, 1): the patches' sample points in the scene's original pixels."""
+    gh, gw = grid
+    ch, cw = spec.crop
+    w, h = scene.width, scene.height
+    if spec.pad_to_square:  # padded (centred, floor) to a square before the resize
+        fw = fh = max(w, h)
+        pad_x, pad_y = (fw - w) // 2, (fh - h) // 2
+    else:
+        fw, fh, pad_x, pad_y = w, h, 0, 0
+    scale = min(fw, fh) / spec.size  # original pixels per resized pixel (shorter edge -> spec.size)
+    ox = (fw / scale - cw) / 2 * scale - pad_x  # the centre crop's origin in original pixels
+    oy = (fh / scale - ch) / 2 * scale - pad_y
+    v = (np.arange(gh * sub) + 0.5) * (ch / (gh * sub))  # sample points in crop pixels
+    u = (np.arange(gw * sub) + 0.5) * (cw / (gw * sub))
+    return u[None, :] * scale + ox, v[:, None] * scale + oy
+
+
+def _inside(s, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Which of the points (x, y) the shape covers."""
+    x0, y0, x1, y1 = s.box()
+    if s.kind == "circle":
+        return (x - s.cx) ** 2 + (y - s.cy) ** 2 <= (s.size / 2) ** 2
+    if s.kind == "square":
+        return (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
+    # upward triangle: the half-width grows linearly from the apex
+    return (y >= y0) & (y <= y1) & (np.abs(x - s.cx) <= (y - y0) / max(y1 - y0, 1e-6) * s.size / 2)
+
+
+def _scene_wide_labels(labels: np.ndarray, scene) -> None:
+    """Scene-wide facts on every patch, so that any visual token can carry the whole scene."""
+    from .vqa import COLORS, SHAPES
+
+    n = len(scene.shapes)
+    colors = list(COLORS)
     labels[:, COLUMN["count"]] = n - 1
     present = {(s.color, s.kind) for s in scene.shapes}
     for j, (c, k) in enumerate((c, k) for c in colors for k in SHAPES):
@@ -203,7 +222,6 @@ def patch_labels(scene, spec, grid: tuple[int, int], sub: int = 3) -> np.ndarray
     for j, c in enumerate(colors):
         if hues.count(c) == 1:
             labels[:, COLUMN["shape_of_colour"] + j] = SHAPES.index(scene.shapes[hues.index(c)].kind)
-    return labels
 
 
 def local_vision_init(model: MQTLlava, scale: float = 1.5, edges: bool = True, seed: int = 0) -> None:
@@ -508,10 +526,8 @@ def save_checkpoint(model: MQTLlava, out: Path, extra_config: dict | None = None
     from safetensors.torch import save_file
 
     out = Path(out)
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "clip-vision").mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:
+        (tmp / "clip-vision").mkdir()
         src = model.config.path
         shutil.copy(src / "tokenizer.model", tmp / "tokenizer.model")
         for name in ("tokenizer_config.json", "generation_config.json"):
@@ -538,10 +554,86 @@ def save_checkpoint(model: MQTLlava, out: Path, extra_config: dict | None = None
                                            "torch_dtype": "float32", QUERY_HEADS_KEY: model.mqt.config.num_heads,
                                            } | (extra_config or {})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """What `mqt-edge train` runs: three stages and the init steps before them (see the module doc).
+    Recorded whole in the saved config.json (`mqt_edge_train`), so a checkpoint says how it was made."""
+
+    stage0_steps: int = 0
+    stage1_steps: int = 600
+    stage2_steps: int = 1200
+    batch_size: int = 16
+    lr: float = 1e-3
+    parts: tuple[str, ...] = ("vision", "mqt", "llm")  # trained in stages 1 and 2
+    aux_weight: float = 0.0
+    token_aux_weight: float = 0.0
+    separate_turns: bool = False
+    colour_twins: bool = False
+    reset_llm: bool = False
+    visual_norm: float | None = None  # with reset_llm: the visual tokens' mean norm
+    stage0_lr: float | None = None  # None: lr
+    localize: bool = False
+    local_init: bool = False
+    turns: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.visual_norm is not None and not self.reset_llm:
+            raise InputError("--visual-norm rescales the visual tokens for a fresh LLM", "add --reset-llm")
+        self.stages()  # a bad stage is refused before any model loads
+
+    def stages(self) -> list[StageConfig]:
+        later = dict(aux_weight=self.aux_weight, token_aux_weight=self.token_aux_weight,
+                     separate_turns=self.separate_turns)
+        return [StageConfig(0, self.stage0_steps, self.batch_size, self.stage0_lr or self.lr, ("vision",)),
+                StageConfig(1, self.stage1_steps, self.batch_size, self.lr, self.parts, **later),
+                StageConfig(2, self.stage2_steps, self.batch_size, self.lr, self.parts, **later)]
+
+
+OnStage = Callable[[StageConfig], Callable[[int, float, int], None]]  # a stage starts -> its on_step
+
+
+def train_checkpoint(out: Path, recipe: TrainRecipe, model: str | None = None, init: str = "shapes",
+                     keep_stages: bool = False, on_stage: OnStage = lambda cfg: lambda s, loss, m: None) -> dict:
+    """Train from `model` (or a fresh `init` synth preset) and save to `out` with OUT/train_log.json;
+    with keep_stages also OUT-stageN after each stage. Returns the final loss of each stage."""
+    import tempfile
+    import time
+
+    from .model.synth import write_checkpoint
+
+    r, started = recipe, time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        start = model or str(write_checkpoint(init, Path(tmp) / "init", seed=r.seed))
+        net = MQTLlava.from_pretrained(start, dtype="float32")
+        torch.manual_seed(r.seed)
+        history = _prepare(net, r)
+        data = synthetic_examples(r.seed, r.turns, r.colour_twins)
+        for cfg in r.stages():
+            if not cfg.steps:
+                continue
+            history[f"stage{cfg.stage}"] = train_stage(net, cfg, data, r.seed + cfg.stage, on_step=on_stage(cfg))
+            if keep_stages and cfg.stage:
+                save_checkpoint(net, out.with_name(f"{out.name}-stage{cfg.stage}"))
+        final = {k: float(np.mean(v[-50:])) for k, v in history.items() if k.startswith("stage")}
+        record = asdict(r) | {"parts": list(r.parts), "stage0_lr": r.stage0_lr or r.lr, "init": model or init,
+                              "examples_seen": r.batch_size * (r.stage0_steps + r.stage1_steps + r.stage2_steps),
+                              "train_seconds": round(time.time() - started), "final_loss": final}
+        save_checkpoint(net, out, {"mqt_edge_train": record})
+    (Path(out) / "train_log.json").write_text(json.dumps(history))
+    return final
+
+
+def _prepare(net: MQTLlava, r: TrainRecipe) -> dict[str, list[float]]:
+    """The init steps the recipe asks for, before stage 0; returns their measurements for the log."""
+    history: dict[str, list[float]] = {}
+    if r.local_init:
+        local_vision_init(net, seed=r.seed)
+    if r.localize:
+        history["localize_kl"] = [localize_queries(net)]
+    if r.reset_llm:
+        history["visual_norm_before"] = [reset_llm(net, r.seed, r.visual_norm)]
+    return history

@@ -20,14 +20,13 @@ Torch-free (numpy + Pillow): `mqt-edge synth-vqa` and `mqt-edge eval` run on a d
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .atomic import atomic_dir
 from .errors import InputError
 
 SHAPES = ("circle", "square", "triangle")
@@ -163,22 +162,13 @@ def write_dataset(out: Path, n: int, seed: int, force: bool = False) -> Path:
     out = Path(out)
     if out.exists() and not force:
         raise InputError(f"{out} already exists", "choose another --out or pass --force")
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    try:
-        with open(tmp / "data.jsonl", "w") as f:
-            for i in range(n):
-                scene, qtype, question, answer = sample(rng)
-                name = f"images/{i:06d}.png"
-                scene.render().save(tmp / name)
-                f.write(json.dumps({"question_id": i, "image": name, "text": question, "answer": answer,
-                                    "type": qtype}) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_dir(out) as tmp, open(tmp / "data.jsonl", "w") as f:
+        (tmp / "images").mkdir()
+        for i in range(n):
+            scene, qtype, question, answer = sample(rng)
+            name = f"images/{i:06d}.png"
+            scene.render().save(tmp / name)
+            f.write(json.dumps({"question_id": i, "image": name, "text": question, "answer": answer,
+                                "type": qtype}) + "\n")
     return out / "data.jsonl"

@@ -1,6 +1,8 @@
-"""Camera streams: answer a question about the newest frame, again and again (`Pipeline.watch`).
+"""Camera streams: answer a question about the newest frame, again and again (`Watch`).
 
-    with pipe.watch(camera_frames(), "Is the door open?", tokens=16) as w:
+    from mqt_edge import Watch
+
+    with Watch(pipe, camera_frames(), "Is the door open?", tokens=16) as w:
         for a in w:
             print(a.frame, a.answer.answer, a.dropped)
 
@@ -259,7 +261,7 @@ class Watch:
     # -- iteration --------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[WatchAnswer]:
         if self._threads or self._stop.is_set():
-            raise InputError("this watch was already iterated", "start a new one with pipe.watch(...)")
+            raise InputError("this watch was already iterated", "start a new one with Watch(pipe, ...)")
         if self._source is not None:
             self._spawn(self._read, "mqt-edge-watch-reader")
         try:

@@ -297,7 +297,7 @@ def test_run_asks_the_planner_when_tokens_are_absent(bundle, tmp_path):
 
 
 def test_calibration_line_fit_never_goes_negative():
-    from mqt_edge.profiles.calibrate import line_fit
+    from mqt_edge.calibrate import line_fit
 
     # a plain fit of these timings has a negative intercept (the CI failure that motivated this)
     x, y = [4, 4, 19, 19, 67, 67], [0.1, 0.2, 1.3, 1.0, 5.9, 6.3]

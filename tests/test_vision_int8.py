@@ -213,7 +213,7 @@ def test_planner_costs_the_int8_graph(int8_bundle, fp32_only):
 
 def test_profile_rejects_an_unknown_calibrated_precision(tmp_path):
     from mqt_edge.profiles import Calibration, ProfileError, load_profile, parse_profile
-    from mqt_edge.profiles.calibrate import to_toml
+    from mqt_edge.calibrate import to_toml
 
     cal = Calibration(vision_ms=3.0, mqt_ms_fixed=1, mqt_ms_per_token=0.1, prefill_ms_fixed=5, prefill_ms_per_token=1,
                       decode_ms_per_token=10, peak_mb=500, llm_params=1, llm_bytes=1, vision_flops=1,

@@ -1,4 +1,4 @@
-"""`Pipeline.watch`: answers about the newest frame of a stream, dropped frames counted, overlap."""
+"""`Watch`: answers about the newest frame of a stream, dropped frames counted, overlap."""
 
 import itertools
 import json
@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import cli, scene
 from mqt_edge.errors import ImageError, InputError, MQTEdgeError
 from mqt_edge.pipeline import Pipeline
-from mqt_edge.watch import Latest
+from mqt_edge.watch import Latest, Watch
 
 Q = "What color is the circle?"
 M, NEW = 16, 6
@@ -52,7 +52,7 @@ class Camera:
 def test_answers_are_about_the_newest_frame_and_drops_add_up(pipe, expected, overlap):
     cam = Camera()
     answers, received = [], []
-    with pipe.watch(cam, Q, tokens=M, max_new_tokens=NEW, overlap=overlap) as w:
+    with Watch(pipe, cam, Q, tokens=M, max_new_tokens=NEW, overlap=overlap) as w:
         for a in w:
             answers.append(a)
             received.append(time.perf_counter())
@@ -80,7 +80,7 @@ def test_answers_are_about_the_newest_frame_and_drops_add_up(pipe, expected, ove
 
 def test_a_changing_question_and_skipped_frames(pipe):
     questions = {0: Q, 1: None, 2: "What shape is the red object?", 3: None, 4: Q}
-    with pipe.watch(SCENES[:1] * 5, lambda f: questions[f.index], tokens=M, max_new_tokens=NEW, keep_all=True) as w:
+    with Watch(pipe, SCENES[:1] * 5, lambda f: questions[f.index], tokens=M, max_new_tokens=NEW, keep_all=True) as w:
         answers = list(w)
     assert [(a.frame, a.question) for a in answers] == [(0, Q), (2, questions[2]), (4, Q)]
     assert w.stats["skipped"] == 2 and w.stats["dropped"] == 0
@@ -93,11 +93,11 @@ def test_m_from_the_planner_and_refinement_per_frame(pipe, default_bundle):
     r = cli("plan", "--profile", "cpu", "--bundle", str(default_bundle), "--max-new-tokens", str(NEW), "--json")
     assert r.returncode == 0, r.stderr
     planned = json.loads(r.stdout)["chosen_tokens"]
-    with pipe.watch([EXAMPLE], Q, profile="cpu", max_new_tokens=NEW) as w:
+    with Watch(pipe, [EXAMPLE], Q, profile="cpu", max_new_tokens=NEW) as w:
         (a,) = list(w)
     assert a.answer.tokens == planned and a.answer.predicted["profile"] == "cpu"
 
-    with pipe.watch([EXAMPLE] * 2, Q, tokens=4, refine=64, confidence=1.01, max_new_tokens=NEW, keep_all=True) as w:
+    with Watch(pipe, [EXAMPLE] * 2, Q, tokens=4, refine=64, confidence=1.01, max_new_tokens=NEW, keep_all=True) as w:
         answers = list(w)
     fresh = pipe.ask(EXAMPLE, Q, tokens=64, max_new_tokens=NEW).token_ids
     assert len(answers) == 2
@@ -108,7 +108,7 @@ def test_m_from_the_planner_and_refinement_per_frame(pipe, default_bundle):
 
 def test_a_push_source_feeds_the_mailbox(pipe, expected):
     box = Latest()
-    with pipe.watch(box, Q, tokens=M, max_new_tokens=NEW) as w:
+    with Watch(pipe, box, Q, tokens=M, max_new_tokens=NEW) as w:
         for im in SCENES:
             box.put(im, meta={"stamp": 7})
         box.close()
@@ -121,10 +121,10 @@ def test_a_push_source_feeds_the_mailbox(pipe, expected):
 def test_errors_end_the_watch_cleanly(pipe, overlap):
     bad = [EXAMPLE, np.zeros((4, 4), np.uint8)]
     with pytest.raises(ImageError, match="HxWx3"):
-        list(pipe.watch(bad, Q, tokens=M, max_new_tokens=NEW, overlap=overlap, keep_all=True))
+        list(Watch(pipe, bad, Q, tokens=M, max_new_tokens=NEW, overlap=overlap, keep_all=True))
     errors = []
-    with pipe.watch(bad + [EXAMPLE], Q, tokens=M, max_new_tokens=NEW, overlap=overlap, keep_all=True,
-                    on_error=lambda f, e: errors.append((f.index, type(e).__name__))) as w:
+    with Watch(pipe, bad + [EXAMPLE], Q, tokens=M, max_new_tokens=NEW, overlap=overlap, keep_all=True,
+               on_error=lambda f, e: errors.append((f.index, type(e).__name__))) as w:
         assert [a.frame for a in w] == [0, 2]  # with on_error a bad frame is reported and skipped
     assert errors == [(1, "ImageError")] and w.stats["failed"] == 1
 
@@ -133,15 +133,15 @@ def test_errors_end_the_watch_cleanly(pipe, overlap):
         raise OSError("camera unplugged")
 
     with pytest.raises(OSError, match="unplugged"):
-        list(pipe.watch(broken(), Q, tokens=M, max_new_tokens=NEW, overlap=overlap, keep_all=True))
+        list(Watch(pipe, broken(), Q, tokens=M, max_new_tokens=NEW, overlap=overlap, keep_all=True))
     for kwargs, match in [(dict(tokens=0), "out of range"), (dict(tokens=M, refine=M), "not above"),
                           (dict(tokens=M, max_new_tokens=0), "max_new_tokens")]:
         with pytest.raises(MQTEdgeError, match=match):
-            pipe.watch([EXAMPLE], Q, **kwargs)
+            Watch(pipe, [EXAMPLE], Q, **kwargs)
     with pytest.raises(InputError, match="question"):
-        pipe.watch([EXAMPLE], 42, tokens=M)
+        Watch(pipe, [EXAMPLE], 42, tokens=M)
     before = threading.active_count()
-    w = pipe.watch(itertools.repeat(EXAMPLE), Q, tokens=M, max_new_tokens=NEW, overlap=overlap)
+    w = Watch(pipe, itertools.repeat(EXAMPLE), Q, tokens=M, max_new_tokens=NEW, overlap=overlap)
     for _ in w:  # an endless camera: leaving the loop stops the watch's threads
         break
     w.close()

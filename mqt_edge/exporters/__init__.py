@@ -24,7 +24,7 @@ from importlib import import_module
 from pathlib import Path
 from typing import Callable
 
-from .. import __version__
+from .._version import __version__
 from ..bundle import (DEFAULT_BUNDLE, FORMAT_VERSION, Bundle, LLMFacts, Manifest, MQTFacts, Preprocess, Prompt,
                       SpecialTokens, VisionFacts, artifact_entry, check_output_dir, remove_stale_staging, staging,
                       write_manifest)

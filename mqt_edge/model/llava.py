@@ -35,7 +35,11 @@ from .mqt import MatryoshkaQueryTransformer, MQTConfig
 
 
 @dataclass(frozen=True)
-class Generation:
+class ReferenceAnswer:
+    """What the PyTorch reference answered (`MQTLlava.generate`): the text and the ids behind it.
+
+    A finished record, unlike the device pipeline's `Generation`, which is a live iterator."""
+
     text: str
     token_ids: list[int]  # generated ids, EOS excluded
     margins: list[float] = field(default_factory=list, compare=False)  # top-1 minus top-2 logit, per step
@@ -166,123 +170,15 @@ class MQTLlava(nn.Module):
         dtype: "auto" keeps the checkpoint's `torch_dtype`; parity checks pass torch.float32.
         llm_dtype: the LLM's dtype when it should differ (a 7B LLM does not fit in RAM at fp32).
         """
-        from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
-
         ckpt = resolve_model_dir(path_or_hub_id)
         cfg = LlavaConfig.read(ckpt)
         tokenizer = SentencePieceTokenizer(ckpt / "tokenizer.model")
         dtype = _resolve_dtype(dtype, cfg.raw)
         llm_dtype = dtype if llm_dtype is None else _resolve_dtype(llm_dtype, cfg.raw)
         weights = WeightReader(ckpt)
-
-        # -- vision tower: override > weights inside the checkpoint > mm_vision_tower
-        embedded = bool(weights.with_prefix(VISION_PREFIX)) and vision_tower is None
-        if embedded:
-            # The config still comes from mm_vision_tower when that resolves; otherwise from shapes.
-            try:
-                tower_dir = resolve_vision_dir(cfg.vision_tower, ckpt, configs_only=True)
-            except CheckpointError:
-                tower_dir = None
-        else:
-            tower_dir = resolve_vision_dir(str(vision_tower or cfg.vision_tower), ckpt)
-        vcfg = (
-            _read_clip_config(tower_dir, CLIPVisionConfig)
-            if tower_dir is not None
-            else _clip_config_from_shapes(weights, CLIPVisionConfig)
-        )
-        n_hidden = vcfg.num_hidden_layers + 1  # hidden_states = embeddings + one per layer
-        layer = cfg.select_layer if cfg.select_layer >= 0 else n_hidden + cfg.select_layer
-        if not 0 <= layer < n_hidden:
-            raise CheckpointError(
-                f"mm_vision_select_layer {cfg.select_layer} is outside a {vcfg.num_hidden_layers}-layer tower",
-                "fix config.json or pass the right --vision-tower",
-            )
-        vcfg.num_hidden_layers = layer  # run only the layers the selected feature depends on
-        with torch.device("meta"):
-            vision = CLIPVisionModel(vcfg)
-        if embedded:
-            _load_into(vision, weights, VISION_PREFIX, dtype, "vision tower", ckpt)
-        else:
-            _load_into(vision, WeightReader(tower_dir), "", dtype, "vision tower", tower_dir)
-        emb = vision.vision_model.embeddings  # non-persistent buffer, still on the meta device
-        emb.register_buffer("position_ids", torch.arange(emb.num_positions)[None], persistent=False)
-        proc = tower_dir / "preprocessor_config.json" if tower_dir else None
-        try:
-            image_spec = ImageSpec.from_processor_config(proc, vcfg.image_size, cfg.pad_to_square)
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise CheckpointError(f"{proc} is unusable ({type(exc).__name__}: {exc})",
-                                  "fix it or pass another --vision-tower") from None
-        if image_spec.crop != (vcfg.image_size, vcfg.image_size):
-            raise CheckpointError(
-                f"{proc} crops to {image_spec.crop} but the vision tower takes {vcfg.image_size} px",
-                "fix crop_size in preprocessor_config.json or pass the matching --vision-tower",
-            )
-
-        # -- the Matryoshka Query Transformer, dimensions read from its weights
-        mqt_keys = weights.with_prefix(MQT_PREFIX)
-        if not mqt_keys:
-            raise CheckpointError(
-                f"{ckpt} has no {MQT_PREFIX}* weights (a LLaVA checkpoint without the Matryoshka Query Transformer?)",
-                "point at an MQT-LLaVA checkpoint",
-            )
-        q_shape, p_shape = weights.shape(MQT_PREFIX + "query"), weights.shape(MQT_PREFIX + "proj")
-        if len(q_shape) != 2 or len(p_shape) != 2:
-            raise CheckpointError(
-                f"query_abstractor.query {q_shape} / proj {p_shape} are not matrices", "re-download the checkpoint"
-            )
-        M, kv_dim = q_shape
-        grid = vcfg.image_size // vcfg.patch_size
-        if kv_dim != vcfg.hidden_size:
-            raise CheckpointError(
-                f"the MQT expects {kv_dim}-wide features but the vision tower gives {vcfg.hidden_size}",
-                "pass the vision tower this checkpoint was trained with (--vision-tower)",
-            )
-        heads = query_heads(cfg.raw, kv_dim)
-        if kv_dim % heads:
-            raise CheckpointError(
-                f"the query transformer's {kv_dim}-wide attention does not split into {heads} heads"
-                + ("" if cfg.mqt_num_heads else f" (the release's count; config.json has no {QUERY_HEADS_KEY})"),
-                f"set {QUERY_HEADS_KEY} in config.json to the head count the checkpoint was trained with",
-            )
-        mqt_cfg = MQTConfig(
-            num_queries=M,
-            kv_dim=kv_dim,
-            hidden_size=p_shape[1],
-            num_heads=heads,
-            key_grid=(grid, grid),
-        )
-        try:
-            with torch.device("meta"):
-                mqt = MatryoshkaQueryTransformer(mqt_cfg)
-        except ValueError as exc:
-            raise CheckpointError(f"unusable query_abstractor weights: {exc}", "re-download the checkpoint") from None
-        _load_into(mqt, weights, MQT_PREFIX, dtype, "query_abstractor", ckpt,
-                   fixed_dtypes={"pos_embed": torch.float16})
-        mqt.pos_embed.requires_grad_(False)
-
-        # -- the LLM
-        llm_fields = {k: v for k, v in cfg.raw.items() if not k.startswith("mm_")}
-        llm_fields.pop("architectures", None)
-        llm_fields["model_type"] = "llama"
-        try:
-            lcfg = LlamaConfig(**llm_fields)
-            lcfg._attn_implementation = "sdpa"
-            with torch.device("meta"):
-                llm = LlamaForCausalLM(lcfg)
-        except (TypeError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"config.json in {ckpt} is not a valid LLaMA config ({type(exc).__name__}: {exc})",
-                                  "fix config.json or re-download the checkpoint") from None
-        if mqt_cfg.hidden_size != lcfg.hidden_size:
-            raise CheckpointError(
-                f"the MQT projects to {mqt_cfg.hidden_size} but the LLM is {lcfg.hidden_size} wide",
-                "the checkpoint mixes two models; re-download it",
-            )
-        tied = frozenset({"lm_head.weight"} if lcfg.tie_word_embeddings else ())
-        _load_into(llm, weights, "", llm_dtype, "LLM", ckpt, optional=tied)
-        if tied:
-            llm.lm_head.weight = llm.model.embed_tokens.weight
-        # Non-persistent buffers (rotary inv_freq) were created on the meta device: rebuild them.
-        llm.model.rotary_emb = type(llm.model.rotary_emb)(config=lcfg)
+        vision, layer, image_spec = _load_vision(cfg, ckpt, weights, vision_tower, dtype)
+        mqt = _load_mqt(cfg, ckpt, weights, vision.config, dtype)
+        llm = _load_llm(cfg, ckpt, weights, llm_dtype, mqt.config.hidden_size)
         weights.close()
 
         model = cls(cfg, vision, layer, mqt, llm, tokenizer, image_spec)
@@ -335,7 +231,7 @@ class MQTLlava(nn.Module):
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int = 0,
-    ) -> Generation:
+    ) -> ReferenceAnswer:
         """Answer a question about an image; greedy when temperature is 0 (the release's eval)."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens={max_new_tokens}", "ask for at least one new token")
@@ -367,7 +263,7 @@ class MQTLlava(nn.Module):
                 break
             out_ids.append(next_id)
             step_input = embed(ids([next_id]))[None]
-        return Generation(self.tokenizer.decode(out_ids, skip_special=True).strip(), out_ids, margins)
+        return ReferenceAnswer(self.tokenizer.decode(out_ids, skip_special=True).strip(), out_ids, margins)
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
@@ -379,6 +275,133 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Gen
         keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p  # smallest set reaching top_p
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+
+
+def _load_vision(cfg: LlavaConfig, ckpt: Path, weights: WeightReader, vision_tower, dtype):
+    """The CLIP tower cut at the selected layer, its layer index and its ImageSpec.
+
+    Weights: the --vision-tower override > weights inside the checkpoint > mm_vision_tower."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    embedded = bool(weights.with_prefix(VISION_PREFIX)) and vision_tower is None
+    if embedded:
+        # The config still comes from mm_vision_tower when that resolves; otherwise from shapes.
+        try:
+            tower_dir = resolve_vision_dir(cfg.vision_tower, ckpt, configs_only=True)
+        except CheckpointError:
+            tower_dir = None
+    else:
+        tower_dir = resolve_vision_dir(str(vision_tower or cfg.vision_tower), ckpt)
+    vcfg = (
+        _read_clip_config(tower_dir, CLIPVisionConfig)
+        if tower_dir is not None
+        else _clip_config_from_shapes(weights, CLIPVisionConfig)
+    )
+    n_hidden = vcfg.num_hidden_layers + 1  # hidden_states = embeddings + one per layer
+    layer = cfg.select_layer if cfg.select_layer >= 0 else n_hidden + cfg.select_layer
+    if not 0 <= layer < n_hidden:
+        raise CheckpointError(
+            f"mm_vision_select_layer {cfg.select_layer} is outside a {vcfg.num_hidden_layers}-layer tower",
+            "fix config.json or pass the right --vision-tower",
+        )
+    vcfg.num_hidden_layers = layer  # run only the layers the selected feature depends on
+    with torch.device("meta"):
+        vision = CLIPVisionModel(vcfg)
+    if embedded:
+        _load_into(vision, weights, VISION_PREFIX, dtype, "vision tower", ckpt)
+    else:
+        _load_into(vision, WeightReader(tower_dir), "", dtype, "vision tower", tower_dir)
+    emb = vision.vision_model.embeddings  # non-persistent buffer, still on the meta device
+    emb.register_buffer("position_ids", torch.arange(emb.num_positions)[None], persistent=False)
+    return vision, layer, _image_spec(tower_dir, vcfg, cfg.pad_to_square)
+
+
+def _image_spec(tower_dir: Path | None, vcfg, pad_to_square: bool) -> ImageSpec:
+    proc = tower_dir / "preprocessor_config.json" if tower_dir else None
+    try:
+        image_spec = ImageSpec.from_processor_config(proc, vcfg.image_size, pad_to_square)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{proc} is unusable ({type(exc).__name__}: {exc})",
+                              "fix it or pass another --vision-tower") from None
+    if image_spec.crop != (vcfg.image_size, vcfg.image_size):
+        raise CheckpointError(
+            f"{proc} crops to {image_spec.crop} but the vision tower takes {vcfg.image_size} px",
+            "fix crop_size in preprocessor_config.json or pass the matching --vision-tower",
+        )
+    return image_spec
+
+
+def _load_mqt(cfg: LlavaConfig, ckpt: Path, weights: WeightReader, vcfg, dtype) -> MatryoshkaQueryTransformer:
+    """The Matryoshka Query Transformer, its dimensions read from its weights."""
+    if not weights.with_prefix(MQT_PREFIX):
+        raise CheckpointError(
+            f"{ckpt} has no {MQT_PREFIX}* weights (a LLaVA checkpoint without the Matryoshka Query Transformer?)",
+            "point at an MQT-LLaVA checkpoint",
+        )
+    q_shape, p_shape = weights.shape(MQT_PREFIX + "query"), weights.shape(MQT_PREFIX + "proj")
+    if len(q_shape) != 2 or len(p_shape) != 2:
+        raise CheckpointError(
+            f"query_abstractor.query {q_shape} / proj {p_shape} are not matrices", "re-download the checkpoint"
+        )
+    M, kv_dim = q_shape
+    grid = vcfg.image_size // vcfg.patch_size
+    if kv_dim != vcfg.hidden_size:
+        raise CheckpointError(
+            f"the MQT expects {kv_dim}-wide features but the vision tower gives {vcfg.hidden_size}",
+            "pass the vision tower this checkpoint was trained with (--vision-tower)",
+        )
+    heads = query_heads(cfg.raw, kv_dim)
+    if kv_dim % heads:
+        raise CheckpointError(
+            f"the query transformer's {kv_dim}-wide attention does not split into {heads} heads"
+            + ("" if cfg.mqt_num_heads else f" (the release's count; config.json has no {QUERY_HEADS_KEY})"),
+            f"set {QUERY_HEADS_KEY} in config.json to the head count the checkpoint was trained with",
+        )
+    mqt_cfg = MQTConfig(
+        num_queries=M,
+        kv_dim=kv_dim,
+        hidden_size=p_shape[1],
+        num_heads=heads,
+        key_grid=(grid, grid),
+    )
+    try:
+        with torch.device("meta"):
+            mqt = MatryoshkaQueryTransformer(mqt_cfg)
+    except ValueError as exc:
+        raise CheckpointError(f"unusable query_abstractor weights: {exc}", "re-download the checkpoint") from None
+    _load_into(mqt, weights, MQT_PREFIX, dtype, "query_abstractor", ckpt,
+               fixed_dtypes={"pos_embed": torch.float16})
+    mqt.pos_embed.requires_grad_(False)
+    return mqt
+
+
+def _load_llm(cfg: LlavaConfig, ckpt: Path, weights: WeightReader, llm_dtype, mqt_hidden: int):
+    """The LLaMA LLM from config.json's non-mm_ fields; `mqt_hidden` is the width it must take."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llm_fields = {k: v for k, v in cfg.raw.items() if not k.startswith("mm_")}
+    llm_fields.pop("architectures", None)
+    llm_fields["model_type"] = "llama"
+    try:
+        lcfg = LlamaConfig(**llm_fields)
+        lcfg._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            llm = LlamaForCausalLM(lcfg)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"config.json in {ckpt} is not a valid LLaMA config ({type(exc).__name__}: {exc})",
+                              "fix config.json or re-download the checkpoint") from None
+    if mqt_hidden != lcfg.hidden_size:
+        raise CheckpointError(
+            f"the MQT projects to {mqt_hidden} but the LLM is {lcfg.hidden_size} wide",
+            "the checkpoint mixes two models; re-download it",
+        )
+    tied = frozenset({"lm_head.weight"} if lcfg.tie_word_embeddings else ())
+    _load_into(llm, weights, "", llm_dtype, "LLM", ckpt, optional=tied)
+    if tied:
+        llm.lm_head.weight = llm.model.embed_tokens.weight
+    # Non-persistent buffers (rotary inv_freq) were created on the meta device: rebuild them.
+    llm.model.rotary_emb = type(llm.model.rotary_emb)(config=lcfg)
+    return llm
 
 
 def _read_clip_config(tower_dir: Path, CLIPVisionConfig):

@@ -14,13 +14,13 @@ import io
 import json
 import math
 import os
-import shutil
 import zlib
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
+from ..atomic import atomic_dir
 from ..errors import InputError
 # The presets are data (torch-free, for the planner); re-exported here for existing callers.
 from ..presets import PRESETS, QUERY_HEADS_KEY, Preset, get_preset  # noqa: F401
@@ -166,71 +166,75 @@ def write_checkpoint(
     on_stage: Callable[[str], None] = lambda _: None,
 ) -> Path:
     """Write a random-weight checkpoint of `preset` to `out` (atomically: all or nothing)."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
-
     p = get_preset(preset) if isinstance(preset, str) else preset
     out = Path(out)
     if out.exists() and not force:
         raise InputError(f"{out} already exists", "choose another --out or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    dtype = getattr(torch, p.dtype)
-    try:
+    # --force: the old directory is swapped out only once the new one is complete
+    with atomic_dir(out) as tmp:
         on_stage("tokenizer")
-        (tmp / "tokenizer.model").write_bytes(llama_like_tokenizer(p.vocab_size))
-        (tmp / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-            "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "legacy": True,
-            "model_max_length": p.llm["max_position_embeddings"], "padding_side": "right",
-        }, indent=2))
-
+        _write_tokenizer(tmp, p)
         on_stage("vision tower")
-        clip_dir = tmp / "clip-vision"
-        clip_dir.mkdir()
-        vcfg = CLIPVisionConfig(**p.clip)
-        vcfg.save_pretrained(clip_dir)
-        size = p.clip["image_size"]
-        CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(clip_dir)
-        clip = ((n, _init_tensor(n, s, seed + 1)) for n, s in _meta_shapes(CLIPVisionModel, vcfg))
-        _write_shards(clip_dir, clip, "model", shard_bytes)
-
+        _write_vision_tower(tmp / "clip-vision", p, seed + 1, shard_bytes)
         on_stage("LLM and query transformer")
-        lcfg = LlamaConfig(vocab_size=p.vocab_size, rms_norm_eps=1e-5, rope_theta=10000.0,
-                           bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
-                           **p.llm)
-        llm = ((n, _init_tensor(n, s, seed).to(dtype)) for n, s in _meta_shapes(LlamaForCausalLM, lcfg))
-        mqt = ((n, t if n.endswith("pos_embed") else t.to(dtype)) for n, t in _mqt_tensors(p, seed))
-
-        def all_tensors():
-            yield from mqt
-            yield from llm
-
-        _write_shards(tmp, all_tensors(), "model", shard_bytes)
-        config = lcfg.to_dict()
-        config.update(
-            architectures=["LlavaLlamaForCausalLM"], model_type="llava_llama", torch_dtype=p.dtype,
-            mm_vision_tower="clip-vision",  # relative to the checkpoint directory
-            mm_vision_select_layer=-2, mm_vision_select_feature="patch", mm_hidden_size=p.clip["hidden_size"],
-            mm_projector_type="linear", mm_patch_merge_type="flat", image_aspect_ratio="pad",
-            mm_use_im_start_end=False, mm_use_im_patch_token=False, query_abstractor_type="matry_query",
-            num_visual_tokens=p.num_queries, tokenizer_model_max_length=p.llm["max_position_embeddings"],
-            tokenizer_padding_side="right", mqt_edge_synth={"preset": p.name, "seed": seed},
-            **{QUERY_HEADS_KEY: p.query_heads},
-        )
-        for key in ("transformers_version", "_name_or_path", "dtype"):
-            config.pop(key, None)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():  # --force: swap the old directory out only once the new one is complete
-        trash = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, trash)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+        lcfg = _write_llm_and_mqt(tmp, p, seed, shard_bytes)
+        _write_config(tmp, p, lcfg, seed)
     return out
+
+
+def _write_tokenizer(tmp: Path, p: Preset) -> None:
+    (tmp / "tokenizer.model").write_bytes(llama_like_tokenizer(p.vocab_size))
+    (tmp / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "legacy": True,
+        "model_max_length": p.llm["max_position_embeddings"], "padding_side": "right",
+    }, indent=2))
+
+
+def _write_vision_tower(clip_dir: Path, p: Preset, seed: int, shard_bytes: int) -> None:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    clip_dir.mkdir()
+    vcfg = CLIPVisionConfig(**p.clip)
+    vcfg.save_pretrained(clip_dir)
+    size = p.clip["image_size"]
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(clip_dir)
+    clip = ((n, _init_tensor(n, s, seed)) for n, s in _meta_shapes(CLIPVisionModel, vcfg))
+    _write_shards(clip_dir, clip, "model", shard_bytes)
+
+
+def _write_llm_and_mqt(tmp: Path, p: Preset, seed: int, shard_bytes: int):
+    """The LLM's and the query transformer's tensors, sharded together; returns the LlamaConfig."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dtype = getattr(torch, p.dtype)
+    lcfg = LlamaConfig(vocab_size=p.vocab_size, rms_norm_eps=1e-5, rope_theta=10000.0,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+                       **p.llm)
+    llm = ((n, _init_tensor(n, s, seed).to(dtype)) for n, s in _meta_shapes(LlamaForCausalLM, lcfg))
+    mqt = ((n, t if n.endswith("pos_embed") else t.to(dtype)) for n, t in _mqt_tensors(p, seed))
+
+    def all_tensors():
+        yield from mqt
+        yield from llm
+
+    _write_shards(tmp, all_tensors(), "model", shard_bytes)
+    return lcfg
+
+
+def _write_config(tmp: Path, p: Preset, lcfg, seed: int) -> None:
+    config = lcfg.to_dict()
+    config.update(
+        architectures=["LlavaLlamaForCausalLM"], model_type="llava_llama", torch_dtype=p.dtype,
+        mm_vision_tower="clip-vision",  # relative to the checkpoint directory
+        mm_vision_select_layer=-2, mm_vision_select_feature="patch", mm_hidden_size=p.clip["hidden_size"],
+        mm_projector_type="linear", mm_patch_merge_type="flat", image_aspect_ratio="pad",
+        mm_use_im_start_end=False, mm_use_im_patch_token=False, query_abstractor_type="matry_query",
+        num_visual_tokens=p.num_queries, tokenizer_model_max_length=p.llm["max_position_embeddings"],
+        tokenizer_padding_side="right", mqt_edge_synth={"preset": p.name, "seed": seed},
+        **{QUERY_HEADS_KEY: p.query_heads},
+    )
+    for key in ("transformers_version", "_name_or_path", "dtype"):
+        config.pop(key, None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}))

@@ -185,6 +185,29 @@ def parse_profile(text: str, where: str, path: str | None = None) -> Profile:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ProfileError(f"{where} is not valid TOML ({exc})", "fix the file") from None
+    _check_top(data, text, where)
+    sources = _checked_sources(data, text, where)
+    modes = _checked_modes(data, text, where)
+    cal = data.get("calibration")
+    precision = cal.get("vision_precision", "fp32") if isinstance(cal, dict) else "fp32"
+    if precision not in ("fp32", "int8"):
+        raise ProfileError(f"{where}, line {_line_of(text, 'vision_precision', 'calibration')}: "
+                           f"'vision_precision' is {precision!r}", "use \"fp32\" or \"int8\"")
+    return Profile(
+        name=str(data["name"]), description=str(data["description"]), kind=data["kind"],
+        memory=_build(Memory, data["memory"], "memory", text, where),
+        compute=_build(Compute, data["compute"], "compute", text, where),
+        limits=_build(Limits, data["limits"], "limits", text, where),
+        prefer=_build(Prefer, data["prefer"], "prefer", text, where),
+        sources=dict(sources), modes=dict(modes),
+        efficiency=_build(Efficiency, data.get("efficiency", {}), "efficiency", text, where),
+        calibration=_build(Calibration, data["calibration"], "calibration", text, where)
+        if "calibration" in data else None,
+        path=path,
+    )
+
+
+def _check_top(data: dict, text: str, where: str) -> None:
     for key in data:
         if key not in TOP:
             raise ProfileError(f"{where}, line {_line_of(text, key, None)}: unknown key '{key}'",
@@ -195,6 +218,10 @@ def parse_profile(text: str, where: str, path: str | None = None) -> Profile:
     if data["kind"] not in ("jetson", "gpu", "cpu"):
         raise ProfileError(f"{where}, line {_line_of(text, 'kind', None)}: kind '{data['kind']}'",
                            "use jetson, gpu or cpu")
+
+
+def _checked_sources(data: dict, text: str, where: str) -> dict:
+    """[sources]: text for every datasheet number (unless the profile is calibrated), nothing else."""
     sources = data.get("sources", {})
     if not isinstance(sources, dict) or not all(isinstance(v, str) for v in sources.values()):
         raise ProfileError(f"{where}, line {_line_of(text, 'sources', None)}: [sources] must map keys to text",
@@ -207,6 +234,11 @@ def parse_profile(text: str, where: str, path: str | None = None) -> Profile:
     if unknown:
         raise ProfileError(f"{where}, line {_line_of(text, unknown[0], 'sources')}: unknown key '{unknown[0]}' "
                            "in [sources]", f"valid keys: {', '.join(DATASHEET)}")
+    return sources
+
+
+def _checked_modes(data: dict, text: str, where: str) -> dict:
+    """[modes.NAME]: positive [memory] / [compute] overrides, each table with its source."""
     modes = data.get("modes", {})
     if not isinstance(modes, dict) or not all(isinstance(v, dict) for v in modes.values()):
         raise ProfileError(f"{where}, line {_line_of(text, 'modes', None)}: [modes] must hold [modes.NAME] tables",
@@ -226,23 +258,7 @@ def parse_profile(text: str, where: str, path: str | None = None) -> Profile:
                                    "use a positive, finite number")
         if "source" not in over:
             raise ProfileError(f"{where}: [modes.{mode}] has no source", "say where its numbers come from")
-    cal = data.get("calibration")
-    precision = cal.get("vision_precision", "fp32") if isinstance(cal, dict) else "fp32"
-    if precision not in ("fp32", "int8"):
-        raise ProfileError(f"{where}, line {_line_of(text, 'vision_precision', 'calibration')}: "
-                           f"'vision_precision' is {precision!r}", "use \"fp32\" or \"int8\"")
-    return Profile(
-        name=str(data["name"]), description=str(data["description"]), kind=data["kind"],
-        memory=_build(Memory, data["memory"], "memory", text, where),
-        compute=_build(Compute, data["compute"], "compute", text, where),
-        limits=_build(Limits, data["limits"], "limits", text, where),
-        prefer=_build(Prefer, data["prefer"], "prefer", text, where),
-        sources=dict(sources), modes=dict(modes),
-        efficiency=_build(Efficiency, data.get("efficiency", {}), "efficiency", text, where),
-        calibration=_build(Calibration, data["calibration"], "calibration", text, where)
-        if "calibration" in data else None,
-        path=path,
-    )
+    return modes
 
 
 def builtin_names() -> list[str]:

@@ -9,7 +9,7 @@ Topics (relative, so a namespace or remapping moves them):
 
 A standing query (parameter `query`) is answered continuously as frames allow, at most `rate`
 times a second, or on every `every_n`-th frame. The model work runs on a thread of its own
-(`Pipeline.watch` on a one-slot mailbox), so callbacks only convert and store frames.
+(`Watch` on a one-slot mailbox), so callbacks only convert and store frames.
 
 rclpy is imported when the node starts, never at import time of mqt_edge.
 """
@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from ..bundle import DEFAULT_BUNDLE
 from ..errors import InputError, MQTEdgeError, require
 from ..prompt import check_question
 from . import image_from_ros
@@ -36,7 +37,7 @@ QUEUED_QUERIES = 8  # questions waiting for the model; older ones are dropped (a
 class NodeOptions:
     """The node's ROS parameters (0 or "" means "not set": ROS parameters cannot be None)."""
 
-    bundle: str = "mqt-edge-bundle"
+    bundle: str = str(DEFAULT_BUNDLE)
     tokens: int = 0  # fixed m; 0: the planner's m on `profile`
     profile: str = ""  # device profile for the planner ("" : auto)
     refine: int = 0  # refine to this m when the first token is not confident (0: never)
@@ -86,12 +87,12 @@ class MqtEdgeNode:
         self.refused = 0  # images or queries refused, each logged in one line
         self.answered = 0
         from ..pipeline import Pipeline
-        from ..watch import Latest
+        from ..watch import Latest, Watch
 
         o = self.options
         self.pipe = Pipeline.load(o.bundle, profile=o.profile or None, vision_backend=o.vision_backend,
                                   n_gpu_layers=o.n_gpu_layers, threads=o.threads or None)
-        self._Latest = Latest
+        self._Latest, self._Watch = Latest, Watch
         self.mailbox = Latest()
         self._stop = threading.Event()
         self.answer_pub = self.node.create_publisher(String, "answer", 10)
@@ -196,12 +197,12 @@ class MqtEdgeNode:
         tokens = o.tokens or None
         while not self._stop.is_set():
             try:
-                watch = self.pipe.watch(self.mailbox, self._question, tokens=tokens, profile=o.profile or None,
-                                        refine=o.refine or None, confidence=o.confidence,
-                                        overlap=OVERLAP[o.overlap], vision_threads=o.vision_threads or None,
-                                        llm_threads=o.llm_threads or None, max_new_tokens=o.max_new_tokens,
-                                        temperature=o.temperature,
-                                        on_error=lambda f, e: self._refuse(f"frame {f.index} not answered: {e}"))
+                watch = self._Watch(self.pipe, self.mailbox, self._question, tokens=tokens, profile=o.profile or None,
+                                    refine=o.refine or None, confidence=o.confidence,
+                                    overlap=OVERLAP[o.overlap], vision_threads=o.vision_threads or None,
+                                    llm_threads=o.llm_threads or None, max_new_tokens=o.max_new_tokens,
+                                    temperature=o.temperature,
+                                    on_error=lambda f, e: self._refuse(f"frame {f.index} not answered: {e}"))
                 with watch:
                     for a in watch:
                         self._publish(a)

@@ -10,6 +10,7 @@ import os
 import secrets
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -60,10 +61,20 @@ def _json(status: int, body: dict, headers: dict) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+@dataclass(frozen=True)
+class _State:
+    """What every route reads: the settings, the engine and its metrics."""
+
+    cfg: ServeConfig
+    engine: Engine
+    metrics: Metrics
+
+
 def create_app(cfg: ServeConfig, engine: Engine | None = None, load: bool = True) -> FastAPI:
     """The server as an ASGI app. load=False leaves starting the Engine to the caller (Ray's replicas)."""
     metrics = engine.metrics if engine else Metrics()
     engine = engine or Engine(cfg, metrics)
+    state = _State(cfg, engine, metrics)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -76,81 +87,91 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None, load: bool = True
     app.state.engine = engine
     app.add_middleware(BodyLimit, limit=int(cfg.max_body_mb * 2**20))
     _errors(app, metrics)
-    key = cfg.key
-
-    def auth(request: Request) -> None:
-        if key is None:
-            return
-        got = request.headers.get("authorization", "")
-        scheme, _, token = got.partition(" ")
-        # compare_digest on bytes: constant time in the token's content
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-            raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", "invalid_api_key")
 
     @app.get("/health")
     async def health():
-        try:
-            engine.check_ready()
-        except APIError as exc:
-            return _json(503, {"status": "error" if engine.load_error else "loading", "detail": exc.message},
-                         exc.headers())
-        s = engine.start
-        return {"status": "ok", "model": cfg.model_id, "pid": os.getpid(), "tokens": s.tokens, "profile": s.profile,
-                "slots": cfg.parallel, "sessions": {"capacity": s.capacity, "idle": engine.cache.idle,
-                                                    "busy": engine.cache.busy}}
+        return _health(state)
 
     @app.get("/metrics")
     async def metrics_endpoint(request: Request):
-        auth(request)
+        _auth(state, request)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
-
-    def model_card() -> dict:
-        card = {"id": cfg.model_id, "object": "model", "created": 0, "owned_by": "mqt-edge"}
-        if engine.ready.is_set():
-            card["mqt"] = {"max_tokens": engine.pipe.max_tokens, "default_tokens": engine.start.tokens,
-                           "profile": engine.start.profile}
-        return card
 
     @app.get("/v1/models")
     async def models(request: Request):
-        auth(request)
+        _auth(state, request)
         metrics.requests.labels("models", "200").inc()
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [_model_card(state)]}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str, request: Request):
-        auth(request)
+        _auth(state, request)
         if name != cfg.model_id:
             raise APIError(404, f"the model {name!r} does not exist (this server has {cfg.model_id!r})",
                            "model_not_found", "model")
-        return model_card()
+        return _model_card(state)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         try:
-            return await _chat(request)
+            return await _chat(state, request)
         except (APIError, MQTEdgeError):
             raise
         except Exception as exc:  # a bug: converted here so that no middleware logs a traceback
             raise internal(exc, "/v1/chat/completions") from None
 
-    async def _chat(request: Request):
-        arrived = time.monotonic()
-        auth(request)
-        req = parse_chat(await request.body())
-        if req.model != cfg.model_id:
-            raise APIError(404, f"the model {req.model!r} does not exist (this server has {cfg.model_id!r})",
-                           "model_not_found", "model")
-        conv = conversation(req)
-        engine.check_ready()
-        ask = await _ask(engine, cfg, req, conv)
-        env = Envelope(cfg.model_id)
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await _stream(engine, metrics, ask, env, request, arrived, include_usage)
-        return await _complete(engine, metrics, ask, env, request, arrived)
-
     return app
+
+
+def _auth(state: _State, request: Request) -> None:
+    key = state.cfg.key
+    if key is None:
+        return
+    got = request.headers.get("authorization", "")
+    scheme, _, token = got.partition(" ")
+    # compare_digest on bytes: constant time in the token's content
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", "invalid_api_key")
+
+
+def _health(state: _State):
+    cfg, engine = state.cfg, state.engine
+    try:
+        engine.check_ready()
+    except APIError as exc:
+        return _json(503, {"status": "error" if engine.load_error else "loading", "detail": exc.message},
+                     exc.headers())
+    s = engine.start
+    return {"status": "ok", "model": cfg.model_id, "pid": os.getpid(), "tokens": s.tokens, "profile": s.profile,
+            "slots": cfg.parallel, "sessions": {"capacity": s.capacity, "idle": engine.cache.idle,
+                                                "busy": engine.cache.busy}}
+
+
+def _model_card(state: _State) -> dict:
+    cfg, engine = state.cfg, state.engine
+    card = {"id": cfg.model_id, "object": "model", "created": 0, "owned_by": "mqt-edge"}
+    if engine.ready.is_set():
+        card["mqt"] = {"max_tokens": engine.pipe.max_tokens, "default_tokens": engine.start.tokens,
+                       "profile": engine.start.profile}
+    return card
+
+
+async def _chat(state: _State, request: Request):
+    cfg, engine, metrics = state.cfg, state.engine, state.metrics
+    arrived = time.monotonic()
+    _auth(state, request)
+    req = parse_chat(await request.body())
+    if req.model != cfg.model_id:
+        raise APIError(404, f"the model {req.model!r} does not exist (this server has {cfg.model_id!r})",
+                       "model_not_found", "model")
+    conv = conversation(req)
+    engine.check_ready()
+    ask = await _ask(engine, cfg, req, conv)
+    env = Envelope(cfg.model_id)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return await _stream(engine, metrics, ask, env, request, arrived, include_usage)
+    return await _complete(engine, metrics, ask, env, request, arrived)
 
 
 async def _ask(engine: Engine, cfg: ServeConfig, req, conv: Conversation) -> policy.Ask:

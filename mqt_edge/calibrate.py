@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import Calibration, Profile, detect, load_profile, parse_profile
+from .profiles import Calibration, Profile, detect, load_profile, parse_profile
 
 POINTS = (1, 16, 64, 128, 256)
 
@@ -37,10 +37,10 @@ def line_fit(x, y) -> tuple[float, float]:
 
 
 def measure(bundle_dir: str, runs: int = 2, threads: int | None = None) -> Calibration:
-    from ..image import sample_images
-    from ..pipeline import Pipeline
+    from .image import sample_images
+    from .pipeline import Pipeline
 
-    from ..errors import InputError
+    from .errors import InputError
 
     if runs < 1:
         raise InputError(f"--runs {runs}", "measure at least one run per point")
@@ -102,7 +102,7 @@ def to_toml(p: Profile) -> str:
 
 def calibrate(bundle_dir: str, out: Path, base: str | None = None, runs: int = 2,
               threads: int | None = None) -> Profile:
-    from ..errors import InputError
+    from .errors import InputError
 
     if out.is_dir() or not out.parent.is_dir():
         raise InputError(f"cannot write the profile to {out}", "name a .toml file in an existing directory")
