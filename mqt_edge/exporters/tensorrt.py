@@ -11,11 +11,10 @@ number of query ids m (1..max_tokens, tuned for `opt_tokens`).
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import device
 from ..runtimes.tensorrt import load_tensorrt  # the runtime's loader: TensorRT import and GPU check
 
 if TYPE_CHECKING:
@@ -23,14 +22,9 @@ if TYPE_CHECKING:
 
 
 def gpu_name() -> str:
-    """The GPU's name for the manifest: nvidia-smi, or the Jetson module from the device tree."""
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        r = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
-        if r.returncode == 0 and r.stdout.strip():
-            return r.stdout.strip().splitlines()[0]
-    model = Path("/proc/device-tree/model")
-    return model.read_text().strip("\x00\n ") if model.is_file() else "unknown"
+    """The GPU's name for the manifest (device.py's probes: NVML or nvidia-smi, else the Jetson module)."""
+    found = device.gpus()
+    return found[0].name if found else (device.jetson_model() or "unknown")
 
 
 def build_engine(onnx_path: Path, engine_path: Path, shapes: dict[str, tuple], workspace_gb: float = 2.0) -> None:
