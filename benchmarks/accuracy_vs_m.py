@@ -53,7 +53,7 @@ def main() -> None:
                  "| m | PyTorch accuracy | bundle accuracy | gap (points) | bundle TTFT (ms) | bundle total (ms) |",
                  "|---|---|---|---|---|---|"]
         for a, b in zip(ref, rows):
-            lines.append(f"| {b.tokens} | {100 * a.accuracy:.1f}% | {100 * b.accuracy:.1f}% | "
+            lines.append(f"| {b.m} | {100 * a.accuracy:.1f}% | {100 * b.accuracy:.1f}% | "
                          f"{100 * (b.accuracy - a.accuracy):+.1f} | {b.ttft_ms:.0f} | {b.total_ms:.0f} |")
         lines += ["", f"Largest gap between bundle and PyTorch: {report['max_gap_points']:.1f} points."]
         if args.plot:

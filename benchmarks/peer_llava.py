@@ -234,7 +234,7 @@ def _int8_role(bundle: str) -> str | None:
 
 def ask_ours(pipe: Pipeline, image: str, m: int, max_new: int) -> dict:
     t0 = time.perf_counter()
-    a = pipe.ask(image, QUESTION, tokens=m, max_new_tokens=max_new)
+    a = pipe.ask(image, QUESTION, m=m, max_new_tokens=max_new)
     wall = 1000 * (time.perf_counter() - t0)
     return {"ttft_ms": a.timings_ms["ttft"], "total_ms": a.timings_ms["total"], "wall_ms": wall,
             "vision_ms": a.timings_ms["vision"], "prefill_ms": a.timings_ms["prefill"],
@@ -327,7 +327,7 @@ def run_e2e(args, mt: MtmdChat, pipes: dict, png: bytes, image: str, report: dic
     rows = {(name, m): [] for name, m, _ in configs}
     mt.ask(png, 2)
     for pipe in pipes.values():
-        pipe.ask(image, QUESTION, tokens=args.tokens[0], max_new_tokens=2)  # warm-up (and the prompt-head cache)
+        pipe.ask(image, QUESTION, m=args.tokens[0], max_new_tokens=2)  # warm-up (and the prompt-head cache)
     for rep in range(args.runs):
         shift = rep % len(configs)  # rotate the order so no side always runs right after the other
         for name, m, pipe in configs[shift:] + configs[:shift]:

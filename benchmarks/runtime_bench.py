@@ -43,7 +43,7 @@ def bench_mqt(pipe, image, runs, new_tokens):
     for m in TOKENS:
         if m > pipe.max_tokens:
             continue
-        answers = [pipe.ask(image, QUESTION, tokens=m, max_new_tokens=new_tokens) for _ in range(runs)]
+        answers = [pipe.ask(image, QUESTION, m=m, max_new_tokens=new_tokens) for _ in range(runs)]
         rows.append({
             "m": m,
             "ttft_ms": med([a.timings_ms["ttft"] for a in answers]),
@@ -62,18 +62,18 @@ def bench_reuse(pipe, image, runs, new_tokens):
     for m in (64, pipe.max_tokens):
         firsts, seconds = [], []
         for _ in range(runs):
-            with pipe.look(image, tokens=m) as s:
+            with pipe.look(image, m=m) as s:
                 firsts.append(s.ask(QUESTION, max_new_tokens=new_tokens).timings_ms["ttft"])
                 seconds.append(s.ask("What is in the corner?", max_new_tokens=new_tokens).timings_ms["ttft"])
         out[f"reuse_m{m}"] = {"first_ttft_ms": med(firsts), "second_ttft_ms": med(seconds)}
     refined, fresh = [], []
     for _ in range(runs):
-        with pipe.look(image, tokens=16) as s:
+        with pipe.look(image, m=16) as s:
             s.ask(QUESTION, max_new_tokens=1)
-            s.refine(tokens=pipe.max_tokens)
+            s.refine(m=pipe.max_tokens)
             a = s.ask(QUESTION, max_new_tokens=1)
             refined.append((a.timings_ms["ttft"], a.prefilled))
-        fresh.append(pipe.ask(image, QUESTION, tokens=pipe.max_tokens, max_new_tokens=1))
+        fresh.append(pipe.ask(image, QUESTION, m=pipe.max_tokens, max_new_tokens=1))
     out["refine_16_to_max"] = {"refined_ttft_ms": med([r[0] for r in refined]), "refined_prefilled": refined[0][1],
                                "fresh_ttft_ms": med([f.timings_ms["ttft"] for f in fresh]),
                                "fresh_prefilled": fresh[0].prefilled}
@@ -133,9 +133,9 @@ def bench_reference(model_dir: str, image, new_tokens: int, m: int) -> float:
     from mqt_edge.model import MQTLlava
 
     model = MQTLlava.from_pretrained(model_dir, dtype=torch.float32)
-    model.generate(image, QUESTION, tokens=m, max_new_tokens=2)  # warm-up
+    model.generate(image, QUESTION, m=m, max_new_tokens=2)  # warm-up
     t = time.perf_counter()
-    out = model.generate(image, QUESTION, tokens=m, max_new_tokens=new_tokens)
+    out = model.generate(image, QUESTION, m=m, max_new_tokens=new_tokens)
     return 1000 * (time.perf_counter() - t), len(out.token_ids)
 
 
@@ -150,7 +150,7 @@ def main() -> None:
     threads = os.cpu_count() or 1
     image = sample_images(1, seed=7)[0]
     with Pipeline.load(args.bundle, threads=threads) as pipe:
-        pipe.ask(image, QUESTION, tokens=1, max_new_tokens=2)  # warm-up
+        pipe.ask(image, QUESTION, m=1, max_new_tokens=2)  # warm-up
         rows = bench_mqt(pipe, image, args.runs, args.new_tokens)
         baseline = bench_llava_baseline(pipe, image, args.runs)
         reuse = bench_reuse(pipe, image, args.runs, args.new_tokens)

@@ -48,7 +48,7 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def body(i: int, urls: list[str], answers: dict, tokens: int) -> dict:
+def body(i: int, urls: list[str], answers: dict, m: int) -> dict:
     url_i, q = i % len(urls), QUESTIONS[i % len(QUESTIONS)]
     first = {"role": "user", "content": [{"type": "text", "text": QUESTIONS[0]},
                                          {"type": "image_url", "image_url": {"url": urls[url_i]}}]}
@@ -57,7 +57,7 @@ def body(i: int, urls: list[str], answers: dict, tokens: int) -> dict:
     else:
         messages = [first]
     return {"model": "bench", "messages": messages, "max_tokens": 8, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, "mqt": {"tokens": tokens}}
+            "stream_options": {"include_usage": True}, "mqt": {"m": m}}
 
 
 async def one(http: httpx.AsyncClient, url: str, req: dict) -> dict:
@@ -81,7 +81,7 @@ async def one(http: httpx.AsyncClient, url: str, req: dict) -> dict:
             "cached": usage["prompt_tokens_details"]["cached_tokens"] if usage else 0}
 
 
-async def drive(base: str, n: int, clients: int, urls: list[str], tokens: int, pid: int) -> dict:
+async def drive(base: str, n: int, clients: int, urls: list[str], m: int, pid: int) -> dict:
     results: list[dict] = [None] * n
     answers: dict[int, str] = {}
     rss: dict[int, float] = {}
@@ -92,7 +92,7 @@ async def drive(base: str, n: int, clients: int, urls: list[str], tokens: int, p
         nonlocal done
         async with httpx.AsyncClient(timeout=120) as http:
             for i in counter:
-                res = await one(http, base + "/v1/chat/completions", body(i, urls, answers, tokens))
+                res = await one(http, base + "/v1/chat/completions", body(i, urls, answers, m))
                 results[i] = res
                 if "text" in res and i % 3 == 0:
                     answers.setdefault(i % len(urls), res["text"])
@@ -148,7 +148,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    res |= {"parallel": a.parallel, "tokens": a.tokens, "cpus": os.cpu_count()}
+    res |= {"parallel": a.parallel, "m": a.tokens, "cpus": os.cpu_count()}
     print(json.dumps(res, indent=1))
     if a.out:
         with open(a.out, "a") as f:

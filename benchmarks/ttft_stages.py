@@ -30,11 +30,11 @@ def measure(bundle: str, ms: list[int], runs: int, threads: int | None) -> dict:
     try:
         backends = {p: pipe.backends["vision"] for p, pipe in pipes.items()}
         for pipe in pipes.values():
-            pipe.ask(image, q, tokens=ms[0], max_new_tokens=1)  # warm-up
+            pipe.ask(image, q, m=ms[0], max_new_tokens=1)  # warm-up
         for _ in range(runs):
             for m in ms:
                 for p, pipe in pipes.items():
-                    t = pipe.ask(image, q, tokens=m, max_new_tokens=1).timings_ms
+                    t = pipe.ask(image, q, m=m, max_new_tokens=1).timings_ms
                     for s in STAGES + ("ttft",):
                         times[p][m][s].append(t[s])
     finally:

@@ -44,7 +44,7 @@ def camera(seconds: float, fps: float = 30.0, seed: int = 0):
 
 
 def run_once(pipe: Pipeline, overlap: bool, vt, lt, m: int, seconds: float, max_new_tokens: int) -> dict:
-    with Watch(pipe, camera(seconds), Q, tokens=m, overlap=overlap, vision_threads=vt, llm_threads=lt,
+    with Watch(pipe, camera(seconds), Q, m=m, overlap=overlap, vision_threads=vt, llm_threads=lt,
                max_new_tokens=max_new_tokens) as w:
         answers = list(w)
     s = w.stats
@@ -66,7 +66,7 @@ def main() -> None:
     names = [n.strip() for n in args.configs.split(",")]
     pipes = {t: Pipeline.load(args.bundle, threads=t) for t in sorted({CONFIGS[n][0] for n in names})}
     for pipe in pipes.values():
-        pipe.ask(EXAMPLE, Q, tokens=1, max_new_tokens=2)  # warm-up
+        pipe.ask(EXAMPLE, Q, m=1, max_new_tokens=2)  # warm-up
     results = {}
     for m in (int(x) for x in args.tokens.split(",")):
         runs = {n: [] for n in names}

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from .atomic import atomic_dir, move_into_place, remove_stale_staging  # noqa: F401 (the exporters import it here)
 from .errors import InputError, MQTEdgeError
@@ -43,7 +44,8 @@ ARTIFACT_NAMES = re.compile(r"^(vision(-ort|-int8)?\.onnx|mqt\.onnx)(\.data)?$|^
 
 # -- the manifest's schema: (type, required) per key; a table so a new key is one row ----------------
 # Types: "int" (not bool), "num" (finite int or float), "str", "bool", "dict" / "list" (free-form
-# records the runtime only displays), or a nested table. Unknown keys and wrong types are refused.
+# records the runtime only displays), a nested table, or [table] (a list of such records). Unknown
+# keys and wrong types are refused.
 def _ints(n: int) -> tuple[str, int]:
     return ("ints", n)
 
@@ -59,6 +61,9 @@ _ROLES = {"vision": (_ARTIFACT, True), "mqt": (_ARTIFACT, True), "llm": (_ARTIFA
           "vision_ort": (_ARTIFACT, False), "vision_int8": (_ARTIFACT, False),
           "vision_trt": (_ARTIFACT, False), "mqt_trt": (_ARTIFACT, False)}
 _INTS = lambda *names: {n: ("int", True) for n in names}  # noqa: E731
+# One row of `mqt-edge eval`'s table; "tokens" is m here (format 1's key, kept so old bundles still load).
+_ACCURACY_ROW = {"tokens": ("int", True), "accuracy": ("num", True), "ttft_ms": ("num", True),
+                 "total_ms": ("num", True), "n": ("int", True)}
 MANIFEST_SCHEMA: dict = {
     "format_version": ("int", True), "mqt_edge_version": ("str", True), "created": ("str", False),
     "max_tokens": ("int", True), "artifacts": (_ROLES, True),
@@ -75,7 +80,7 @@ MANIFEST_SCHEMA: dict = {
     "mqt": (_INTS("flops_per_image", "flops_per_token") | {k: ("int", False) for k in (
         "params", "num_queries", "max_tokens", "heads", "hidden")}, True),
     "source": ("dict", False), "graphs": ("dict", False), "export": ("dict", False), "parity": ("dict", False),
-    "seconds": ("dict", False), "accuracy": ("list", False), "accuracy_data": ("dict", False),
+    "seconds": ("dict", False), "accuracy": ([_ACCURACY_ROW], False), "accuracy_data": ("dict", False),
 }
 
 
@@ -103,6 +108,10 @@ def schema_errors(data: object, schema: dict = MANIFEST_SCHEMA, where: str = "")
             errors += [f"{name}: missing"] if required else []
         elif isinstance(kind, dict):
             errors += schema_errors(data[key], kind, name + ".")
+        elif isinstance(kind, list):
+            rows = data[key]
+            errors += ([f"{name}: {rows!r:.40} is not a list"] if not isinstance(rows, list) else
+                       [e for i, row in enumerate(rows) for e in schema_errors(row, kind[0], f"{name}[{i}].")])
         elif not _type_ok(kind, data[key]):
             errors.append(f"{name}: {data[key]!r:.40} is not {_KIND_NAMES.get(kind if isinstance(kind, str) else kind[0], kind)}"
                           + (f" (x{kind[1]})" if isinstance(kind, tuple) else ""))
@@ -217,6 +226,22 @@ class MQTFacts:
     hidden: int | None = None
 
 
+@dataclass(frozen=True)
+class AccuracyRow:
+    """Accuracy and times at m visual tokens, one row of `mqt-edge eval`'s table."""
+
+    m: int
+    accuracy: float  # the share of answers whose first word is right
+    ttft_ms: float
+    total_ms: float
+    n: int  # questions scored
+    JSON_KEYS: ClassVar[Mapping[str, str]] = {"m": "tokens"}  # field -> manifest.json key, where they differ
+
+    @classmethod
+    def from_json(cls, d: dict) -> AccuracyRow:
+        return cls(**{f.name: d[cls.JSON_KEYS.get(f.name, f.name)] for f in fields(cls)})
+
+
 # Manifest fields that are records, and how each is read from its checked JSON object.
 _RECORDS = {"preprocess": Preprocess, "prompt": Prompt, "special_tokens": SpecialTokens, "llm": LLMFacts,
             "vision": VisionFacts, "mqt": MQTFacts}
@@ -242,7 +267,7 @@ class Manifest:
     export: dict | None = None  # the export's options
     parity: dict | None = None  # the export's parity report per check ({} when skipped)
     seconds: dict | None = None
-    accuracy: tuple[dict, ...] | None = None  # rows from `mqt-edge eval` (tokens, accuracy, ...)
+    accuracy: tuple[AccuracyRow, ...] | None = None  # `mqt-edge eval`'s table, by m
     accuracy_data: dict | None = None
 
     def has(self, role: str) -> bool:
@@ -261,7 +286,7 @@ class Manifest:
         parsed = {key: _tuples(kind, data[key]) for key, kind in _RECORDS.items() if key in data}
         parsed["artifacts"] = {role: Artifact.from_json(e) for role, e in data["artifacts"].items()}
         if "accuracy" in data:
-            parsed["accuracy"] = tuple(data["accuracy"])
+            parsed["accuracy"] = tuple(AccuracyRow.from_json(row) for row in data["accuracy"])
         return cls(**(data | parsed))
 
     def to_json(self) -> dict:
@@ -275,9 +300,12 @@ def _tuples(kind: type, d: dict):
 
 
 def _plain(value):
-    """Records as JSON objects without their absent (None) fields; tuples as lists; the rest as is."""
+    """Records as JSON objects without their absent (None) fields, under their JSON_KEYS names;
+    tuples as lists; the rest as is."""
     if is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in fields(value) if getattr(value, f.name) is not None}
+        keys = getattr(value, "JSON_KEYS", {})
+        return {keys.get(f.name, f.name): _plain(getattr(value, f.name)) for f in fields(value)
+                if getattr(value, f.name) is not None}
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)):

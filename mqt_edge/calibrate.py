@@ -51,10 +51,10 @@ def measure(bundle_dir: str, runs: int = 2, threads: int | None = None) -> Calib
         if len(points) < 2:
             raise InputError(f"the bundle serves only m = {pipe.max_tokens}",
                              "calibrate with a bundle exported with --max-tokens 16 or more")
-        pipe.ask(image, "Warm up.", tokens=1, max_new_tokens=2)
+        pipe.ask(image, "Warm up.", m=1, max_new_tokens=2)
         for m in points:
             for _ in range(runs):
-                a = pipe.ask(image, "What is in this image?", tokens=m, max_new_tokens=16)
+                a = pipe.ask(image, "What is in this image?", m=m, max_new_tokens=16)
                 rows.append((m, a))
         manifest = pipe.bundle.manifest
         precision = "int8" if pipe.backends["vision"].endswith(" int8") else "fp32"

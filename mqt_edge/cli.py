@@ -69,7 +69,7 @@ def reference(
     model: str = typer.Argument(..., help="MQT-LLaVA checkpoint directory or hub id."),
     image: Path = typer.Argument(..., help="Image file."),
     question: str = typer.Argument(..., help="Question about the image."),
-    tokens: Optional[int] = typer.Option(None, "--tokens", "-m", help="Visual tokens m (default: all M)."),
+    m: Optional[int] = typer.Option(None, "--tokens", "-m", help="Visual tokens m (default: all M)."),
     max_new_tokens: int = typer.Option(128, help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, help="0 decodes greedily, as the release's evaluation."),
     vision_tower: Optional[str] = typer.Option(None, help="CLIP directory overriding mm_vision_tower."),
@@ -80,11 +80,10 @@ def reference(
     from .model import MQTLlava
 
     with err.status("loading the reference model"):
-        m = MQTLlava.from_pretrained(model, vision_tower=vision_tower, dtype=dtype)
-    out = m.generate(image, question, tokens=tokens, max_new_tokens=max_new_tokens, temperature=temperature)
+        llava = MQTLlava.from_pretrained(model, vision_tower=vision_tower, dtype=dtype)
+    out = llava.generate(image, question, m=m, max_new_tokens=max_new_tokens, temperature=temperature)
     if as_json:
-        used = tokens or m.num_queries
-        print(json.dumps({"answer": out.text, "token_ids": out.token_ids, "tokens": used}))
+        print(json.dumps({"answer": out.text, "token_ids": out.token_ids, "m": m or llava.num_queries}))
     else:
         print(out.text)
 
@@ -222,7 +221,7 @@ def run(
     image: Path = typer.Argument(..., help="Image file."),
     question: str = typer.Argument(..., help="Question about the image."),
     bundle: Path = typer.Option(DEFAULT_BUNDLE, "--bundle", "-b", help="Bundle directory."),
-    tokens: Optional[int] = typer.Option(None, "--tokens", "-m", help="Visual tokens m (default: the planner's)."),
+    m: Optional[int] = typer.Option(None, "--tokens", "-m", help="Visual tokens m (default: the planner's)."),
     profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Device profile (default: auto)."),
     mode: Optional[str] = typer.Option(None, help="The profile's power mode, e.g. super."),
     ttft_ms: Optional[float] = typer.Option(None, help="TTFT limit for the planner (default: the profile's)."),
@@ -263,9 +262,9 @@ def run(
 
     with Pipeline.load(bundle, profile=profile, vision_backend=vision_backend, n_gpu_layers=n_gpu_layers,
                        threads=threads, sequential=sequential, mode=mode, vision_precision=vision_precision) as pipe:
-        if profile is not None or tokens is None:
+        if profile is not None or m is None:
             _profile_note(profile or "auto")
-        answer = pipe.answer(image, question, tokens=tokens, refine_to=refine, confidence=confidence,
+        answer = pipe.answer(image, question, m=m, refine_to=refine, confidence=confidence,
                              ttft_ms=ttft_ms, memory_mb=memory_mb, on_piece=None if as_json else show, **gen)
     attempt = answer.refined_from
     if as_json:
@@ -274,8 +273,8 @@ def run(
     print()
     t = answer.timings_ms
     speed = f", {answer.decode_tokens_per_s:.1f} tok/s" if answer.decode_tokens_per_s else ""
-    refined = f" (refined from m={attempt['tokens']}, p={attempt['first_token_prob']:.2f})" if attempt else ""
-    err.print(f"m={answer.tokens}{refined} · vision {answer.backends['vision']} · llm {answer.backends['llm']} · "
+    refined = f" (refined from m={attempt['m']}, p={attempt['first_token_prob']:.2f})" if attempt else ""
+    err.print(f"m={answer.m}{refined} · vision {answer.backends['vision']} · llm {answer.backends['llm']} · "
               f"TTFT {t['ttft']:.0f} ms{speed}", highlight=False)
 
 
@@ -330,7 +329,7 @@ def serve(
 def ros2_cmd(
     ctx: typer.Context,
     bundle: Path = typer.Option(DEFAULT_BUNDLE, "--bundle", "-b", help="Bundle directory."),
-    tokens: int = typer.Option(0, "--tokens", "-m", min=0, help="Visual tokens m (0: the planner's)."),
+    m: int = typer.Option(0, "--tokens", "-m", min=0, help="Visual tokens m (0: the planner's)."),
     profile: str = typer.Option("", "--profile", help="Device profile for the planner (default: auto)."),
     query: str = typer.Option("", help="Standing query, answered as frames allow (default: only the query topic)."),
     rate: float = typer.Option(0.0, min=0.0, help="Answer the standing query at most this often (Hz)."),
@@ -352,7 +351,7 @@ def ros2_cmd(
     (e.g. --ros-args -r image:=/camera/image_raw -p query:="Is the door open?")."""
     from .ros2.node import NodeOptions, main as run_node
 
-    options = NodeOptions(bundle=str(bundle), tokens=tokens, profile=profile, refine=refine, confidence=confidence,
+    options = NodeOptions(bundle=str(bundle), m=m, profile=profile, refine=refine, confidence=confidence,
                           max_new_tokens=max_new_tokens, temperature=temperature, query=query, rate=rate,
                           every_n=every_n, overlap=overlap, threads=threads, vision_threads=vision_threads,
                           llm_threads=llm_threads, vision_backend=vision_backend, n_gpu_layers=n_gpu_layers)
@@ -471,17 +470,17 @@ def plan_cmd(
     for col in ("m", "memory (MB)", "TTFT (ms)", "total (ms)", "fits"):
         table.add_column(col, justify="right")
     for c in result.candidates:
-        mark = "[bold green]<- chosen[/]" if c.tokens == result.chosen_tokens else ("yes" if c.fits else "[red]no[/]")
-        table.add_row(str(c.tokens), f"{c.memory_mb:,.0f}", f"{c.ttft_ms:,.0f}", f"{c.total_ms:,.0f}", mark)
+        mark = "[bold green]<- chosen[/]" if c.m == result.chosen_m else ("yes" if c.fits else "[red]no[/]")
+        table.add_row(str(c.m), f"{c.memory_mb:,.0f}", f"{c.ttft_ms:,.0f}", f"{c.total_ms:,.0f}", mark)
     Console().print(table)
     lim = result.limits
     print(f"limits: memory {lim['memory_mb']:,.0f} MB, TTFT {lim['ttft_ms']:,.0f} ms, {max_new_tokens} new tokens")
-    if result.chosen_tokens is not None:
-        print(f"chosen m = {result.chosen_tokens}: {result.reason}")
+    if result.chosen_m is not None:
+        print(f"chosen m = {result.chosen_m}: {result.reason}")
     else:
         print(result.reason)
         for s in result.suggestions:
-            print(f"  would fit: {s['change']} -> m = {s['tokens']} "
+            print(f"  would fit: {s['change']} -> m = {s['m']} "
                   f"({s['memory_mb']:,.0f} MB, TTFT {s['ttft_ms']:,.0f} ms)")
 
 
@@ -524,7 +523,8 @@ def synth_vqa(
 def eval_cmd(
     data: Path = typer.Option(..., "--data", "-d", help="VQA jsonl (image, text, answer per line)."),
     bundle: Path = typer.Option(DEFAULT_BUNDLE, "--bundle", "-b", help="Bundle directory."),
-    tokens: str = typer.Option(",".join(map(str, (2, 4, 8, 16, 36, 64, 144, 256))), help="Comma-separated m values."),
+    ms_text: str = typer.Option(",".join(map(str, (2, 4, 8, 16, 36, 64, 144, 256))), "--tokens",
+                                help="Comma-separated visual token counts m."),
     limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N records."),
     timing_samples: int = typer.Option(5, min=1, help="Fresh requests per m for TTFT and total time."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of accuracy and TTFT against m."),
@@ -541,9 +541,9 @@ def eval_cmd(
     from .pipeline import Pipeline
 
     try:
-        ms = sorted({int(t) for t in tokens.split(",") if t.strip()})
+        ms = sorted({int(t) for t in ms_text.split(",") if t.strip()})
     except ValueError:
-        raise InputError(f"--tokens {tokens!r} is not a comma-separated list of integers",
+        raise InputError(f"--tokens {ms_text!r} is not a comma-separated list of integers",
                          "e.g. --tokens 2,4,8,16,36,64,144,256") from None
     if not ms:
         raise InputError("--tokens is empty", "e.g. --tokens 2,16,256")
@@ -565,7 +565,7 @@ def eval_cmd(
     for col in ("m", "accuracy", "TTFT (ms)", "total (ms)", "n"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r.tokens), f"{100 * r.accuracy:.1f}%", f"{r.ttft_ms:,.0f}", f"{r.total_ms:,.0f}", str(r.n))
+        table.add_row(str(r.m), f"{100 * r.accuracy:.1f}%", f"{r.ttft_ms:,.0f}", f"{r.total_ms:,.0f}", str(r.n))
     Console().print(table)
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import re
 import statistics
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .bundle import AccuracyRow
 from .errors import InputError, require
 
 DEFAULT_TOKENS = (2, 4, 8, 16, 36, 64, 144, 256)
@@ -28,14 +29,6 @@ class Item:
     answer: str
     question_id: object = None
 
-
-@dataclass
-class Row:
-    tokens: int
-    accuracy: float
-    ttft_ms: float
-    total_ms: float
-    n: int
 
 
 def first_word(text: str) -> str:
@@ -65,14 +58,14 @@ def load_items(path: Path, limit: int | None = None) -> list[Item]:
     return items
 
 
-def evaluate(pipe, items: list[Item], tokens: list[int], timing_samples: int = 5,
-             max_new_tokens: int = 8, on_item=lambda i: None) -> list[Row]:
-    ms = sorted(set(tokens))
+def evaluate(pipe, items: list[Item], ms: list[int], timing_samples: int = 5,
+             max_new_tokens: int = 8, on_item=lambda i: None) -> list[AccuracyRow]:
+    ms = sorted(set(ms))
     for m in ms:
         pipe.check_tokens(m)
     correct = {m: 0 for m in ms}
     for i, item in enumerate(items):
-        with pipe.look(item.image, tokens=ms[0], reserve=64 + max_new_tokens) as session:
+        with pipe.look(item.image, m=ms[0], reserve=64 + max_new_tokens) as session:
             for m in ms:
                 if m > session.m:
                     session.refine(m)
@@ -81,32 +74,32 @@ def evaluate(pipe, items: list[Item], tokens: list[int], timing_samples: int = 5
         on_item(i)
     rows = []
     for m in ms:
-        timed = [pipe.ask(it.image, it.text, tokens=m, max_new_tokens=max_new_tokens)
+        timed = [pipe.ask(it.image, it.text, m=m, max_new_tokens=max_new_tokens)
                  for it in items[: max(1, timing_samples)]]
-        rows.append(Row(m, round(correct[m] / len(items), 4),
+        rows.append(AccuracyRow(m, round(correct[m] / len(items), 4),
                         round(statistics.mean(a.timings_ms["ttft"] for a in timed), 1),
                         round(statistics.mean(a.timings_ms["total"] for a in timed), 1), len(items)))
     return rows
 
 
-def evaluate_reference(model, items: list[Item], tokens: list[int], max_new_tokens: int = 8) -> list[Row]:
+def evaluate_reference(model, items: list[Item], ms: list[int], max_new_tokens: int = 8) -> list[AccuracyRow]:
     """The same scoring with the PyTorch reference (MQTLlava.generate), for bundle-vs-reference checks."""
     import time
 
     rows = []
-    for m in sorted(set(tokens)):
+    for m in sorted(set(ms)):
         correct, seconds = 0, []
         for it in items:
             t = time.perf_counter()
-            answer = model.generate(it.image, it.text, tokens=m, max_new_tokens=max_new_tokens).text
+            answer = model.generate(it.image, it.text, m=m, max_new_tokens=max_new_tokens).text
             seconds.append(time.perf_counter() - t)
             correct += first_word(answer) == first_word(it.answer)
         total = round(1000 * statistics.mean(seconds), 1)
-        rows.append(Row(m, round(correct / len(items), 4), float("nan"), total, len(items)))
+        rows.append(AccuracyRow(m, round(correct / len(items), 4), float("nan"), total, len(items)))
     return rows
 
 
-def plot(rows: list[Row], out: Path, title: str) -> None:
+def plot(rows: list[AccuracyRow], out: Path, title: str) -> None:
     """Accuracy and TTFT against m (log scale), the trade-off figure of the paper."""
     require("matplotlib", "dev")
     import matplotlib
@@ -114,7 +107,7 @@ def plot(rows: list[Row], out: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ms = [r.tokens for r in rows]
+    ms = [r.m for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(ms, [100 * r.accuracy for r in rows], "o-", color="tab:blue", label="accuracy")
     ax.set_xscale("log", base=2)
@@ -132,13 +125,13 @@ def plot(rows: list[Row], out: Path, title: str) -> None:
     plt.close(fig)
 
 
-def save_to_bundle(bundle, rows: list[Row], data: Path) -> None:
+def save_to_bundle(bundle, rows: list[AccuracyRow], data: Path) -> None:
     """Store the table in the manifest; the planner then picks the smallest m within an accuracy drop."""
     import hashlib
 
     from .bundle import write_manifest
 
-    manifest = replace(bundle.manifest, accuracy=tuple(asdict(r) for r in rows),
+    manifest = replace(bundle.manifest, accuracy=tuple(rows),
                        accuracy_data={"file": str(Path(data).resolve()),
                                       "sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest()})
     write_manifest(bundle.root, manifest)

@@ -1,10 +1,10 @@
 """The device-side Python API: `Pipeline` runs a bundle without torch or transformers.
 
     with Pipeline.load("mqt-edge-bundle") as pipe:
-        print(pipe.ask("frame.jpg", "What is on the table?", tokens=16).answer)
-        session = pipe.look(frame, tokens=16)         # image encoded once, prefix kept in the KV cache
+        print(pipe.ask("frame.jpg", "What is on the table?", m=16).answer)
+        session = pipe.look(frame, m=16)              # image encoded once, prefix kept in the KV cache
         session.ask("Is the door open?")              # prefills only the question
-        session.refine(tokens=64)                     # adds queries 16..63 only: exact, see below
+        session.refine(m=64)                          # adds queries 16..63 only: exact, see below
         session.ask("Is the door open?")
 
 Request order in llama.cpp: the prompt tokens before `<image>` (with BOS), the m visual tokens as
@@ -54,7 +54,7 @@ QUESTION_RESERVE = 512  # context a session keeps for question + answer, beyond 
 class Answer:
     answer: str
     token_ids: list[int]
-    tokens: int  # the m used
+    m: int  # the number of visual tokens used
     backends: dict
     timings_ms: dict  # preprocess, vision, mqt, prefill, ttft, decode, total
     decode_tokens_per_s: float | None
@@ -104,7 +104,7 @@ def _ms(seconds: float) -> float:
 class TokenChoice:
     """The m chosen for a request, the profile that chose it and the planner's prediction."""
 
-    tokens: int
+    m: int
     profile: str | None = None  # "name (mode)" when a profile was consulted
     predicted: dict | None = None  # memory_mb, ttft_ms, total_ms, reason: when the planner chose m
 
@@ -254,7 +254,7 @@ class Generation:
         t = {k: _ms(v) for k, v in self.timings.items()} | {"decode": _ms(decode)}
         t["total"] = round(t["ttft"] + t["decode"], 2)
         self.answer = Answer(
-            answer=self.text.strip(), token_ids=list(self.token_ids), tokens=self.session.m,
+            answer=self.text.strip(), token_ids=list(self.token_ids), m=self.session.m,
             backends=self.pipe.backends, timings_ms=t,
             decode_tokens_per_s=round((n - 1) / decode, 2) if n > 1 and decode > 0 else None,
             first_token_prob=round(self.first_token_prob, 6), prefilled=self.prefilled,
@@ -264,20 +264,20 @@ class Generation:
 class Session:
     """An image encoded once, its prompt prefix kept in a llama.cpp KV cache of its own."""
 
-    def __init__(self, pipe: Pipeline, image: ImageInput | EncodedImage, tokens: int | None, reserve: int,
+    def __init__(self, pipe: Pipeline, image: ImageInput | EncodedImage, m: int | None, reserve: int,
                  refinable: bool = True, threads: int | None = None) -> None:
         self.pipe = pipe
         self._closed = False
         pipe._check_open()
-        if isinstance(image, EncodedImage) and tokens is not None and pipe.check_tokens(tokens) != image.m:
-            raise TokensError(f"tokens={tokens} differs from the encoded image's m = {image.m}",
-                              "pass tokens=None with an EncodedImage, or encode it again at that m")
+        if isinstance(image, EncodedImage) and m is not None and pipe.check_tokens(m) != image.m:
+            raise TokensError(f"m={m} differs from the encoded image's m = {image.m}",
+                              "pass m=None with an EncodedImage, or encode it again at that m")
         # A plain Lock (not RLock): a generation abandoned by its thread may be released by the GC.
         self._lock = threading.Lock()
         self._owner: int | None = None  # thread holding the lock through an unfinished Generation
         self._active: Generation | None = None
         self.pending = _Pending()
-        enc = image if isinstance(image, EncodedImage) else pipe.encode(image, tokens)
+        enc = image if isinstance(image, EncodedImage) else pipe.encode(image, m)
         m, self.features = enc.m, enc.features
         t3 = time.perf_counter()
         visual_room = pipe.max_tokens if refinable else m
@@ -321,16 +321,16 @@ class Session:
             pass
         return g.answer
 
-    def refine(self, tokens: int) -> None:
-        """Grow the visual prefix from m to `tokens` by computing only the new queries."""
+    def refine(self, m: int) -> None:
+        """Grow the visual prefix from self.m to `m` by computing only the new queries."""
         self._check_open()
-        m1 = self.pipe.check_tokens(tokens)
+        m1 = self.pipe.check_tokens(m)
         if self._owner == threading.get_ident():
             raise InputError("this thread still has an unfinished answer on this session",
                              "read it to the end or call .cancel() on it before refining")
         with self._lock:
             if m1 <= self.m:
-                raise TokensError(f"refine(tokens={m1}) does not add tokens to m={self.m}",
+                raise TokensError(f"refine(m={m1}) does not grow m={self.m}",
                                   f"choose {self.m + 1}..{self.pipe.max_tokens}")
             t0 = time.perf_counter()
             with self.pipe._vision():
@@ -463,13 +463,13 @@ class Pipeline:
         return {"vision": self.vision.name, "mqt": getattr(self.vision, "mqt_name", self.vision.name),
                 "llm": f"llama.cpp/{'gpu:' + str(gpu) + ' layers' if gpu else 'cpu'}"}
 
-    def check_tokens(self, tokens: int | None) -> int:
+    def check_tokens(self, m: int | None) -> int:
         """m as an int in 1..max_tokens (None: the bundle's largest), or a one-line TokensError."""
-        m = self.max_tokens if tokens is None else tokens
+        m = self.max_tokens if m is None else m
         if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
-            raise TokensError(f"tokens={m!r} is out of range", f"choose an integer in 1..{self.max_tokens}")
+            raise TokensError(f"m={m!r} is out of range", f"choose an integer in 1..{self.max_tokens}")
         if m > self.max_tokens:
-            raise TokensError(f"tokens={m} is above the bundle's maximum of {self.max_tokens}",
+            raise TokensError(f"m={m} is above the bundle's maximum of {self.max_tokens}",
                               f"choose 1..{self.max_tokens}, or re-export with --max-tokens {m}")
         return int(m)
 
@@ -500,48 +500,48 @@ class Pipeline:
             self._device_profile = load_profile(self.profile or "auto", self.mode)
         return self._device_profile
 
-    def choose_tokens(self, tokens: int | None = None, max_new_tokens: int = 128, ttft_ms: float | None = None,
+    def choose_tokens(self, m: int | None = None, max_new_tokens: int = 128, ttft_ms: float | None = None,
                       memory_mb: float | None = None, profile: str | None = None) -> TokenChoice:
-        """m for one request: `tokens` when given, else the planner's choice for this device
+        """m for one request: `m` when given, else the planner's choice for this device
         (`profile` overrides the pipeline's for this call)."""
-        if tokens is not None and profile is None and self.profile is None and self._device_profile is None:
-            return TokenChoice(self.check_tokens(tokens))
+        if m is not None and profile is None and self.profile is None and self._device_profile is None:
+            return TokenChoice(self.check_tokens(m))
         from .profiles import load_profile
         from .profiles.planner import ModelFacts, Options, PlanError, plan
 
         prof = self.device_profile() if profile is None else load_profile(profile, self.mode)
         name = prof.name + (f" ({prof.mode})" if prof.mode else "")
-        if tokens is not None:
-            return TokenChoice(self.check_tokens(tokens), name)
+        if m is not None:
+            return TokenChoice(self.check_tokens(m), name)
         facts = ModelFacts.from_bundle(self.bundle)
         options = Options.for_run(self.vision_backend, self.n_gpu_layers, self.sequential, facts, self.vision_precision)
         result = plan(prof, facts, ttft_ms, memory_mb, max_new_tokens, options)
-        if result.chosen_tokens is None:
+        if result.chosen_m is None:
             tip = result.suggestions[0]
             raise PlanError(f"{result.reason} on {name}",
-                            f"would fit: {tip['change']} (m = {tip['tokens']}); or pass tokens (--tokens)")
-        c = next(c for c in result.candidates if c.tokens == result.chosen_tokens)
+                            f"would fit: {tip['change']} (m = {tip['m']}); or pass m (--tokens)")
+        c = next(c for c in result.candidates if c.m == result.chosen_m)
         predicted = {"memory_mb": c.memory_mb, "ttft_ms": c.ttft_ms, "total_ms": c.total_ms, "reason": result.reason}
-        return TokenChoice(result.chosen_tokens, name, predicted)
+        return TokenChoice(result.chosen_m, name, predicted)
 
-    def answer(self, image: ImageInput, question: str, tokens: int | None = None, refine_to: int | None = None,
+    def answer(self, image: ImageInput, question: str, m: int | None = None, refine_to: int | None = None,
                confidence: float = 0.5, ttft_ms: float | None = None, memory_mb: float | None = None,
                on_piece=None, **gen) -> Answer:
-        """One request with the library's policy: m from `tokens` or the planner; with `refine_to`,
+        """One request with the library's policy: m given or from the planner; with `refine_to`,
         when the first token's probability is below `confidence`, the same session grows to
-        `refine_to` tokens (only the new queries are computed) and answers again, exactly as a
+        m = `refine_to` (only the new queries are computed) and answers again, exactly as a
         fresh request at that m would. `on_piece(text)` receives the text as it is decoded."""
         check_question(question)
         reserve = self._reserve(question, gen)  # checks the sampling arguments too
         if refine_to is not None:
             self.check_tokens(refine_to)
-            if tokens is not None and refine_to <= tokens:
-                raise InputError(f"refine_to={refine_to} is not above tokens={tokens}",
-                                 f"refine to a larger m, e.g. --refine {min(4 * tokens, self.max_tokens)}")
+            if m is not None and refine_to <= m:
+                raise InputError(f"refine_to={refine_to} is not above m={m}",
+                                 f"refine to a larger m, e.g. --refine {min(4 * m, self.max_tokens)}")
         if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not math.isfinite(confidence):
             raise InputError(f"confidence={confidence!r} is not a number", "use a probability in 0..1 (1.01: always)")
-        choice = self.choose_tokens(tokens, gen.get("max_new_tokens", 128), ttft_ms, memory_mb)
-        with self.look(image, tokens=choice.tokens, reserve=reserve, refinable=refine_to is not None) as session:
+        choice = self.choose_tokens(m, gen.get("max_new_tokens", 128), ttft_ms, memory_mb)
+        with self.look(image, m=choice.m, reserve=reserve, refinable=refine_to is not None) as session:
             g = session.generate(question, **gen)
             attempt = None
             if refine_to is not None and refine_to > session.m and g.first_token_prob < confidence:
@@ -555,16 +555,16 @@ class Pipeline:
         result = g.answer
         result.profile, result.predicted = choice.profile, choice.predicted
         if attempt is not None:
-            result.refined_from = {"tokens": attempt.tokens, "first_token_prob": attempt.first_token_prob,
+            result.refined_from = {"m": attempt.m, "first_token_prob": attempt.first_token_prob,
                                    "timings_ms": attempt.timings_ms, "prefilled": attempt.prefilled}
         return result
 
-    def encode(self, image: ImageInput, tokens: int | None = None, runner: object | None = None) -> EncodedImage:
+    def encode(self, image: ImageInput, m: int | None = None, runner: object | None = None) -> EncodedImage:
         """Vision and MQT only (what look() does before the LLM); look() or a Session takes the result.
 
         runner: another activated vision runner of this bundle (one with its own thread budget), used
         without the pipeline's vision lock by the one thread that owns it."""
-        m = self.check_tokens(tokens)
+        m = self.check_tokens(m)
         t0 = time.perf_counter()
         pixels = preprocess(image, self.image_spec, self.max_pixels)
         t1 = time.perf_counter()
@@ -577,22 +577,22 @@ class Pipeline:
                 self.vision.free_vision()
         return EncodedImage(features, visual, (t1 - t0, t2 - t1, time.perf_counter() - t2))
 
-    def look(self, image: ImageInput | EncodedImage, tokens: int | None = None, reserve: int = QUESTION_RESERVE,
+    def look(self, image: ImageInput | EncodedImage, m: int | None = None, reserve: int = QUESTION_RESERVE,
              refinable: bool = True) -> Session:
         """Encode an image once; its session answers many questions and can refine.
 
         reserve: context kept for each question + answer beyond the visual prefix.
         refinable: keep room for the bundle's largest m (else exactly m)."""
-        return Session(self, image, tokens, reserve, refinable)
+        return Session(self, image, m, reserve, refinable)
 
-    def stream(self, image: ImageInput, question: str, tokens: int | None = None, **kw) -> Iterator[str]:
+    def stream(self, image: ImageInput, question: str, m: int | None = None, **kw) -> Iterator[str]:
         check_question(question)
-        with Session(self, image, tokens, self._reserve(question, kw), refinable=False) as s:
+        with Session(self, image, m, self._reserve(question, kw), refinable=False) as s:
             yield from s.stream(question, **kw)
 
-    def ask(self, image: ImageInput, question: str, tokens: int | None = None, **kw) -> Answer:
+    def ask(self, image: ImageInput, question: str, m: int | None = None, **kw) -> Answer:
         check_question(question)
-        with Session(self, image, tokens, self._reserve(question, kw), refinable=False) as s:
+        with Session(self, image, m, self._reserve(question, kw), refinable=False) as s:
             return s.ask(question, **kw)
 
     def _reserve(self, question: str, kw: dict) -> int:

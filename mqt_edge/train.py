@@ -329,7 +329,7 @@ def reset_llm(model: MQTLlava, seed: int, visual_norm: float | None = None, imag
     data = synthetic_examples(seed)
     pixels = torch.stack([torch.from_numpy(preprocess(next(data)[0], model.image_spec)[0]) for _ in range(images)])
     with torch.no_grad():
-        before = float(model.mqt(model.image_features(pixels), tokens=model.num_queries).norm(dim=-1).mean())
+        before = float(model.mqt(model.image_features(pixels), m=model.num_queries).norm(dim=-1).mean())
         if visual_norm is not None:
             model.mqt.proj.mul_(visual_norm / before)
     return before
@@ -428,7 +428,7 @@ def _batch_loss(model: MQTLlava, batch: list[Example], m: int, aux_weight: float
     dev = model.device
     feats = _features(model, batch)
     aux = aux_weight * _aux_loss(model, feats, batch) if aux_weight else 0.0
-    visual = model.mqt(feats, tokens=m)  # (B, m, hidden)
+    visual = model.mqt(feats, m=m)  # (B, m, hidden)
     if token_aux_weight:
         aux = aux + token_aux_weight * _aux_loss(model, visual, batch, tokens=True)
     embed = model.llm.get_input_embeddings()

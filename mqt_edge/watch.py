@@ -2,7 +2,7 @@
 
     from mqt_edge import Watch
 
-    with Watch(pipe, camera_frames(), "Is the door open?", tokens=16) as w:
+    with Watch(pipe, camera_frames(), "Is the door open?", m=16) as w:
         for a in w:
             print(a.frame, a.answer.answer, a.dropped)
 
@@ -135,7 +135,7 @@ class Watch:
 
     question: a string, or a function of the Frame giving the question for it (None: skip the frame,
       not encoded, counted in `skipped`); it is read when the frame is taken.
-    tokens: a fixed m, or None for the planner's m on `profile` (default: auto-detect).
+    m: a fixed number of visual tokens, or None for the planner's m on `profile` (default: auto-detect).
     refine / confidence: per frame, grow to m=`refine` when the first token's probability is below
       `confidence` (as `mqt-edge run --refine`).
     overlap: encode the next frame on a second thread while the LLM decodes (None: `overlap_wins`).
@@ -148,7 +148,7 @@ class Watch:
       Without it the error ends the iteration.
     """
 
-    def __init__(self, pipe: Pipeline, frames: Iterable | Latest, question: Question, *, tokens: int | None = None,
+    def __init__(self, pipe: Pipeline, frames: Iterable | Latest, question: Question, *, m: int | None = None,
                  profile: str | None = None, refine: int | None = None, confidence: float = 0.5,
                  overlap: bool | None = None, vision_threads: int | None = None, llm_threads: int | None = None,
                  keep_all: bool = False, on_error: Callable[[Frame, MQTEdgeError], None] | None = None,
@@ -162,9 +162,9 @@ class Watch:
         _check_sampling(max_new_tokens, temperature, top_p)
         self.pipe, self.question = pipe, question
         self.gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        self.tokens, self.predicted = choose_tokens(pipe, tokens, profile, max_new_tokens)
-        if refine is not None and pipe.check_tokens(refine) <= self.tokens:
-            raise InputError(f"refine={refine} is not above m = {self.tokens}", "refine to a larger m, or pass None")
+        self.m, self.predicted = choose_tokens(pipe, m, profile, max_new_tokens)
+        if refine is not None and pipe.check_tokens(refine) <= self.m:
+            raise InputError(f"refine={refine} is not above m = {self.m}", "refine to a larger m, or pass None")
         self.refine, self.confidence = refine, confidence
         self.overlap = overlap_wins(pipe, vision_threads, llm_threads) if overlap is None else bool(overlap)
         if self.overlap and vision_threads is None and llm_threads is None and _vision_on_cpu(pipe):
@@ -212,7 +212,7 @@ class Watch:
                 continue
             try:
                 check_question(q)
-                enc = self.pipe.encode(frame.image, self.tokens, runner=self._runner)
+                enc = self.pipe.encode(frame.image, self.m, runner=self._runner)
             except MQTEdgeError as exc:
                 self._failed(frame, exc)
                 continue
@@ -248,7 +248,7 @@ class Watch:
                 pass
             answer = g.answer
         if attempt is not None:
-            answer.refined_from = {"tokens": attempt.tokens, "first_token_prob": attempt.first_token_prob,
+            answer.refined_from = {"m": attempt.m, "first_token_prob": attempt.first_token_prob,
                                    "timings_ms": attempt.timings_ms}
         answer.predicted = self.predicted
         done = self._last_at = time.perf_counter()
@@ -332,7 +332,7 @@ class Watch:
         return {"frames": self.mailbox.received, "answered": self.answered, "dropped": self.mailbox.dropped,
                 "skipped": self.skipped, "failed": self.failed, "seconds": round(seconds, 3),
                 "answers_per_s": round((self.answered - 1) / seconds, 3) if self.answered > 1 and seconds else None,
-                "tokens": self.tokens, "overlap": self.overlap, "vision_threads": self.vision_threads,
+                "m": self.m, "overlap": self.overlap, "vision_threads": self.vision_threads,
                 "llm_threads": self.llm_threads}
 
 
@@ -366,10 +366,10 @@ def _own_runner(pipe: Pipeline, threads: int | None):
     return make_vision(pipe.bundle, vision.backend, threads, vision.requested_precision).activate()
 
 
-def choose_tokens(pipe: Pipeline, tokens: int | None, profile: str | None, max_new_tokens: int) -> tuple[int, dict | None]:
-    """m for every frame: a fixed `tokens`, else the planner's for `profile` (auto: this device),
+def choose_tokens(pipe: Pipeline, m: int | None, profile: str | None, max_new_tokens: int) -> tuple[int, dict | None]:
+    """m for every frame: a fixed `m`, else the planner's for `profile` (auto: this device),
     through the Pipeline's one policy; the prediction is returned for the answers."""
-    if tokens is not None:
-        return pipe.check_tokens(tokens), None
+    if m is not None:
+        return pipe.check_tokens(m), None
     choice = pipe.choose_tokens(None, max_new_tokens, profile=profile)
-    return choice.tokens, {"profile": choice.profile} | choice.predicted
+    return choice.m, {"profile": choice.profile} | choice.predicted

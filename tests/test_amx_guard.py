@@ -101,7 +101,7 @@ def test_native_amx_build_decodes_through_the_guard(tmp_path):
     bundle = export(ExportOptions(model="mqt_edge/assets/default-model", out=tmp_path / "b", quant="q4_k_m")).bundle
     code = ("from mqt_edge import Pipeline\n"
             f"with Pipeline.load({str(bundle.root)!r}) as p:\n"
-            "    print(p.ask('examples/shapes.png', 'What color is the circle?', tokens=16, max_new_tokens=4).answer)\n")
+            "    print(p.ask('examples/shapes.png', 'What color is the circle?', m=16, max_new_tokens=4).answer)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
     assert r.stdout.strip() == "red"

@@ -32,6 +32,7 @@ def test_the_exported_manifest_conforms(bundle):
     assert schema_errors(bundle.manifest.to_json()) == []
 
 
+ROW = {"tokens": 2, "accuracy": 0.5, "ttft_ms": 12.0, "total_ms": 30.0, "n": 6}  # as `mqt-edge eval --save` writes it
 BREAKAGES = {
     "no sha256": (lambda m, b: m["artifacts"]["llm"].pop("sha256"), "artifacts.llm.sha256: missing"),
     "text max_tokens": (lambda m, b: m.update(max_tokens="16"), "max_tokens: '16' is not an integer"),
@@ -44,7 +45,18 @@ BREAKAGES = {
     "not an object": (lambda m, b: m["artifacts"].update(llm="llm.gguf"), "artifacts.llm: not an object"),
     "path outside": (lambda m, b: m["artifacts"]["llm"].update(path="../outside.gguf"), "points outside"),
     "absolute path": (lambda m, b: m["artifacts"]["mqt"].update(path="/etc/passwd"), "points outside"),
+    "accuracy row key": (lambda m, b: m.update(accuracy=[{**ROW, "m": 2}]), "accuracy[0].m: unknown key"),
+    "accuracy row type": (lambda m, b: m.update(accuracy=[{**ROW, "tokens": "2"}]), "accuracy[0].tokens"),
 }
+
+
+def test_accuracy_rows_are_records_and_keep_their_file_key(bundle, tmp_path):
+    from mqt_edge.bundle import AccuracyRow
+
+    b = edited(bundle, tmp_path, lambda m, b: m.update(accuracy=[ROW, ROW | {"tokens": 16, "accuracy": 0.75}]))
+    manifest = Bundle.open(b, verify=False).manifest
+    assert manifest.accuracy == (AccuracyRow(2, 0.5, 12.0, 30.0, 6), AccuracyRow(16, 0.75, 12.0, 30.0, 6))
+    assert manifest.to_json()["accuracy"][0] == ROW  # format 1 on disk: m stays under "tokens"
 
 
 @pytest.mark.parametrize("name", BREAKAGES)
@@ -113,8 +125,8 @@ def test_a_format_1_bundle_loads_and_answers(bundle, tmp_path):
     assert recorded["format_version"] == 1
     assert Bundle.open(b).manifest.to_json() == recorded  # every field read, nothing lost
     with Pipeline.load(b, threads=1) as pipe:
-        a = pipe.ask(scene(), "What is it?", tokens=2, max_new_tokens=3)
-    assert a.tokens == 2 and len(a.token_ids) > 0 and isinstance(a.answer, str)
+        a = pipe.ask(scene(), "What is it?", m=2, max_new_tokens=3)
+    assert a.m == 2 and len(a.token_ids) > 0 and isinstance(a.answer, str)
 
 
 UNREADABLE = {  # manifests of layouts this version does not read: one line, saying to re-export

@@ -51,37 +51,37 @@ def test_vision_features_are_the_penultimate_layer_without_cls(tiny_model, tiny_
 
 def test_nesting_on_the_full_pipeline(tiny_model):
     im = scene(seed=5)
-    full = tiny_model.encode_image(im, tokens=256)
+    full = tiny_model.encode_image(im, m=256)
     for m in (1, 2, 16, 100, 255):
-        assert (tiny_model.encode_image(im, tokens=m) - full[:m]).abs().max().item() <= 1e-6
+        assert (tiny_model.encode_image(im, m=m) - full[:m]).abs().max().item() <= 1e-6
     assert (tiny_model.encode_image(im, query_ids=range(16, 64)) - full[16:64]).abs().max().item() <= 1e-6
 
 
 @pytest.mark.parametrize("m", [0, 257])
 def test_m_out_of_range(tiny_model, m):
     with pytest.raises(TokensError, match=r"1\.\.256"):
-        tiny_model.encode_image(scene(), tokens=m)
+        tiny_model.encode_image(scene(), m=m)
     with pytest.raises(TokensError):
-        tiny_model.generate(scene(), "What?", tokens=m)
+        tiny_model.generate(scene(), "What?", m=m)
 
 
 def test_generate_greedy_is_deterministic_and_sampling_differs(tiny_model):
-    a = tiny_model.generate(scene(), "What is this?", tokens=4, max_new_tokens=16)
-    b = tiny_model.generate(scene(), "What is this?", tokens=4, max_new_tokens=16)
+    a = tiny_model.generate(scene(), "What is this?", m=4, max_new_tokens=16)
+    b = tiny_model.generate(scene(), "What is this?", m=4, max_new_tokens=16)
     assert a == b and len(a.token_ids) == 16
-    samples = {tuple(tiny_model.generate(scene(), "What is this?", tokens=4, max_new_tokens=16,
+    samples = {tuple(tiny_model.generate(scene(), "What is this?", m=4, max_new_tokens=16,
                                          temperature=1.5, seed=s).token_ids) for s in range(3)}
     assert len(samples) > 1
 
 
 def test_generate_stops_at_eos_and_keeps_the_prefix(tiny_model, monkeypatch):
-    full = tiny_model.generate(scene(), "What is this?", tokens=4, max_new_tokens=8).token_ids
+    full = tiny_model.generate(scene(), "What is this?", m=4, max_new_tokens=8).token_ids
     # The first position of a token that did not occur before it: stopping there keeps the prefix.
     k = next(i for i in range(1, len(full)) if full[i] not in full[:i])
     monkeypatch.setattr(tiny_model, "eos_ids", frozenset({full[k]}))
-    assert tiny_model.generate(scene(), "What is this?", tokens=4, max_new_tokens=8).token_ids == full[:k]
+    assert tiny_model.generate(scene(), "What is this?", m=4, max_new_tokens=8).token_ids == full[:k]
     monkeypatch.setattr(tiny_model, "eos_ids", frozenset({full[0]}))
-    assert tiny_model.generate(scene(), "What is this?", tokens=4, max_new_tokens=8).token_ids == []
+    assert tiny_model.generate(scene(), "What is this?", m=4, max_new_tokens=8).token_ids == []
 
 
 def test_decoding_drops_special_ids_like_the_release(tiny_model):
@@ -105,7 +105,7 @@ def test_context_overflow_is_refused(tiny_model):
     from mqt_edge.errors import InputError
 
     with pytest.raises(InputError, match="exceed the context"):
-        tiny_model.generate(scene(), "What?", tokens=256, max_new_tokens=1000)
+        tiny_model.generate(scene(), "What?", m=256, max_new_tokens=1000)
 
 
 def test_vision_tower_override(ckpt, tmp_path):
@@ -113,7 +113,7 @@ def test_vision_tower_override(ckpt, tmp_path):
     with pytest.raises(CheckpointError, match="vision tower not found: clip-vision"):
         MQTLlava.from_pretrained(ckpt)
     model = MQTLlava.from_pretrained(ckpt, vision_tower=moved)
-    assert model.encode_image(scene(), tokens=3).shape == (3, 128)
+    assert model.encode_image(scene(), m=3).shape == (3, 128)
 
 
 def test_hub_vision_tower_offline_names_the_fix(ckpt, monkeypatch):
@@ -277,4 +277,4 @@ def test_embedded_tower_without_its_config_is_read_off_the_weights(tmp_path):
     expected = ReleaseReference(d).visual_tokens(im, 7)
     shutil.rmtree(json.loads((d / "config.json").read_text())["mm_vision_tower"])
     model = MQTLlava.from_pretrained(d, dtype=torch.float32)
-    assert (model.encode_image(im, tokens=7) - expected).abs().max().item() <= 1e-5
+    assert (model.encode_image(im, m=7) - expected).abs().max().item() <= 1e-5

@@ -58,7 +58,7 @@ def test_the_default_model_keeps_the_release_architecture(default):
 
 @pytest.mark.parametrize("question", list(FACTS))
 def test_the_default_model_answers_the_sample_image(default, question):
-    answer = default.generate(EXAMPLE, question, tokens=256, max_new_tokens=4).text
+    answer = default.generate(EXAMPLE, question, m=256, max_new_tokens=4).text
     assert first_word(answer) == FACTS[question], answer
 
 

@@ -94,7 +94,7 @@ def test_calibrate_then_plan_with_the_profile_without_torch(world):
     assert r.returncode == 0 and profile.is_file(), r.stderr[-2000:]
     r = device_cli("plan", "--profile", profile, "--bundle", world["bundle"], "--json")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads(r.stdout)["chosen_tokens"] is not None
+    assert json.loads(r.stdout)["chosen_m"] is not None
 
 
 def test_doctor_reports_every_probe_without_torch(world):

@@ -25,7 +25,7 @@ def mqt():
 
 def test_shapes_come_from_the_config_not_the_release_constants(mqt):
     feats = torch.randn(2, 35, 96)
-    out = mqt(feats, tokens=10)
+    out = mqt(feats, m=10)
     assert out.shape == (2, 10, 80)
     assert mqt.key_positions().shape == (35, 96)
     assert mqt.key_positions().dtype == torch.float16
@@ -34,16 +34,16 @@ def test_shapes_come_from_the_config_not_the_release_constants(mqt):
 def test_nesting_every_m_is_a_prefix_of_M(mqt):
     # Large random weights make tokens of magnitude ~10: bound the error relative to that.
     feats = torch.randn(2, 35, 96)
-    full = mqt(feats, tokens=64)
+    full = mqt(feats, m=64)
     scale = full.abs().max().item()
     for m in range(1, 65):
-        diff = (mqt(feats, tokens=m) - full[:, :m]).abs().max().item()
+        diff = (mqt(feats, m=m) - full[:, :m]).abs().max().item()
         assert diff <= 1e-6 * scale, (m, diff, scale)
 
 
 def test_subset_of_query_ids_gives_the_same_rows(mqt):
     feats = torch.randn(1, 35, 96)
-    full = mqt(feats, tokens=64)
+    full = mqt(feats, m=64)
     tol = 1e-6 * full.abs().max().item()
     part = mqt(feats, query_ids=torch.arange(10, 23))
     assert (part - full[:, 10:23]).abs().max().item() <= tol
@@ -54,7 +54,7 @@ def test_subset_of_query_ids_gives_the_same_rows(mqt):
 @pytest.mark.parametrize("bad", [0, 65, -1, 2.5, True, "8"])
 def test_m_outside_1_to_M_is_refused(mqt, bad):
     with pytest.raises(TokensError, match="1..64"):
-        mqt(torch.randn(1, 35, 96), tokens=bad)
+        mqt(torch.randn(1, 35, 96), m=bad)
 
 
 @pytest.mark.parametrize("ids", [[], [64], [-1, 3]])
@@ -93,7 +93,7 @@ def test_pos_embed_stays_fp16_rounded_after_float_conversion(mqt):
     perturbed = pos + pos.abs() * 1e-5  # below half an fp16 ulp, but a change in fp32
     assert not torch.equal(perturbed, pos)
     with torch.no_grad():
-        base = mqt(torch.ones(1, 35, 96), tokens=4)
+        base = mqt(torch.ones(1, 35, 96), m=4)
         mqt.pos_embed.copy_(perturbed)
-        again = mqt(torch.ones(1, 35, 96), tokens=4)
+        again = mqt(torch.ones(1, 35, 96), m=4)
     assert torch.equal(base, again)

@@ -133,26 +133,26 @@ def test_chosen_is_the_largest_m_meeting_the_ttft_limit(facts_7b):
     cands = plan(p, facts_7b).candidates
     lo, hi = cands[5], cands[6]  # m = 36 and 64
     result = plan(p, facts_7b, ttft_ms=(lo.ttft_ms + hi.ttft_ms) / 2)
-    assert result.chosen_tokens == lo.tokens
-    assert [c.fits for c in result.candidates] == [c.tokens <= lo.tokens for c in result.candidates]
+    assert result.chosen_m == lo.m
+    assert [c.fits for c in result.candidates] == [c.m <= lo.m for c in result.candidates]
     assert "largest m that fits" in result.reason
 
 
 def test_nothing_fits_says_what_would(facts_7b):
     p = load_profile("jetson-orin-nano-8gb")
     result = plan(p, facts_7b, memory_mb=5500)
-    assert result.chosen_tokens is None and result.suggestions
+    assert result.chosen_m is None and result.suggestions
     for s in result.suggestions:
         assert s["memory_mb"] <= 5500 and s["ttft_ms"] <= result.limits["ttft_ms"]
     changes = [s["change"] for s in result.suggestions]
     assert any(c.startswith("--sequential") for c in changes)
     assert not any("onnxruntime/cpu" in c for c in changes)  # shared memory: fp32 vision on the CPU costs more
     seq = plan(p, facts_7b, memory_mb=5500, options=Options(sequential_load=True))
-    assert seq.chosen_tokens is not None  # the suggestion holds when applied
+    assert seq.chosen_m is not None  # the suggestion holds when applied
     hopeless = plan(p, facts_7b, memory_mb=100)
     need = hopeless.suggestions[-1]["change"]
     limit = float(need.split()[1])
-    assert plan(p, facts_7b, memory_mb=limit).chosen_tokens is not None  # "--memory-mb N" is enough
+    assert plan(p, facts_7b, memory_mb=limit).chosen_m is not None  # "--memory-mb N" is enough
 
 
 def test_jetson_pitfalls_vision_beside_the_llm(facts_7b):
@@ -171,15 +171,15 @@ def test_accuracy_table_picks_the_smallest_m_within_the_drop(facts_7b):
 
     f = replace(facts_7b, accuracy=((2, 0.70), (16, 0.90), (64, 0.915), (256, 0.92)))
     result = plan(load_profile("jetson-agx-orin-64gb"), f, accuracy_drop=0.02)
-    assert result.chosen_tokens == 16 and "smallest m" in result.reason
+    assert result.chosen_m == 16 and "smallest m" in result.reason
 
 
 def test_plan_cli_json_and_table():
     r = cli("plan", "--profile", "jetson-orin-nano-8gb", "--preset", "mqt-llava-7b", "--quant", "q4_k_m", "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
-    assert {"profile", "chosen_tokens", "candidates", "limits"} <= set(d)
-    assert set(d["candidates"][0]) == {"tokens", "memory_mb", "ttft_ms", "total_ms", "fits"}
+    assert {"profile", "chosen_m", "candidates", "limits"} <= set(d)
+    assert set(d["candidates"][0]) == {"m", "memory_mb", "ttft_ms", "total_ms", "fits"}
     assert set(d["limits"]) == {"memory_mb", "ttft_ms"}
     r = cli("plan", "--profile", "jetson-orin-nano-8gb", "--preset", "mqt-llava-7b", "--memory-mb", "4000")
     assert r.returncode == 0 and "nothing fits" in r.stdout and "would fit" in r.stdout
@@ -289,8 +289,8 @@ def test_run_asks_the_planner_when_tokens_are_absent(bundle, tmp_path):
             "--max-new-tokens", "2", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    expected = plan(load_profile("cpu"), ModelFacts.from_bundle(bundle), max_new_tokens=2).chosen_tokens
-    assert out["profile"] == "cpu" and out["tokens"] == expected and out["predicted"]["ttft_ms"] > 0
+    expected = plan(load_profile("cpu"), ModelFacts.from_bundle(bundle), max_new_tokens=2).chosen_m
+    assert out["profile"] == "cpu" and out["m"] == expected and out["predicted"]["ttft_ms"] > 0
     r = cli("run", str(tmp_path / "img.png"), "Q?", "--bundle", str(bundle.root), "--profile", "cpu",
             "--ttft-ms", "0.001")
     assert r.returncode == 2 and "nothing fits" in r.stderr and "would fit" in r.stderr

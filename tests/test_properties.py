@@ -63,11 +63,11 @@ def test_any_bytes_as_an_image_file(pipe, tmp_path_factory, data):
     path = tmp_path_factory.getbasetemp() / "prop-image.png"
     path.write_bytes(data)
     try:
-        answer = pipe.ask(path, Q, tokens=1, max_new_tokens=1)
+        answer = pipe.ask(path, Q, m=1, max_new_tokens=1)
     except MQTEdgeError as exc:
         assert "\n" not in str(exc)
     else:
-        assert isinstance(answer, Answer) and answer.tokens == 1
+        assert isinstance(answer, Answer) and answer.m == 1
 
 
 numbers = st.one_of(st.none(), st.booleans(), st.integers(-3, 20), st.floats(allow_nan=True, allow_infinity=True),
@@ -79,20 +79,20 @@ any_text = st.one_of(st.text(st.characters(codec=None, exclude_categories=()), m
 
 
 @FAST
-@given(question=any_text, tokens=numbers, max_new_tokens=numbers, temperature=numbers, top_p=numbers, seed=numbers,
+@given(question=any_text, m=numbers, max_new_tokens=numbers, temperature=numbers, top_p=numbers, seed=numbers,
        one_shot=st.booleans(), text_only=st.booleans())
-def test_any_text_and_numbers_at_the_api(pipe, question, tokens, max_new_tokens, temperature, top_p, seed, one_shot,
+def test_any_text_and_numbers_at_the_api(pipe, question, m, max_new_tokens, temperature, top_p, seed, one_shot,
                                          text_only):
     if text_only:  # valid numbers, so the text reaches the tokenizer (random numbers mostly stop earlier)
-        tokens, max_new_tokens, temperature, top_p, seed = 2, 2, 0.0, 1.0, 0
+        m, max_new_tokens, temperature, top_p, seed = 2, 2, 0.0, 1.0, 0
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if isinstance(kw["max_new_tokens"], int) and not isinstance(kw["max_new_tokens"], bool):
         kw["max_new_tokens"] = min(kw["max_new_tokens"], 3)  # bound the time, keep the out-of-range values
     try:
         if one_shot:
-            answer = pipe.ask(scene(), question, tokens=tokens, **kw)
+            answer = pipe.ask(scene(), question, m=m, **kw)
         else:
-            with pipe.look(scene(), tokens=tokens) as s:
+            with pipe.look(scene(), m=m) as s:
                 answer = s.ask(question, **kw)
     except MQTEdgeError as exc:
         assert "\n" not in str(exc)

@@ -58,7 +58,7 @@ def test_the_recorded_count_overrides_the_default(tmp_path):
     from conftest import scene
 
     im = scene(seed=1)
-    assert (ours.encode_image(im, tokens=9) - ref.visual_tokens(im, 9)).abs().max().item() <= 1e-5
+    assert (ours.encode_image(im, m=9) - ref.visual_tokens(im, 9)).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("value, match", [

@@ -44,7 +44,7 @@ def test_visual_tokens_match_to_1e_5(pair):
         im = scene(seed=seed)
         for m in (1, 7, M):
             expected = ref.visual_tokens(im, m)
-            got = ours.encode_image(im, tokens=m)
+            got = ours.encode_image(im, m=m)
             assert got.shape == expected.shape
             assert (got - expected).abs().max().item() <= 1e-5, (m, seed)
 
@@ -80,6 +80,6 @@ def test_greedy_answer_matches(pair):
     for seed, m in ((0, 1), (1, ref.num_queries), (2, 7)):
         im = scene(seed=seed)
         expected = ref.greedy_ids(im, QUESTION, m, max_new_tokens=12)
-        got = ours.generate(im, QUESTION, tokens=m, max_new_tokens=12)
+        got = ours.generate(im, QUESTION, m=m, max_new_tokens=12)
         assert got.token_ids == expected, (seed, m)
         assert got.text == ref.answer(im, QUESTION, m, max_new_tokens=12)

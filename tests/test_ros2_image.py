@@ -126,11 +126,11 @@ def test_the_stream_api_and_the_node_never_import_torch():
 
 @pytest.mark.parametrize("options, match", [
     (dict(overlap="maybe"), "overlap 'maybe'"), (dict(rate=-1.0), "negative"),
-    (dict(rate=2.0, every_n=3), "both rate and every_n"), (dict(tokens=16, refine=8), "not above"),
+    (dict(rate=2.0, every_n=3), "both rate and every_n"), (dict(m=16, refine=8), "not above"),
 ])
 def test_node_options_refuse_what_cannot_work(options, match):
     from mqt_edge.ros2.node import NodeOptions  # rclpy-free until the node starts
 
     with pytest.raises(MQTEdgeError, match=match):
         NodeOptions(**options).check()
-    assert NodeOptions(tokens=16, refine=64, rate=2.0).check()
+    assert NodeOptions(m=16, refine=64, rate=2.0).check()

@@ -75,7 +75,7 @@ class Harness:
 
 @pytest.fixture
 def harness(default_bundle):
-    h = Harness(default_bundle, tokens=16, max_new_tokens=4)
+    h = Harness(default_bundle, m=16, max_new_tokens=4)
     yield h
     h.close()
 
@@ -107,7 +107,7 @@ def test_round_trip_answers_red_and_survives_bad_input(harness):
 
 
 def test_standing_query_on_every_nth_frame(default_bundle):
-    h = Harness(default_bundle, tokens=16, max_new_tokens=4, query=Q, every_n=3, overlap="off")
+    h = Harness(default_bundle, m=16, max_new_tokens=4, query=Q, every_n=3, overlap="off")
     try:
         import io
 
@@ -128,7 +128,7 @@ def test_live_parameters(harness):
     from rclpy.parameter import Parameter
 
     h = harness
-    (fixed,) = h.vlm.node.set_parameters([Parameter("tokens", value=64)])
+    (fixed,) = h.vlm.node.set_parameters([Parameter("m", value=64)])
     assert not fixed.successful and "restart" in fixed.reason
     (empty,) = h.vlm.node.set_parameters([Parameter("rate", value=-1.0)])
     assert not empty.successful and "negative" in empty.reason

@@ -38,8 +38,8 @@ def test_same_greedy_ids_as_the_pytorch_reference(pipe, tiny_model, m):
     compared = 0
     for seed in range(3):
         im = scene(seed=seed)
-        ref = tiny_model.generate(im, Q, tokens=m, max_new_tokens=16)
-        got = pipe.ask(im, Q, tokens=m, max_new_tokens=16)
+        ref = tiny_model.generate(im, Q, m=m, max_new_tokens=16)
+        got = pipe.ask(im, Q, m=m, max_new_tokens=16)
         # Every step before the first tie must agree; at a tie either token is right, and after it
         # the two continue from different prefixes.
         n = next((i for i, gap in enumerate(ref.margins) if gap < TIE), len(ref.token_ids))
@@ -59,7 +59,7 @@ def test_llama_cpp_tokenises_like_the_release(pipe, tiny_model, question):
 
 def test_image_reuse_prefills_only_the_question(pipe):
     im = scene(seed=3)
-    with pipe.look(im, tokens=32) as s:
+    with pipe.look(im, m=32) as s:
         first = s.ask(Q, max_new_tokens=8)
         second = s.ask("How many shapes are there?", max_new_tokens=8)
         third = s.ask(Q, max_new_tokens=8)
@@ -68,47 +68,47 @@ def test_image_reuse_prefills_only_the_question(pipe):
     assert second.prefilled == q_len
     assert second.timings_ms["vision"] == 0 and second.timings_ms["preprocess"] == 0
     assert third.token_ids == first.token_ids  # the KV cache was restored to the image prefix
-    assert second.token_ids == pipe.ask(im, "How many shapes are there?", tokens=32, max_new_tokens=8).token_ids
+    assert second.token_ids == pipe.ask(im, "How many shapes are there?", m=32, max_new_tokens=8).token_ids
 
 
 @pytest.mark.parametrize("m0, m1", [(1, 16), (8, 64), (16, 256)])
 def test_refinement_is_exact_and_prefills_only_new_tokens(pipe, m0, m1):
     im = scene(seed=4)
-    with pipe.look(im, tokens=m0) as s:
+    with pipe.look(im, m=m0) as s:
         s.ask(Q, max_new_tokens=12)
-        s.refine(tokens=m1)
+        s.refine(m=m1)
         refined = s.ask(Q, max_new_tokens=12)
-    fresh = pipe.ask(im, Q, tokens=m1, max_new_tokens=12)
+    fresh = pipe.ask(im, Q, m=m1, max_new_tokens=12)
     assert refined.token_ids == fresh.token_ids
-    assert refined.tokens == m1
+    assert refined.m == m1
     assert refined.prefilled == (m1 - m0) + len(pipe.question_ids(Q))
 
 
 def test_refine_must_grow(pipe):
-    with pipe.look(scene(), tokens=16) as s:
+    with pipe.look(scene(), m=16) as s:
         with pytest.raises(TokensError):
-            s.refine(tokens=16)
+            s.refine(m=16)
         with pytest.raises(TokensError, match="maximum of 256"):
-            s.refine(tokens=300)
+            s.refine(m=300)
 
 
 def test_stream_yields_the_answer(pipe):
     im = scene(seed=5)
-    pieces = list(pipe.stream(im, Q, tokens=16, max_new_tokens=12))
+    pieces = list(pipe.stream(im, Q, m=16, max_new_tokens=12))
     assert len(pieces) > 1
-    assert "".join(pieces).strip() == pipe.ask(im, Q, tokens=16, max_new_tokens=12).answer
+    assert "".join(pieces).strip() == pipe.ask(im, Q, m=16, max_new_tokens=12).answer
 
 
 def test_path_pil_and_array_inputs_agree(pipe, tmp_path):
     im = scene(seed=6)
     im.save(tmp_path / "x.png")
-    ids = {tuple(pipe.ask(x, Q, tokens=8, max_new_tokens=6).token_ids)
+    ids = {tuple(pipe.ask(x, Q, m=8, max_new_tokens=6).token_ids)
            for x in (im, np.asarray(im), tmp_path / "x.png", str(tmp_path / "x.png"))}
     assert len(ids) == 1
 
 
 def test_sampling_is_seeded(pipe):
-    kw = dict(tokens=8, max_new_tokens=12, temperature=1.2, top_p=0.9)
+    kw = dict(m=8, max_new_tokens=12, temperature=1.2, top_p=0.9)
     a = pipe.ask(scene(), Q, seed=1, **kw).token_ids
     assert a == pipe.ask(scene(), Q, seed=1, **kw).token_ids
     assert any(pipe.ask(scene(), Q, seed=s, **kw).token_ids != a for s in range(2, 6))
@@ -116,12 +116,12 @@ def test_sampling_is_seeded(pipe):
 
 def test_threads_never_mix_state(pipe):
     jobs = [(scene(seed=i), q, m) for i, (q, m) in enumerate([(Q, 4), ("How many shapes?", 32), (Q, 64), ("Is it red?", 8)])]
-    expected = [pipe.ask(im, q, tokens=m, max_new_tokens=10).token_ids for im, q, m in jobs]
+    expected = [pipe.ask(im, q, m=m, max_new_tokens=10).token_ids for im, q, m in jobs]
     results = {}
 
     def work(i, copy):
         im, q, m = jobs[i]
-        results[(i, copy)] = pipe.ask(im, q, tokens=m, max_new_tokens=10).token_ids
+        results[(i, copy)] = pipe.ask(im, q, m=m, max_new_tokens=10).token_ids
 
     threads = [threading.Thread(target=work, args=(i, c)) for i in range(len(jobs)) for c in range(2)]
     for t in threads:
@@ -132,7 +132,7 @@ def test_threads_never_mix_state(pipe):
     assert all(results[(i, c)] == expected[i] for i in range(len(jobs)) for c in range(2))
 
     # two threads on one session serialise: each sees the image prefix, never the other's question
-    with pipe.look(scene(seed=9), tokens=16) as s:
+    with pipe.look(scene(seed=9), m=16) as s:
         solo = [s.ask(q, max_new_tokens=8).token_ids for q in (Q, "How many shapes?")]
         out = {}
         ts = [threading.Thread(target=lambda q=q: out.__setitem__(q, s.ask(q, max_new_tokens=8).token_ids))
@@ -145,16 +145,16 @@ def test_threads_never_mix_state(pipe):
 
 
 def test_an_unread_answer_never_deadlocks_its_session(pipe):
-    with pipe.look(scene(), tokens=8) as s:
+    with pipe.look(scene(), m=8) as s:
         g = s.generate(Q, max_new_tokens=4)
         with pytest.raises(InputError, match="unfinished answer"):
             s.generate(Q)  # same thread, first answer still open: an error, not a hang
         with pytest.raises(InputError, match="unfinished answer"):
-            s.refine(tokens=16)
+            s.refine(m=16)
         g.cancel()
         assert s.ask(Q, max_new_tokens=4).token_ids
         s.generate(Q, max_new_tokens=4)  # left open: closing the session must still work
-    it = iter(pipe.look(scene(), tokens=8).generate(Q, max_new_tokens=4))
+    it = iter(pipe.look(scene(), m=8).generate(Q, max_new_tokens=4))
     next(it)
     del it  # abandoned mid-answer: the generator's cleanup releases the lock
 
@@ -162,17 +162,17 @@ def test_an_unread_answer_never_deadlocks_its_session(pipe):
 def test_context_manager_frees_native_resources(f32_bundle):
     p = Pipeline.load(f32_bundle.root)
     with p:
-        p.ask(scene(), Q, tokens=2, max_new_tokens=2)
+        p.ask(scene(), Q, m=2, max_new_tokens=2)
     assert p.llm.ptr is None and p.vision.vision is None
 
 
 def test_bad_requests_raise_typed_errors(pipe, tmp_path):
     with pytest.raises(TokensError, match="above the bundle's maximum"):
-        pipe.ask(scene(), Q, tokens=257)
+        pipe.ask(scene(), Q, m=257)
     with pytest.raises(InputError, match="empty"):
         pipe.ask(scene(), "  ")
     with pytest.raises(InputError, match="exceed the context"):
-        pipe.ask(scene(), Q, tokens=256, max_new_tokens=5000)
+        pipe.ask(scene(), Q, m=256, max_new_tokens=5000)
     (tmp_path / "bad.jpg").write_bytes(b"nope")
     with pytest.raises(ImageError):
         pipe.ask(tmp_path / "bad.jpg", Q)
@@ -216,10 +216,10 @@ def test_cli_json_and_refine(f32_bundle, tmp_path):
             "--max-new-tokens", "6", "--json", "--refine", "32", "--confidence", "1.01")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    for key in ("answer", "token_ids", "tokens", "profile", "backends", "timings_ms", "decode_tokens_per_s"):
+    for key in ("answer", "token_ids", "m", "profile", "backends", "timings_ms", "decode_tokens_per_s"):
         assert key in out
     assert set(out["timings_ms"]) == {"preprocess", "vision", "mqt", "prefill", "ttft", "decode", "total"}
-    assert out["tokens"] == 32 and out["refined_from"]["tokens"] == 8
+    assert out["m"] == 32 and out["refined_from"]["m"] == 8
     assert out["backends"]["vision"] == "onnxruntime/cpu"
 
 
@@ -256,7 +256,7 @@ def test_run_never_imports_torch_or_transformers(f32_bundle, tmp_path):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["tokens"] == 2
+    assert json.loads(r.stdout)["m"] == 2
 
 
 def test_tensorrt_backend(f32_bundle):
@@ -269,13 +269,13 @@ def test_api_answer_refines_exactly_like_a_fresh_request(pipe):
     """The policy lives in the API: refine_to with a confidence no first token reaches always refines,
     and the refined answer is the fresh request's at that m."""
     img = scene(seed=11)
-    fresh = pipe.ask(img, Q, tokens=32, max_new_tokens=8)
+    fresh = pipe.ask(img, Q, m=32, max_new_tokens=8)
     pieces: list[str] = []
-    got = pipe.answer(img, Q, tokens=8, refine_to=32, confidence=1.01, max_new_tokens=8, on_piece=pieces.append)
-    assert got.token_ids == fresh.token_ids and got.tokens == 32
-    assert got.refined_from["tokens"] == 8 and "".join(pieces).strip() == got.answer
-    kept = pipe.answer(img, Q, tokens=8, refine_to=32, confidence=0.0, max_new_tokens=8)
-    assert kept.tokens == 8 and kept.refined_from is None
+    got = pipe.answer(img, Q, m=8, refine_to=32, confidence=1.01, max_new_tokens=8, on_piece=pieces.append)
+    assert got.token_ids == fresh.token_ids and got.m == 32
+    assert got.refined_from["m"] == 8 and "".join(pieces).strip() == got.answer
+    kept = pipe.answer(img, Q, m=8, refine_to=32, confidence=0.0, max_new_tokens=8)
+    assert kept.m == 8 and kept.refined_from is None
 
 
 def test_api_choose_tokens_is_the_planners_choice(f32_bundle):
@@ -286,20 +286,20 @@ def test_api_choose_tokens_is_the_planners_choice(f32_bundle):
         facts = ModelFacts.from_bundle(p.bundle)
         options = Options.for_run("auto", 0, False, facts)
         unlimited = plan(load_profile("cpu"), facts, None, None, 16, options)
-        limit = next(c.ttft_ms for c in unlimited.candidates if c.tokens == 16)  # m = 16 just fits
+        limit = next(c.ttft_ms for c in unlimited.candidates if c.m == 16)  # m = 16 just fits
         want = plan(load_profile("cpu"), facts, limit, None, 16, options)
-        assert want.chosen_tokens < p.max_tokens  # the limit bites, so a wrong m cannot pass
+        assert want.chosen_m < p.max_tokens  # the limit bites, so a wrong m cannot pass
         choice = p.choose_tokens(max_new_tokens=16, ttft_ms=limit)
-        assert choice.tokens == want.chosen_tokens and choice.profile == "cpu"
-        assert choice.predicted["ttft_ms"] == next(c.ttft_ms for c in want.candidates if c.tokens == choice.tokens)
+        assert choice.m == want.chosen_m and choice.profile == "cpu"
+        assert choice.predicted["ttft_ms"] == next(c.ttft_ms for c in want.candidates if c.m == choice.m)
         assert p.choose_tokens(4) == type(choice)(4, "cpu")  # a given m is kept, the profile still named
-        assert p.answer(scene(), Q, max_new_tokens=2, ttft_ms=limit).tokens == choice.tokens
+        assert p.answer(scene(), Q, max_new_tokens=2, ttft_ms=limit).m == choice.m
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(tokens=16, refine_to=8), "refine_to=8 is not above tokens=16"),
-    (dict(tokens=4, refine_to=8, confidence=float("nan")), "confidence=nan is not a number"),
-    (dict(tokens=4, refine_to=999), "above the bundle's maximum"),
+    (dict(m=16, refine_to=8), "refine_to=8 is not above m=16"),
+    (dict(m=4, refine_to=8, confidence=float("nan")), "confidence=nan is not a number"),
+    (dict(m=4, refine_to=999), "above the bundle's maximum"),
 ])
 def test_api_answer_refuses_bad_policy_arguments(pipe, kw, message):
     from mqt_edge.errors import MQTEdgeError
@@ -319,7 +319,7 @@ def test_prompt_head_cache_gives_the_prefill_paths_ids(pipe, pipe_no_head, m):
     """The head's KV is restored, not recomputed: greedy ids identical to prefilling it, and a fresh
     request prefills only m + the question with the template's tail."""
     img = scene(seed=m)
-    cached, prefilled = pipe.ask(img, Q, tokens=m, max_new_tokens=10), pipe_no_head.ask(img, Q, tokens=m, max_new_tokens=10)
+    cached, prefilled = pipe.ask(img, Q, m=m, max_new_tokens=10), pipe_no_head.ask(img, Q, m=m, max_new_tokens=10)
     assert cached.token_ids == prefilled.token_ids
     assert cached.first_token_prob == prefilled.first_token_prob
     assert cached.prefilled == m + len(pipe.question_ids(Q))
@@ -328,9 +328,9 @@ def test_prompt_head_cache_gives_the_prefill_paths_ids(pipe, pipe_no_head, m):
 
 def test_prompt_head_cache_is_exact_after_refine(pipe, pipe_no_head):
     img = scene(seed=5)
-    with pipe.look(img, tokens=16) as s, pipe_no_head.look(img, tokens=16) as t:
-        s.refine(tokens=64)
-        t.refine(tokens=64)
+    with pipe.look(img, m=16) as s, pipe_no_head.look(img, m=16) as t:
+        s.refine(m=64)
+        t.refine(m=64)
         assert s.ask(Q, max_new_tokens=10).token_ids == t.ask(Q, max_new_tokens=10).token_ids
     assert pipe.prompt_head() is pipe.prompt_head()  # computed once per pipeline
 
@@ -355,33 +355,33 @@ def expect_closed(name, fn):
 
 p = Pipeline.load(bundle)
 p.close()
-expect_closed("pipe.ask after pipe.close", lambda: p.ask(im, Q, tokens=2, max_new_tokens=2))
-expect_closed("pipe.look after pipe.close", lambda: p.look(im, tokens=2))
+expect_closed("pipe.ask after pipe.close", lambda: p.ask(im, Q, m=2, max_new_tokens=2))
+expect_closed("pipe.look after pipe.close", lambda: p.look(im, m=2))
 p.close()  # twice is harmless
 
 with Pipeline.load(bundle) as p:
-    s = p.look(im, tokens=4)
+    s = p.look(im, m=4)
 expect_closed("session.ask after its pipeline closed", lambda: s.ask(Q, max_new_tokens=2))
 expect_closed("session.refine after its pipeline closed", lambda: s.refine(8))
 expect_closed("session.generate after its pipeline closed", lambda: s.generate(Q))
 
 with Pipeline.load(bundle) as p:
-    s = p.look(im, tokens=4)
+    s = p.look(im, m=4)
     s.close()
     expect_closed("session.ask after session.close", lambda: s.ask(Q, max_new_tokens=2))
     expect_closed("session.refine after session.close", lambda: s.refine(64))
     s.close()
-    g = p.look(im, tokens=4).generate(Q, max_new_tokens=8)
+    g = p.look(im, m=4).generate(Q, max_new_tokens=8)
     g.session.close()  # closing a session with this thread's unread answer
     expect_closed("reading an answer of a closed session", lambda: list(g))
 
 def hammer(p, out, started, one_shot):
     try:
-        s = None if one_shot else p.look(im, tokens=16)
+        s = None if one_shot else p.look(im, m=16)
         started.set()
         for _ in range(200):
             if one_shot:
-                p.ask(im, Q, tokens=8, max_new_tokens=32)
+                p.ask(im, Q, m=8, max_new_tokens=32)
             else:
                 for piece in s.stream(Q, max_new_tokens=64):
                     pass
@@ -403,7 +403,7 @@ for run in range(3):  # close the pipeline while other threads are inside ask / 
     print("pipe.close during ask", run, sorted(out), flush=True)
 
 with Pipeline.load(bundle) as p:  # close a session while another thread streams from it
-    s = p.look(im, tokens=16)
+    s = p.look(im, m=16)
     out, started = [], threading.Event()
     def reader():
         try:
@@ -444,7 +444,7 @@ def test_a_question_that_is_not_utf8_is_one_line(pipe, f32_bundle, tmp_path):
     with pytest.raises(InputError, match="not valid UTF-8"):
         pipe.ask(scene(), "What \udcff\udcfe color?")  # what a shell's bytes \xff\xfe decode to
     with pytest.raises(InputError, match="not valid UTF-8"):
-        pipe.look(scene(), tokens=2).ask("lone \ud800 surrogate")
+        pipe.look(scene(), m=2).ask("lone \ud800 surrogate")
     scene().save(tmp_path / "img.png")
     r = subprocess.run([sys.executable, "-m", "mqt_edge", "run", str(tmp_path / "img.png"), b"What \xff\xfe color?",
                         "--bundle", str(f32_bundle.root), "-m", "2"], capture_output=True, text=True)
@@ -462,9 +462,9 @@ def test_a_question_that_is_not_utf8_is_one_line(pipe, f32_bundle, tmp_path):
 ])
 def test_wrong_typed_sampling_arguments_are_input_errors(pipe, kw, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(")):
-        pipe.ask(scene(), Q, tokens=2, **kw)
+        pipe.ask(scene(), Q, m=2, **kw)
     with pytest.raises(InputError, match=message.replace("(", r"\(")):
-        pipe.look(scene(), tokens=2).generate(Q, **kw)
+        pipe.look(scene(), m=2).generate(Q, **kw)
 
 
 def test_threads_are_bounded_by_the_cores(f32_bundle):
@@ -502,11 +502,11 @@ def test_gpu_layers_reported_are_those_llama_cpp_offloaded(f32_bundle):
             assert p.backends["llm"] == f"llama.cpp/gpu:{min(99, layers + 1)} layers"
         else:
             assert p.backends["llm"] == "llama.cpp/cpu"  # was "gpu:99 layers" on a CPU-only build
-        assert p.ask(scene(), Q, tokens=2, max_new_tokens=2).backends["llm"] == p.backends["llm"]
+        assert p.ask(scene(), Q, m=2, max_new_tokens=2).backends["llm"] == p.backends["llm"]
 
 
 def test_the_read_once_rule(pipe):
-    with pipe.look(scene(), tokens=4) as s:
+    with pipe.look(scene(), m=4) as s:
         g = s.generate(Q, max_new_tokens=3)
         assert s.busy  # another thread's ask would wait: this is how it learns why
         text = "".join(g)
@@ -516,7 +516,7 @@ def test_the_read_once_rule(pipe):
         g = s.generate(Q, max_new_tokens=3)
         g.cancel()
         assert not s.busy
-    stream = pipe.stream(scene(), Q, tokens=2, max_new_tokens=3)
+    stream = pipe.stream(scene(), Q, m=2, max_new_tokens=3)
     assert "".join(stream) and list(stream) == []  # documented: a generator is read once
 
 

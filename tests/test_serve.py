@@ -142,7 +142,7 @@ def test_openai_client_gets_red_streaming_and_not(srv):
     assert r.choices[0].finish_reason == "stop"
     assert r.usage.prompt_tokens > r.usage.completion_tokens >= 1
     extra = r.model_extra["mqt"]
-    assert extra["tokens"] == srv.engine.start.tokens and extra["refined"] is False
+    assert extra["m"] == srv.engine.start.m and extra["refined"] is False
 
     pieces, usage, finish = [], None, None
     for chunk in ask(client, [user(Q, data_url())], max_tokens=8, stream=True, stream_options={"include_usage": True}):
@@ -180,17 +180,17 @@ def test_health_is_503_while_loading(bundle):
 
 def test_mqt_field_sets_m_and_refines(srv):
     client, a, b = srv.client(), variant_url("refine-a"), variant_url("refine-b")
-    r = ask(client, [user(Q, a)], max_tokens=4, extra_body={"mqt": {"tokens": 16}})
-    assert r.model_extra["mqt"]["tokens"] == 16
-    always = {"mqt": {"tokens": 4, "refine": 64, "confidence": 1.01}}  # 1.01: refine whatever the first token
+    r = ask(client, [user(Q, a)], max_tokens=4, extra_body={"mqt": {"m": 16}})
+    assert r.model_extra["mqt"]["m"] == 16
+    always = {"mqt": {"m": 4, "refine": 64, "confidence": 1.01}}  # 1.01: refine whatever the first token
     info = ask(client, [user("How many shapes are there?", b)], max_tokens=4, extra_body=always).model_extra["mqt"]
-    assert info["tokens"] == 64 and info["refined"] and info["refined_from"]["tokens"] == 4
+    assert info["m"] == 64 and info["refined"] and info["refined_from"]["m"] == 4
     # a cached session of this image at an m between tokens and refine serves the request from its m
     info = ask(client, [user("How many shapes are there?", a)], max_tokens=4, extra_body=always).model_extra["mqt"]
-    assert info["cache_hit"] and info["refined_from"]["tokens"] == 16 and info["tokens"] == 64
-    never = {"mqt": {"tokens": 4, "refine": 64, "confidence": 0.0}}
+    assert info["cache_hit"] and info["refined_from"]["m"] == 16 and info["m"] == 64
+    never = {"mqt": {"m": 4, "refine": 64, "confidence": 0.0}}
     info = ask(client, [user(Q, variant_url("refine-c"))], max_tokens=4, extra_body=never).model_extra["mqt"]
-    assert info["tokens"] == 4 and not info["refined"]
+    assert info["m"] == 4 and not info["refined"]
 
 
 def test_stop_sequences_cut_the_answer(srv):
@@ -203,11 +203,11 @@ def test_stop_sequences_cut_the_answer(srv):
 
 def test_second_turn_reports_cached_tokens_and_prefills_only_the_new_text(srv):
     client, url = srv.client(), data_url()
-    first = ask(client, [user(Q, url)], max_tokens=8, extra_body={"mqt": {"tokens": 36}})
+    first = ask(client, [user(Q, url)], max_tokens=8, extra_body={"mqt": {"m": 36}})
     a1 = first.choices[0].message.content
     q2 = "What color is the square?"
     second = ask(client, [user(Q, url), {"role": "assistant", "content": a1}, user(q2)], max_tokens=8,
-                 extra_body={"mqt": {"tokens": 36}})
+                 extra_body={"mqt": {"m": 36}})
     pipe = srv.engine.pipe
     new_text = 1 + len(pipe.llm.tokenize(f"USER: {q2} ASSISTANT:", add_bos=False))  # </s> + the new turn
     info, usage = second.model_extra["mqt"], second.usage
@@ -230,7 +230,7 @@ QUESTIONS = ["What color is the circle?", "What color is the square?", "How many
 
 def test_four_clients_times_25_requests_match_serial_answers(srv):
     url, body = data_url(), lambda q: {"model": MODEL, "messages": [user(q, url)], "max_tokens": 4,
-                                       "temperature": 0, "mqt": {"tokens": 16}}
+                                       "temperature": 0, "mqt": {"m": 16}}
     serial = {q: srv.post(body(q)).json()["choices"][0]["message"]["content"] for q in QUESTIONS}
     got, errors = [], []
 
@@ -261,12 +261,12 @@ def one_slot(tiny_f32_bundle):
 
 
 RAMBLE = {"model": MODEL, "messages": [user(Q, None)], "max_tokens": 400, "temperature": 1.0, "seed": 3,
-          "stream": True, "mqt": {"tokens": 4}}
+          "stream": True, "mqt": {"m": 4}}
 
 
 def test_a_disconnect_mid_stream_frees_the_slot(one_slot):
     url = data_url()
-    quick = {"model": MODEL, "messages": [user(Q, url)], "max_tokens": 4, "temperature": 0, "mqt": {"tokens": 4}}
+    quick = {"model": MODEL, "messages": [user(Q, url)], "max_tokens": 4, "temperature": 0, "mqt": {"m": 4}}
     t0 = time.monotonic()
     assert one_slot.post(quick, key=None).status_code == 200
     normal = time.monotonic() - t0
@@ -328,7 +328,8 @@ CASES = {
     "wrong API key": (chat(data_url()), "sk-wrong", 401, "invalid_api_key"),
     "malformed JSON": (b'{"model": "mqt-default", "messages": [', KEY, 400, "invalid_json"),
     "n = 2": (chat(data_url()) | {"n": 2}, KEY, 400, "unsupported_parameter"),
-    "m above the bundle's": (chat(data_url()) | {"mqt": {"tokens": 999}}, KEY, 422, "invalid_tokens"),
+    "m above the bundle's": (chat(data_url()) | {"mqt": {"m": 999}}, KEY, 422, "invalid_tokens"),
+    "unknown mqt key": (chat(data_url()) | {"mqt": {"tokens": 16}}, KEY, 400, "invalid_value"),
     "no image": ({"model": MODEL, "messages": [{"role": "user", "content": Q}]}, KEY, 400, "invalid_value"),
     "context overflow": (chat(data_url()) | {"max_tokens": 100000}, KEY, 400, "context_length_exceeded"),
     "body too large": (json.dumps(chat(data_url()) | {"pad": "x" * 3 * 2**20}), KEY, 413, "request_too_large"),
@@ -343,6 +344,18 @@ def test_errors_are_openai_shaped(srv, case):
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["code"] == code
     assert err["message"] and "Traceback" not in r.text
+
+
+def test_an_unknown_mqt_key_is_refused_in_one_line():
+    """The extension field is strict: a key it does not have (e.g. "tokens" for m) is a 400, not ignored."""
+    from mqt_edge.serve.errors import APIError
+    from mqt_edge.serve.schema import parse_chat
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": Q}], "mqt": {"tokens": 16}}
+    with pytest.raises(APIError) as info:
+        parse_chat(json.dumps(body).encode())
+    assert info.value.status == 400 and info.value.param == "mqt.tokens"
+    assert "\n" not in info.value.message and "mqt.tokens" in info.value.message
 
 
 def test_media_dir_paths_are_served(srv, media):
@@ -369,7 +382,7 @@ def test_unknown_routes_and_bugs_are_openai_shaped(srv, monkeypatch):
 def test_metrics_count_requests_hits_and_m(srv):
     before = srv.metric("mqt_image_cache_hits_total")
     for _ in range(2):
-        assert srv.post(chat(data_url()) | {"mqt": {"tokens": 8}}).status_code == 200
+        assert srv.post(chat(data_url()) | {"mqt": {"m": 8}}).status_code == 200
     assert srv.metric("mqt_image_cache_hits_total") >= before + 1
     text = httpx.get(srv.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=T).text
     for name in ("mqt_requests_total", "mqt_errors_total", "mqt_queue_depth", "mqt_ttft_seconds_bucket",

@@ -58,7 +58,7 @@ def setup(pipe, capacity=4):
 
 
 def request(im, turns, question, **kw) -> policy.Ask:
-    args = dict(image="img-" + str(id(im)), load_image=lambda: im, turns=turns, question=question, tokens=8,
+    args = dict(image="img-" + str(id(im)), load_image=lambda: im, turns=turns, question=question, m=8,
                 refine=None, confidence=0.5, max_new_tokens=6, temperature=0.0, top_p=1.0, seed=0)
     return policy.Ask(**(args | kw))
 
@@ -108,9 +108,9 @@ def test_refining_a_continued_conversation_refeeds_its_turns(tiny, mirrored):
     start, cache = setup(tiny)
     a1 = run(tiny, cache, start, request(im, [], Q)).text
     out = run(tiny, cache, start, request(im, [(Q, a1)], "Is it red?", refine=32, confidence=1.01))
-    assert out.info["refined"] and out.info["tokens"] == 32
+    assert out.info["refined"] and out.info["m"] == 32
     _, fresh_cache = setup(tiny)
-    same = run(tiny, fresh_cache, start, request(im, [(Q, a1)], "Is it red?", tokens=32))
+    same = run(tiny, fresh_cache, start, request(im, [(Q, a1)], "Is it red?", m=32))
     assert same.text == out.text
     (a,), (b,) = cache._idle.values(), fresh_cache._idle.values()
     assert a.session.ctx.mirror[: a.ends[-1]] == b.session.ctx.mirror[: b.ends[-1]]
@@ -180,7 +180,7 @@ def test_a_different_earlier_answer_reuses_the_image_but_not_the_turn(tiny, mirr
 def test_generate_ids_continues_the_cache_and_refuses_misuse(tiny):
     from mqt_edge.errors import InputError
 
-    with tiny.look(scene(seed=5), tokens=8) as s:
+    with tiny.look(scene(seed=5), m=8) as s:
         plain = s.ask(Q, max_new_tokens=5)
         g = s.generate_ids(tiny.question_ids(Q), max_new_tokens=5)  # keep defaults to the image prefix
         for _ in g:

@@ -95,7 +95,7 @@ def test_cli_synth_and_reference_answer(tmp_path):
             "--max-new-tokens", "5", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["tokens"] == 8 and len(out["token_ids"]) == 5
+    assert out["m"] == 8 and len(out["token_ids"]) == 5
 
 
 def test_importing_the_package_does_not_import_torch():

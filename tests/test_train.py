@@ -43,10 +43,10 @@ def test_stages_learn_and_the_checkpoint_round_trips(tiny_ckpt, tmp_path):
     out = save_checkpoint(model, tmp_path / "trained")
     again = MQTLlava.from_pretrained(out, dtype=torch.float32)
     im = scene(seed=2)
-    assert torch.allclose(again.encode_image(im, tokens=64), model.encode_image(im, tokens=64), atol=1e-6)
+    assert torch.allclose(again.encode_image(im, m=64), model.encode_image(im, m=64), atol=1e-6)
     q = "What color is the circle?"
-    assert again.generate(im, q, tokens=16, max_new_tokens=6).token_ids == \
-        model.generate(im, q, tokens=16, max_new_tokens=6).token_ids
+    assert again.generate(im, q, m=16, max_new_tokens=6).token_ids == \
+        model.generate(im, q, m=16, max_new_tokens=6).token_ids
 
 
 def test_conversations_ask_distinct_valid_questions_and_score_every_answer(tiny_model):
@@ -208,7 +208,7 @@ def test_localized_queries_attend_to_their_cells(tiny_ckpt):
         assert abs(r - (qr + 0.5) * gh / g) <= 1.5 and abs(col - (qc + 0.5) * gw / g) <= 1.5
     # nesting still holds after the change
     full = model.encode_image(im)
-    assert torch.allclose(model.encode_image(im, tokens=10), full[:, :10] if full.dim() == 3 else full[:10], atol=1e-6)
+    assert torch.allclose(model.encode_image(im, m=10), full[:, :10] if full.dim() == 3 else full[:10], atol=1e-6)
 
 
 def test_stage0_trains_only_the_vision_tower_on_dense_labels(tiny_ckpt):

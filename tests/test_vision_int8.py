@@ -73,7 +73,7 @@ def test_int8_parity_figures_are_the_int8_graphs(int8_bundle, tiny_model):
     for m in r["tokens"]:
         got = mqt.run(None, {"image_features": feats, "query_ids": np.arange(m)})[0]
         with torch.no_grad():
-            ref = tiny_model.mqt(tiny_model.image_features(torch.from_numpy(px)), tokens=m).numpy()
+            ref = tiny_model.mqt(tiny_model.image_features(torch.from_numpy(px)), m=m).numpy()
         fig = parity.int8_token_report(got, ref)
         assert fig["min_cosine"] == pytest.approx(r[f"m={m}"]["min_cosine"], abs=1e-6)
         worst = min(worst, fig["min_cosine"])
@@ -141,7 +141,7 @@ def test_runtime_picks_int8_on_the_cpu_and_can_be_forced_to_fp32(int8_bundle):
     px = None
     with Pipeline.load(int8_bundle.root) as pipe:
         assert pipe.backends["vision"] == "onnxruntime/cpu int8" and pipe.backends["mqt"] == "onnxruntime/cpu"
-        a = pipe.ask(im, Q, tokens=4, max_new_tokens=4)
+        a = pipe.ask(im, Q, m=4, max_new_tokens=4)
         assert set(a.timings_ms) == TIMINGS
         from mqt_edge.image import preprocess
 

@@ -113,11 +113,11 @@ def test_eval_cli_table_json_plot_and_save(bundle, tmp_path):
             "--plot", str(tmp_path / "curve.png"), "--save", "--timing-samples", "1")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)["results"]
-    assert [row["tokens"] for row in rows] == [2, 16, 64]
+    assert [row["m"] for row in rows] == [2, 16, 64]
     assert all(row["n"] == 6 and 0 <= row["accuracy"] <= 1 and row["ttft_ms"] > 0 for row in rows)
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
     saved = Bundle.open(bundle.root)  # still verifies: the table lives in the manifest only
-    assert [row["tokens"] for row in saved.manifest.accuracy] == [2, 16, 64]
+    assert [row.m for row in saved.manifest.accuracy] == [2, 16, 64]
     assert ModelFacts.from_bundle(saved).accuracy  # the planner sees the table
     result = plan(load_profile("cpu"), ModelFacts.from_bundle(saved))
     assert "smallest m within" in result.reason  # ... and switches to the accuracy policy
@@ -134,7 +134,7 @@ def test_eval_scores_the_same_answers_as_fresh_requests(bundle, tmp_path):
     items = load_items(write_dataset(tmp_path / "set", 4, seed=9))
     with Pipeline.load(bundle.root) as pipe:
         for m in (4, 32):
-            own = [replace(it, answer=first_word(pipe.ask(it.image, it.text, tokens=m, max_new_tokens=8).answer) or "-")
+            own = [replace(it, answer=first_word(pipe.ask(it.image, it.text, m=m, max_new_tokens=8).answer) or "-")
                    for it in items]
             row = evaluate(pipe, own, [2, m], timing_samples=1)[-1]  # m reached by refining from 2
             assert row.accuracy == 1.0, m

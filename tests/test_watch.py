@@ -30,7 +30,7 @@ def pipe(default_bundle):
 @pytest.fixture(scope="module")
 def expected(pipe):
     """pipe.ask's greedy ids for each scene: what every streamed answer about it must equal."""
-    return [pipe.ask(im, Q, tokens=M, max_new_tokens=NEW).token_ids for im in SCENES]
+    return [pipe.ask(im, Q, m=M, max_new_tokens=NEW).token_ids for im in SCENES]
 
 
 class Camera:
@@ -52,7 +52,7 @@ class Camera:
 def test_answers_are_about_the_newest_frame_and_drops_add_up(pipe, expected, overlap):
     cam = Camera()
     answers, received = [], []
-    with Watch(pipe, cam, Q, tokens=M, max_new_tokens=NEW, overlap=overlap) as w:
+    with Watch(pipe, cam, Q, m=M, max_new_tokens=NEW, overlap=overlap) as w:
         for a in w:
             answers.append(a)
             received.append(time.perf_counter())
@@ -72,7 +72,7 @@ def test_answers_are_about_the_newest_frame_and_drops_add_up(pipe, expected, ove
         newer = [j for j in range(a.frame + 1, 30) if j in cam.stored and cam.stored[j] < a.started]
         assert not newer, f"frame {a.frame} was answered although {newer} had already arrived"
         assert a.answer.token_ids == expected[a.frame % 3]  # greedy: the same ids as pipe.ask
-        assert a.answer.tokens == M and a.timings_ms["latency"] >= a.timings_ms["llm"] > 0
+        assert a.answer.m == M and a.timings_ms["latency"] >= a.timings_ms["llm"] > 0
     # at most one frame is encoded ahead: frame k is taken only after the LLM took frame k-1,
     # which it did only after answer k-2 had been handed to the consumer
     assert all(answers[k].started > received[k - 2] for k in range(2, len(answers)))
@@ -80,35 +80,35 @@ def test_answers_are_about_the_newest_frame_and_drops_add_up(pipe, expected, ove
 
 def test_a_changing_question_and_skipped_frames(pipe):
     questions = {0: Q, 1: None, 2: "What shape is the red object?", 3: None, 4: Q}
-    with Watch(pipe, SCENES[:1] * 5, lambda f: questions[f.index], tokens=M, max_new_tokens=NEW, keep_all=True) as w:
+    with Watch(pipe, SCENES[:1] * 5, lambda f: questions[f.index], m=M, max_new_tokens=NEW, keep_all=True) as w:
         answers = list(w)
     assert [(a.frame, a.question) for a in answers] == [(0, Q), (2, questions[2]), (4, Q)]
     assert w.stats["skipped"] == 2 and w.stats["dropped"] == 0
     for a in answers:
-        assert a.answer.token_ids == pipe.ask(EXAMPLE, a.question, tokens=M, max_new_tokens=NEW).token_ids
+        assert a.answer.token_ids == pipe.ask(EXAMPLE, a.question, m=M, max_new_tokens=NEW).token_ids
     assert answers[0].answer.answer.split()[0].lower() == "red"
 
 
 def test_m_from_the_planner_and_refinement_per_frame(pipe, default_bundle):
     r = cli("plan", "--profile", "cpu", "--bundle", str(default_bundle), "--max-new-tokens", str(NEW), "--json")
     assert r.returncode == 0, r.stderr
-    planned = json.loads(r.stdout)["chosen_tokens"]
+    planned = json.loads(r.stdout)["chosen_m"]
     with Watch(pipe, [EXAMPLE], Q, profile="cpu", max_new_tokens=NEW) as w:
         (a,) = list(w)
-    assert a.answer.tokens == planned and a.answer.predicted["profile"] == "cpu"
+    assert a.answer.m == planned and a.answer.predicted["profile"] == "cpu"
 
-    with Watch(pipe, [EXAMPLE] * 2, Q, tokens=4, refine=64, confidence=1.01, max_new_tokens=NEW, keep_all=True) as w:
+    with Watch(pipe, [EXAMPLE] * 2, Q, m=4, refine=64, confidence=1.01, max_new_tokens=NEW, keep_all=True) as w:
         answers = list(w)
-    fresh = pipe.ask(EXAMPLE, Q, tokens=64, max_new_tokens=NEW).token_ids
+    fresh = pipe.ask(EXAMPLE, Q, m=64, max_new_tokens=NEW).token_ids
     assert len(answers) == 2
     for a in answers:
-        assert a.answer.tokens == 64 and a.answer.refined_from["tokens"] == 4
+        assert a.answer.m == 64 and a.answer.refined_from["m"] == 4
         assert a.answer.token_ids == fresh  # refinement is exact, frame by frame
 
 
 def test_a_push_source_feeds_the_mailbox(pipe, expected):
     box = Latest()
-    with Watch(pipe, box, Q, tokens=M, max_new_tokens=NEW) as w:
+    with Watch(pipe, box, Q, m=M, max_new_tokens=NEW) as w:
         for im in SCENES:
             box.put(im, meta={"stamp": 7})
         box.close()
@@ -121,9 +121,9 @@ def test_a_push_source_feeds_the_mailbox(pipe, expected):
 def test_errors_end_the_watch_cleanly(pipe, overlap):
     bad = [EXAMPLE, np.zeros((4, 4), np.uint8)]
     with pytest.raises(ImageError, match="HxWx3"):
-        list(Watch(pipe, bad, Q, tokens=M, max_new_tokens=NEW, overlap=overlap, keep_all=True))
+        list(Watch(pipe, bad, Q, m=M, max_new_tokens=NEW, overlap=overlap, keep_all=True))
     errors = []
-    with Watch(pipe, bad + [EXAMPLE], Q, tokens=M, max_new_tokens=NEW, overlap=overlap, keep_all=True,
+    with Watch(pipe, bad + [EXAMPLE], Q, m=M, max_new_tokens=NEW, overlap=overlap, keep_all=True,
                on_error=lambda f, e: errors.append((f.index, type(e).__name__))) as w:
         assert [a.frame for a in w] == [0, 2]  # with on_error a bad frame is reported and skipped
     assert errors == [(1, "ImageError")] and w.stats["failed"] == 1
@@ -133,30 +133,30 @@ def test_errors_end_the_watch_cleanly(pipe, overlap):
         raise OSError("camera unplugged")
 
     with pytest.raises(OSError, match="unplugged"):
-        list(Watch(pipe, broken(), Q, tokens=M, max_new_tokens=NEW, overlap=overlap, keep_all=True))
-    for kwargs, match in [(dict(tokens=0), "out of range"), (dict(tokens=M, refine=M), "not above"),
-                          (dict(tokens=M, max_new_tokens=0), "max_new_tokens")]:
+        list(Watch(pipe, broken(), Q, m=M, max_new_tokens=NEW, overlap=overlap, keep_all=True))
+    for kwargs, match in [(dict(m=0), "out of range"), (dict(m=M, refine=M), "not above"),
+                          (dict(m=M, max_new_tokens=0), "max_new_tokens")]:
         with pytest.raises(MQTEdgeError, match=match):
             Watch(pipe, [EXAMPLE], Q, **kwargs)
     with pytest.raises(InputError, match="question"):
-        Watch(pipe, [EXAMPLE], 42, tokens=M)
+        Watch(pipe, [EXAMPLE], 42, m=M)
     before = threading.active_count()
-    w = Watch(pipe, itertools.repeat(EXAMPLE), Q, tokens=M, max_new_tokens=NEW, overlap=overlap)
+    w = Watch(pipe, itertools.repeat(EXAMPLE), Q, m=M, max_new_tokens=NEW, overlap=overlap)
     for _ in w:  # an endless camera: leaving the loop stops the watch's threads
         break
     w.close()
     assert threading.active_count() == before
-    assert pipe.ask(EXAMPLE, Q, tokens=M, max_new_tokens=NEW).answer  # the pipeline still answers
+    assert pipe.ask(EXAMPLE, Q, m=M, max_new_tokens=NEW).answer  # the pipeline still answers
 
 
 def test_a_session_from_an_encoded_image_is_the_same_as_from_the_image(pipe):
-    enc = pipe.encode(EXAMPLE, tokens=M)
+    enc = pipe.encode(EXAMPLE, m=M)
     assert enc.m == M and enc.visual.shape[0] == M and len(enc.seconds) == 3
-    with pipe.look(enc) as s, pipe.look(EXAMPLE, tokens=M) as ref:
+    with pipe.look(enc) as s, pipe.look(EXAMPLE, m=M) as ref:
         a, b = s.ask(Q, max_new_tokens=NEW), ref.ask(Q, max_new_tokens=NEW)
         assert a.token_ids == b.token_ids and a.prefilled == b.prefilled
         s.refine(64)  # the features travel with the encoding, so it can refine
         ref.refine(64)
         assert s.ask(Q, max_new_tokens=NEW).token_ids == ref.ask(Q, max_new_tokens=NEW).token_ids
     with pytest.raises(MQTEdgeError, match="differs from the encoded image"):
-        pipe.look(enc, tokens=M + 1)
+        pipe.look(enc, m=M + 1)

@@ -42,8 +42,8 @@ def main() -> None:
     on_tokens = "--tokens" in sys.argv[3:]
     if on_tokens:  # every 4th token of each image, with its image's scene-wide row
         with torch.no_grad():
-            tokens = [net.mqt(v[None], tokens=net.num_queries)[0, ::4] for v in feats]
-            f = net.mqt(f[None], tokens=net.num_queries)[0]
+            tokens = [net.mqt(v[None], m=net.num_queries)[0, ::4] for v in feats]
+            f = net.mqt(f[None], m=net.num_queries)[0]
         x_sub = torch.cat(tokens)
         y_sub = torch.cat([v[:1].expand(t.shape[0], -1) for v, t in zip(labels, tokens)])
     else:  # scene-wide columns repeat on every patch: every 9th is enough to fit

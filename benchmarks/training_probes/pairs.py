@@ -35,7 +35,7 @@ def probe(net: MQTLlava) -> int:
                 image = scene.render()
                 for question, answer in ((f"What shape is the {c2} object?", right),
                                          (f"What color is the {right}?", c2)):
-                    ok += first_word(net.generate(image, question, tokens=256, max_new_tokens=3).text) == answer
+                    ok += first_word(net.generate(image, question, m=256, max_new_tokens=3).text) == answer
         print(f"{left} left, {right} right: {ok}/48", flush=True)
         total += ok
     return total

@@ -31,7 +31,7 @@ def collect(net: MQTLlava, seed: int, n: int):
             batch.append(Example(torch.from_numpy(preprocess(image, net.image_spec)[0]), q, a, y))
         with torch.no_grad():
             f = _features(net, batch)  # (16, P, C)
-            t = net.mqt(f, tokens=net.num_queries)  # (16, M, hidden)
+            t = net.mqt(f, m=net.num_queries)  # (16, M, hidden)
         feats.append(f[:, ::9])
         tokens.append(t[:, ::4])
         labels.append(torch.stack([e.labels[0] for e in batch]))  # scene-wide columns: any patch's row

@@ -39,7 +39,7 @@ def main() -> None:
         if len(scene.shapes) != 2:
             continue
         scenes += 1
-        visual = net.encode_image(scene.render(), tokens=net.num_queries)
+        visual = net.encode_image(scene.render(), m=net.num_queries)
         for q1, q2 in PAIRS:
             p1, p2 = next_token_probs(net, visual, q1), next_token_probs(net, visual, q2)
             distances[q1, q2].append(0.5 * float((p1 - p2).abs().sum()))

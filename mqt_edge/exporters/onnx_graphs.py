@@ -60,7 +60,7 @@ def _onnx_parity(job: ExportJob) -> dict:
     px = np.concatenate([model.pixel_values(im).numpy() for im in images])  # (3, 3, H, W)
     with torch.no_grad():
         ref_feats = model.image_features(torch.from_numpy(px))  # (3, P, C)
-        ref_tokens = {m: model.mqt(ref_feats, tokens=m).numpy() for m in ms}  # (3, m, hidden)
+        ref_tokens = {m: model.mqt(ref_feats, m=m).numpy() for m in ms}  # (3, m, hidden)
     run = lambda f, ids: mqt.run(None, {"image_features": f, "query_ids": ids})[0]  # noqa: E731
     out = {"images": len(images), "tokens": ms}
     for role in [r for r in ("vision", "vision_ort") if r in job.artifacts]:

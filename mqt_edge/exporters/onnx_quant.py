@@ -200,7 +200,7 @@ def _int8_parity(job: ExportJob) -> tuple[dict, dict]:
     ms = sorted({1, max(1, M // 2 - 1), M})
     with torch.no_grad():
         ref_feats = model.image_features(torch.from_numpy(px))
-        ref = {m: model.mqt(ref_feats, tokens=m).numpy() for m in ms}
+        ref = {m: model.mqt(ref_feats, m=m).numpy() for m in ms}
     feats = {k: cpu_session(job.path(role)).run(None, {"pixel_values": px})[0]
              for k, role in (("fp32", "vision"), ("int8", "vision_int8"))}
     run = lambda f, m: mqt.run(None, {"image_features": f, "query_ids": np.arange(m, dtype=np.int64)})[0]  # noqa: E731

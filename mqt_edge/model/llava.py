@@ -201,11 +201,11 @@ class MQTLlava(nn.Module):
     def encode_image(
         self,
         image: ImageInput,
-        tokens: int | None = None,
+        m: int | None = None,
         query_ids: Sequence[int] | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The visual tokens of one image in the LLM's embedding space: (m, hidden)."""
-        ids = self.mqt.query_ids(tokens, query_ids)  # validate before any work
+        ids = self.mqt.query_ids(m, query_ids)  # validate before any work
         return self.mqt(self.image_features(self.pixel_values(image)), query_ids=ids)[0]
 
     def prompt_ids(self, question: str) -> tuple[list[int], list[int]]:
@@ -226,7 +226,7 @@ class MQTLlava(nn.Module):
         self,
         image: ImageInput,
         question: str,
-        tokens: int | None = None,
+        m: int | None = None,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -237,7 +237,7 @@ class MQTLlava(nn.Module):
             raise InputError(f"max_new_tokens={max_new_tokens}", "ask for at least one new token")
         if temperature < 0 or not 0 < top_p <= 1:
             raise InputError("temperature must be >= 0 and top_p in (0, 1]", "fix the sampling settings")
-        prompt = self.prompt_embeds(question, self.encode_image(image, tokens=tokens))
+        prompt = self.prompt_embeds(question, self.encode_image(image, m=m))
         embed = self.llm.get_input_embeddings()
         ids = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
         ctx = int(self.llm.config.max_position_embeddings)

@@ -90,17 +90,17 @@ class MatryoshkaQueryTransformer(nn.Module):
 
     # ---- the pieces of the forward pass ------------------------------------------------------
     def query_ids(
-        self, tokens: int | None = None, query_ids: Sequence[int] | torch.Tensor | None = None
+        self, m: int | None = None, query_ids: Sequence[int] | torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Validate and return the int64 ids to compute: `tokens=m` means 0..m-1."""
+        """Validate and return the int64 ids to compute: `m` means 0..m-1."""
         M = self.config.num_queries
         if query_ids is None:
-            m = M if tokens is None else tokens
+            m = M if m is None else m
             if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or not 1 <= m <= M:
-                raise TokensError(f"tokens={m!r} is out of range", f"choose an integer in 1..{M}")
+                raise TokensError(f"m={m!r} is out of range", f"choose an integer in 1..{M}")
             return torch.arange(int(m))
-        if tokens is not None:
-            raise TokensError("both tokens and query_ids were given", "pass only one of them")
+        if m is not None:
+            raise TokensError("both m and query_ids were given", "pass only one of them")
         ids = torch.as_tensor(query_ids, dtype=torch.long).reshape(-1)
         if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= M:
             raise TokensError(
@@ -139,7 +139,7 @@ class MatryoshkaQueryTransformer(nn.Module):
     def forward(
         self,
         features: torch.Tensor,
-        tokens: int | None = None,
+        m: int | None = None,
         query_ids: Sequence[int] | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """CLIP patch features (B, P, D) -> visual tokens (B, m, hidden) for the chosen queries."""
@@ -147,7 +147,7 @@ class MatryoshkaQueryTransformer(nn.Module):
         B, P, D = features.shape
         if (P, D) != (c.key_grid[0] * c.key_grid[1], c.kv_dim):
             raise ValueError(f"expected features (B, {c.key_grid[0] * c.key_grid[1]}, {c.kv_dim})")
-        ids = self.query_ids(tokens, query_ids).to(features.device)
+        ids = self.query_ids(m, query_ids).to(features.device)
         H, hd = c.num_heads, D // c.num_heads
         # Image-independent attention weights (H, m, P), shared by the whole batch.
         weights = torch.softmax(self.attention_logits(ids), dim=-1)

@@ -70,7 +70,7 @@ class ModelFacts:
     def from_bundle(cls, bundle) -> ModelFacts:
         m = bundle.manifest
         llm, vis, mqt = m.llm, m.vision, m.mqt
-        acc = tuple((int(r["tokens"]), float(r["accuracy"])) for r in m.accuracy or ())
+        acc = tuple((row.m, row.accuracy) for row in m.accuracy or ())
         int8 = m.artifacts.get("vision_int8")
         return cls(
             name=str(bundle.root), quant=llm.quant, llm_params=llm.params, llm_bytes=llm.bytes,
@@ -144,7 +144,7 @@ class Options:
 
 @dataclass(frozen=True)
 class Candidate:
-    tokens: int
+    m: int
     memory_mb: float
     ttft_ms: float
     total_ms: float
@@ -282,7 +282,7 @@ class Plan:
     limits: dict
     candidates: list[Candidate]
     memory_breakdown_mb: dict  # of the chosen m (or m = 1 when nothing fits)
-    chosen_tokens: int | None
+    chosen_m: int | None
     reason: str
     suggestions: list[dict]
 
@@ -306,7 +306,7 @@ def plan(profile: Profile, facts: ModelFacts, ttft_ms: float | None = None, memo
     cands = _candidates(profile, facts, o, limits)
     chosen, reason = _choose(cands, facts, limits, accuracy_drop)
     suggestions = [] if chosen is not None else _what_would_fit(profile, facts, o, limits)
-    breakdown = memory_breakdown(profile, facts, chosen or cands[0].tokens, o)
+    breakdown = memory_breakdown(profile, facts, chosen or cands[0].m, o)
     return Plan(profile.name + (f" ({profile.mode})" if profile.mode else ""), facts.name, o.label(facts), limits,
                 cands, breakdown, chosen, reason, suggestions)
 
@@ -323,24 +323,24 @@ def _candidates(profile, facts, o, limits) -> list[Candidate]:
 def _choose(cands, facts, limits, accuracy_drop) -> tuple[int | None, str]:
     fitting = [c for c in cands if c.fits]
     if not fitting:
-        worst = min(cands, key=lambda c: c.tokens)
+        worst = min(cands, key=lambda c: c.m)
         why = []
         if worst.memory_mb > limits["memory_mb"]:
             why.append(f"memory {worst.memory_mb:,.0f} MB > {limits['memory_mb']:,.0f} MB")
         if worst.ttft_ms > limits["ttft_ms"]:
             why.append(f"TTFT {worst.ttft_ms:,.0f} ms > {limits['ttft_ms']:,.0f} ms")
-        return None, f"nothing fits, even m={worst.tokens}: " + ("; ".join(why) or "context too long")
+        return None, f"nothing fits, even m={worst.m}: " + ("; ".join(why) or "context too long")
     if facts.accuracy:
         acc = dict(facts.accuracy)
-        scored = [c for c in fitting if c.tokens in acc]
+        scored = [c for c in fitting if c.m in acc]
         if scored:
             best = max(acc.values())  # the best the model reaches at any m, fitting or not
-            good = [c for c in scored if acc[c.tokens] >= best - accuracy_drop]
-            pick = min(good, key=lambda c: c.tokens)
-            return pick.tokens, (f"smallest m within {accuracy_drop:.0%} of the best measured accuracy "
-                                 f"({acc[pick.tokens]:.1%} vs {best:.1%}) that fits")
-    pick = max(fitting, key=lambda c: c.tokens)
-    return pick.tokens, (f"largest m that fits: memory {pick.memory_mb:,.0f} <= {limits['memory_mb']:,.0f} MB, "
+            good = [c for c in scored if acc[c.m] >= best - accuracy_drop]
+            pick = min(good, key=lambda c: c.m)
+            return pick.m, (f"smallest m within {accuracy_drop:.0%} of the best measured accuracy "
+                                 f"({acc[pick.m]:.1%} vs {best:.1%}) that fits")
+    pick = max(fitting, key=lambda c: c.m)
+    return pick.m, (f"largest m that fits: memory {pick.memory_mb:,.0f} <= {limits['memory_mb']:,.0f} MB, "
                          f"TTFT {pick.ttft_ms:,.0f} <= {limits['ttft_ms']:,.0f} ms")
 
 
@@ -373,15 +373,15 @@ def _what_would_fit(profile, facts, o, limits) -> list[dict]:
     for label, fx, opt in trials:
         fitting = [c for c in _candidates(profile, fx, opt, limits) if c.fits]
         if fitting:
-            best = max(fitting, key=lambda c: c.tokens)
-            out.append({"change": label, "tokens": best.tokens, "memory_mb": best.memory_mb, "ttft_ms": best.ttft_ms})
+            best = max(fitting, key=lambda c: c.m)
+            out.append({"change": label, "m": best.m, "memory_mb": best.memory_mb, "ttft_ms": best.ttft_ms})
     if not out:  # no option helps: say which limits would
-        lo = min(base, key=lambda c: c.tokens)
+        lo = min(base, key=lambda c: c.m)
         need = []
         if lo.memory_mb > limits["memory_mb"]:
             need.append(f"--memory-mb {math.ceil(lo.memory_mb)} (or a device with more memory)")
         if lo.ttft_ms > limits["ttft_ms"]:
             need.append(f"--ttft-ms {math.ceil(lo.ttft_ms)}")
-        out.append({"change": " and ".join(need) or "a longer context", "tokens": lo.tokens,
+        out.append({"change": " and ".join(need) or "a longer context", "m": lo.m,
                     "memory_mb": lo.memory_mb, "ttft_ms": lo.ttft_ms})
     return out

@@ -38,7 +38,7 @@ class NodeOptions:
     """The node's ROS parameters (0 or "" means "not set": ROS parameters cannot be None)."""
 
     bundle: str = str(DEFAULT_BUNDLE)
-    tokens: int = 0  # fixed m; 0: the planner's m on `profile`
+    m: int = 0  # fixed number of visual tokens; 0: the planner's m on `profile`
     profile: str = ""  # device profile for the planner ("" : auto)
     refine: int = 0  # refine to this m when the first token is not confident (0: never)
     confidence: float = 0.5
@@ -57,10 +57,10 @@ class NodeOptions:
     def check(self) -> NodeOptions:
         if self.overlap not in OVERLAP:
             raise InputError(f"overlap '{self.overlap}'", f"choose one of: {', '.join(OVERLAP)}")
-        if self.rate < 0 or self.every_n < 0 or self.tokens < 0 or self.refine < 0:
-            raise InputError("rate, every_n, tokens and refine cannot be negative", "use 0 to leave one unset")
-        if self.refine and self.tokens and self.refine <= self.tokens:
-            raise InputError(f"refine {self.refine} is not above tokens {self.tokens}", "refine to a larger m, or 0")
+        if self.rate < 0 or self.every_n < 0 or self.m < 0 or self.refine < 0:
+            raise InputError("rate, every_n, m and refine cannot be negative", "use 0 to leave one unset")
+        if self.refine and self.m and self.refine <= self.m:
+            raise InputError(f"refine {self.refine} is not above m {self.m}", "refine to a larger m, or 0")
         if self.rate and self.every_n:
             raise InputError("both rate and every_n are set", "pace the standing query by one of them")
         return self
@@ -104,7 +104,7 @@ class MqtEdgeNode:
         self._worker = threading.Thread(target=self._work, name="mqt-edge-ros2-worker", daemon=True)
         self._worker.start()
         standing = f", standing query {o.query!r}" if o.query else ""
-        self.log.info(f"ready: bundle {o.bundle}, m {o.tokens or 'from the planner'}{standing}")
+        self.log.info(f"ready: bundle {o.bundle}, m {o.m or 'from the planner'}{standing}")
 
     def _declare(self, options: NodeOptions) -> NodeOptions:
         """Each option is a ROS parameter whose default is the value given (CLI or caller)."""
@@ -194,10 +194,9 @@ class MqtEdgeNode:
     def _work(self) -> None:
         """Answer until shutdown; a failure of one frame is logged and the loop goes on."""
         o = self.options
-        tokens = o.tokens or None
         while not self._stop.is_set():
             try:
-                watch = self._Watch(self.pipe, self.mailbox, self._question, tokens=tokens, profile=o.profile or None,
+                watch = self._Watch(self.pipe, self.mailbox, self._question, m=o.m or None, profile=o.profile or None,
                                     refine=o.refine or None, confidence=o.confidence,
                                     overlap=OVERLAP[o.overlap], vision_threads=o.vision_threads or None,
                                     llm_threads=o.llm_threads or None, max_new_tokens=o.max_new_tokens,
@@ -218,7 +217,7 @@ class MqtEdgeNode:
     def _publish(self, a: Any) -> None:
         ans = a.answer
         info = {"frame": a.frame, "stamp": a.meta["stamp"], "frame_id": a.meta["frame_id"], "question": a.question,
-                "m": ans.tokens, "first_token_prob": ans.first_token_prob, "timings_ms": ans.timings_ms,
+                "m": ans.m, "first_token_prob": ans.first_token_prob, "timings_ms": ans.timings_ms,
                 "stream_ms": a.timings_ms, "dropped": a.dropped, "token_ids": ans.token_ids,
                 "refined_from": ans.refined_from, "predicted": ans.predicted}
         self.answer_pub.publish(self._String(data=ans.answer))

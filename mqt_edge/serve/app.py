@@ -142,7 +142,7 @@ def _health(state: _State):
         return _json(503, {"status": "error" if engine.load_error else "loading", "detail": exc.message},
                      exc.headers())
     s = engine.start
-    return {"status": "ok", "model": cfg.model_id, "pid": os.getpid(), "tokens": s.tokens, "profile": s.profile,
+    return {"status": "ok", "model": cfg.model_id, "pid": os.getpid(), "m": s.m, "profile": s.profile,
             "slots": cfg.parallel, "sessions": {"capacity": s.capacity, "idle": engine.cache.idle,
                                                 "busy": engine.cache.busy}}
 
@@ -151,7 +151,7 @@ def _model_card(state: _State) -> dict:
     cfg, engine = state.cfg, state.engine
     card = {"id": cfg.model_id, "object": "model", "created": 0, "owned_by": "mqt-edge"}
     if engine.ready.is_set():
-        card["mqt"] = {"max_tokens": engine.pipe.max_tokens, "default_tokens": engine.start.tokens,
+        card["mqt"] = {"max_tokens": engine.pipe.max_tokens, "default_m": engine.start.m,
                        "profile": engine.start.profile}
     return card
 
@@ -181,14 +181,14 @@ async def _ask(engine: Engine, cfg: ServeConfig, req, conv: Conversation) -> pol
     check_question(conv.question)
     img = await asyncio.to_thread(_fetch_checked, conv.image_url, cfg, pipe.max_pixels)
     opts = req.mqt
-    tokens = pipe.check_tokens(opts.tokens if opts and opts.tokens else engine.start.tokens)
+    m = pipe.check_tokens(opts.m if opts and opts.m else engine.start.m)
     refine = pipe.check_tokens(opts.refine) if opts and opts.refine else None
-    if refine is not None and refine <= tokens:
-        raise APIError(422, f"mqt.refine {refine} is not above the m of {tokens}", "invalid_tokens", "mqt.refine")
+    if refine is not None and refine <= m:
+        raise APIError(422, f"mqt.refine {refine} is not above the m of {m}", "invalid_tokens", "mqt.refine")
     stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     seed = req.seed if req.seed is not None else secrets.randbits(31)
     return policy.Ask(image=img.sha256, load_image=lambda: images.open_image(img, pipe.max_pixels),
-                      turns=conv.turns, question=conv.question, tokens=tokens, refine=refine,
+                      turns=conv.turns, question=conv.question, m=m, refine=refine,
                       confidence=opts.confidence if opts else 0.5,
                       max_new_tokens=req.max_completion_tokens or req.max_tokens,
                       temperature=cfg.temperature if req.temperature is None else req.temperature,

@@ -80,7 +80,7 @@ class Engine:
             return
         s = self.start
         log.info("ready in %.1f s: m = %d (%s, %s); %d slots; session cache %d x %.1f MB (budget %.0f MB)",
-                 time.perf_counter() - t0, s.tokens, s.profile, s.reason, cfg.parallel, s.capacity,
+                 time.perf_counter() - t0, s.m, s.profile, s.reason, cfg.parallel, s.capacity,
                  s.session_bytes / 2**20, s.budget_bytes / 2**20)
         self.ready.set()
 

@@ -22,7 +22,7 @@ class Metrics:
                                registry=r)
         self.decode_tps = Histogram("mqt_decode_tokens_per_second", "Decode speed per answer",
                                     buckets=TPS_BUCKETS, registry=r)
-        self.tokens = Histogram("mqt_visual_tokens", "m used per answer", buckets=M_BUCKETS, registry=r)
+        self.m = Histogram("mqt_visual_tokens", "m used per answer", buckets=M_BUCKETS, registry=r)
         self.refined = Counter("mqt_refinements", "Answers refined to a larger m", registry=r)
         self.cache_hits = Counter("mqt_image_cache_hits", "Requests that continued a cached session", registry=r)
         self.cache_misses = Counter("mqt_image_cache_misses", "Requests that encoded their image", registry=r)
@@ -32,7 +32,7 @@ class Metrics:
                                  registry=r)
 
     def observe_answer(self, info: dict) -> None:
-        self.tokens.observe(info["tokens"])
+        self.m.observe(info["m"])
         (self.cache_hits if info["cache_hit"] else self.cache_misses).inc()
         if info["refined"]:
             self.refined.inc()

@@ -34,7 +34,7 @@ SESSION_CAP = 64  # most cached sessions, whatever the budget (each is a llama.c
 class Startup:
     """What the planner decided when the server started."""
 
-    tokens: int  # m for requests without an `mqt` field
+    m: int  # for requests without an `mqt` field
     profile: str
     reason: str
     n_ctx: int  # every session's context (positions)
@@ -51,7 +51,7 @@ def plan_startup(pipe, cfg: ServeConfig) -> Startup:
     choice = pipe.choose_tokens(None, cfg.max_new_tokens, cfg.ttft_ms, cfg.memory_mb)  # the library's policy
     prof, facts = pipe.device_profile(), ModelFacts.from_bundle(pipe.bundle)
     opts = Options.for_run(pipe.vision_backend, pipe.n_gpu_layers, pipe.sequential, facts)
-    m, label = choice.tokens, choice.profile
+    m, label = choice.m, choice.profile
     memory_limit_mb = cfg.memory_mb if cfg.memory_mb is not None else prof.limits.memory_mb
     n_ctx = min(pipe.context_length, len(pipe.prefix_ids) + pipe.max_tokens + cfg.conversation_tokens)
     kv_bytes = 4 if pipe.kv_f32 else 2  # pipeline.Session: f32 K/V for f32 bundles
@@ -90,7 +90,7 @@ class Ask:
     load_image: Callable[[], object]  # decodes the image (only on a cache miss)
     turns: list[tuple[str, str]]
     question: str
-    tokens: int  # m to start from
+    m: int  # to start from
     refine: int | None  # refine to this m when the first token's probability is below confidence
     confidence: float
     max_new_tokens: int | None  # None: what the context has left, up to the server's default
@@ -139,7 +139,7 @@ def turn_ids(pipe, turns: list[tuple[str, str]], question: str, first: bool) -> 
 def accepts(ask: Ask) -> Callable[[Entry], bool]:
     """Which cached m can serve this request: the m asked for, anything up to the refinement target, or a
     smaller m that refinement (exact) grows to it."""
-    top = ask.refine or ask.tokens
+    top = ask.refine or ask.m
     return lambda e: e.m <= top
 
 
@@ -181,7 +181,7 @@ def _open_session(pipe, cache: SessionCache, start: Startup, ask: Ask) -> Entry:
     cache.reserve()
     try:
         reserve = start.n_ctx - len(pipe.prefix_ids) - pipe.max_tokens
-        return Entry(pipe.look(ask.load_image(), tokens=ask.tokens, reserve=reserve, refinable=True), ask.image)
+        return Entry(pipe.look(ask.load_image(), m=ask.m, reserve=reserve, refinable=True), ask.image)
     except BaseException:
         cache.give_back(None)
         raise
@@ -216,13 +216,13 @@ def answer(pipe, cache: SessionCache, start: Startup, ask: Ask, emit: Callable[[
     keep_entry = False
     try:
         refined_from = None
-        if entry.m < ask.tokens:  # a cached smaller m: grow it exactly
-            entry.session.refine(ask.tokens)
+        if entry.m < ask.m:  # a cached smaller m: grow it exactly
+            entry.session.refine(ask.m)
             entry.reset()
         gen, base, reused = _generate(entry, ask, start.max_new_tokens)
         if ask.refine and ask.refine > entry.m and gen.first_token_prob < ask.confidence:
             gen.cancel()
-            refined_from = {"tokens": entry.m, "first_token_prob": gen.answer.first_token_prob,
+            refined_from = {"m": entry.m, "first_token_prob": gen.answer.first_token_prob,
                             "timings_ms": gen.answer.timings_ms}
             entry.session.refine(ask.refine)
             entry.reset()
@@ -237,7 +237,7 @@ def answer(pipe, cache: SessionCache, start: Startup, ask: Ask, emit: Callable[[
         a = gen.answer
         out.prompt_tokens = base
         out.cached_tokens = base - a.prefilled
-        out.info = {"tokens": entry.m, "refined": refined_from is not None, "refined_from": refined_from,
+        out.info = {"m": entry.m, "refined": refined_from is not None, "refined_from": refined_from,
                     "cache_hit": hit, "turns_reused": reused if hit else 0, "prefilled": a.prefilled,
                     "first_token_prob": a.first_token_prob, "timings_ms": a.timings_ms,
                     "decode_tokens_per_s": a.decode_tokens_per_s, "server_ms": round(1000 * (time.perf_counter() - t0), 2)}

@@ -47,7 +47,7 @@ class MQTOptions(BaseModel):
     """The extension field `"mqt"`: m for this request, or a refinement policy."""
 
     model_config = ConfigDict(extra="forbid")
-    tokens: Optional[int] = Field(None, ge=1)
+    m: Optional[int] = Field(None, ge=1)  # visual tokens
     refine: Optional[int] = Field(None, ge=1)
     confidence: float = Field(0.5, ge=0.0, le=1.01)
 
@@ -102,12 +102,15 @@ def parse_chat(raw: bytes) -> ChatRequest:
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
-        raise APIError(400, f"{param}: {first['msg']}", "invalid_value", param) from None
+        why = first["msg"]
+        if first["type"] == "extra_forbidden":  # only `mqt` is strict: name what it takes
+            why = f"unknown key; the mqt field takes {', '.join(MQTOptions.model_fields)}"
+        raise APIError(400, f"{param}: {why}", "invalid_value", param) from None
     stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     if len(stops) > MAX_STOP or any(not s for s in stops):
         raise APIError(400, f"stop takes up to {MAX_STOP} non-empty strings", "invalid_value", "stop")
-    if req.mqt and req.mqt.tokens and req.mqt.refine and req.mqt.refine <= req.mqt.tokens:
-        raise APIError(422, f"mqt.refine {req.mqt.refine} is not above mqt.tokens {req.mqt.tokens}",
+    if req.mqt and req.mqt.m and req.mqt.refine and req.mqt.refine <= req.mqt.m:
+        raise APIError(422, f"mqt.refine {req.mqt.refine} is not above mqt.m {req.mqt.m}",
                        "invalid_tokens", "mqt.refine")
     return req
 
