@@ -200,7 +200,7 @@ def test_reexport_replaces_a_bundle(tiny_ckpt, tmp_path):
 
 
 def test_no_disk_space(tiny_ckpt, tmp_path, monkeypatch):
-    import mqt_edge.exporters as ex
+    import mqt_edge.exporters.source as ex
 
     monkeypatch.setattr(ex, "_free_bytes", lambda p: 1000)
     with pytest.raises(ExportError, match="not enough disk space"):

@@ -116,7 +116,7 @@ def test_checkpoints_mqt_edge_wrote_before_the_field_keep_their_heads(tiny_ckpt,
 
 
 def test_the_exported_graph_and_the_planner_use_the_model_count(release_128, monkeypatch):
-    from mqt_edge.exporters import _mqt_cost
+    from mqt_edge.exporters.source import _mqt_cost
     from mqt_edge.exporters.onnx_mqt import MQTGraph
     from mqt_edge.profiles.planner import ModelFacts
 

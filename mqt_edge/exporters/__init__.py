@@ -13,9 +13,7 @@ plus one FORMATS row; the manifest picks up what its build puts in `job.artifact
 
 from __future__ import annotations
 
-import datetime as _dt
 import errno
-import hashlib
 import os
 import shutil
 from contextlib import contextmanager
@@ -24,15 +22,11 @@ from importlib import import_module
 from pathlib import Path
 from typing import Callable
 
-from .._version import __version__
-from ..bundle import (DEFAULT_BUNDLE, FORMAT_VERSION, Bundle, LLMFacts, Manifest, MQTFacts, Preprocess, Prompt,
-                      SpecialTokens, VisionFacts, artifact_entry, check_output_dir, remove_stale_staging, staging,
-                      write_manifest)
-from ..costs import llm_param_count, mqt_flops, vision_cost
-from ..device import available_ram_bytes
+from ..bundle import DEFAULT_BUNDLE, Bundle, check_output_dir, remove_stale_staging, staging, write_manifest
 from ..errors import InputError, TokensError
 from ..quants import get_quant
-from .job import ExportError, ExportJob, PromptFacts, timed
+from .job import ExportError, ExportJob, job_manifest, timed
+from .source import check_disk, load_job
 
 
 @dataclass(frozen=True)
@@ -172,41 +166,6 @@ def validate(opts: ExportOptions) -> None:
         fmt.require()
 
 
-def _free_bytes(path: Path) -> int:
-    while not path.exists():
-        path = path.parent
-    return shutil.disk_usage(path).free
-
-
-def _llm_params(cfg: dict) -> int:
-    heads = cfg["num_attention_heads"]
-    return llm_param_count(cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"],
-                           cfg["vocab_size"], heads, cfg.get("num_key_value_heads") or heads)
-
-
-def _vision_cost(model) -> dict:
-    v = model.vision.config
-    layers = len(model.vision.vision_model.encoder.layers)
-    cost = vision_cost(v.hidden_size, v.intermediate_size, layers, v.image_size, v.patch_size)
-    params = sum(p.numel() for p in model.vision.parameters())
-    return cost | {"params": int(params), "layers_run": layers, "feature_dim": v.hidden_size,
-                   "image_size": v.image_size}
-
-
-def _mqt_cost(mqt, max_tokens: int) -> dict:
-    c = mqt.config
-    flops = mqt_flops(c.key_grid[0] * c.key_grid[1], c.kv_dim, c.hidden_size)
-    return {
-        "params": int(sum(p.numel() for p in mqt.parameters())),
-        "flops_per_image": flops["flops_per_image"],
-        "flops_per_token": flops["flops_per_token"],
-        "num_queries": c.num_queries,
-        "max_tokens": max_tokens,
-        "heads": c.num_heads,
-        "hidden": c.hidden_size,
-    }
-
-
 @contextmanager
 def quiet_tools():
     """Silence the exporters' chatter (tracer warnings, llama.cpp's per-tensor log); errors still raise."""
@@ -271,8 +230,8 @@ def export(opts: ExportOptions, on_stage: Callable[[str], None] = lambda s: None
 def _export(opts: ExportOptions, on_stage: Callable[[str], None]) -> ExportResult:
     seconds: dict[str, float] = {}
     with timed("load", on_stage, seconds):
-        job = _load(opts, on_stage, seconds)
-        _check_disk(job)
+        job = load_job(opts, on_stage, seconds)
+        check_disk(job)
     out = Path(opts.out)
     try:
         with staging(out) as tmp:
@@ -282,90 +241,13 @@ def _export(opts: ExportOptions, on_stage: Callable[[str], None]) -> ExportResul
                 if opts.parity:
                     fmt.check(job)
             with job.stage("manifest"):
-                write_manifest(tmp, _manifest(job))
+                write_manifest(tmp, job_manifest(job))
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise ExportError("the disk filled up during the export",
                               "free some space or choose another --out; nothing was written") from None
         raise
     return ExportResult(Bundle.open(out, verify=False), job.seconds)
-
-
-def _load(opts: ExportOptions, on_stage: Callable[[str], None], seconds: dict[str, float]) -> ExportJob:
-    """The checkpoint as a torch model, and the job around it."""
-    import torch
-
-    from ..model import MQTLlava
-    from ..model.checkpoint import LlavaConfig, resolve_model_dir
-    from .gguf_llm import intermediate
-
-    ckpt = resolve_model_dir(opts.model)
-    raw = LlavaConfig.read(ckpt).raw
-    stored = str(raw.get("torch_dtype") or raw.get("dtype") or "float32").removeprefix("torch.")
-    # The LLM only serves the logits check; at fp32 a 7B would not fit in RAM, so keep it as stored.
-    llm_dtype = "float32" if _llm_params(raw) * 4 < 0.45 * (available_ram_bytes() or 0) else stored
-    model = MQTLlava.from_pretrained(ckpt, vision_tower=opts.vision_tower, dtype=torch.float32,
-                                     llm_dtype=llm_dtype)
-    M = model.num_queries
-    max_tokens = M if opts.max_tokens is None else opts.max_tokens
-    if max_tokens > M:
-        raise TokensError(f"--max-tokens {max_tokens} is above the model's {M} queries", f"choose 1..{M}")
-    quant = get_quant(opts.quant)
-    prompt = PromptFacts(preprocess=model.image_spec.to_dict(),
-                         prompt=model.template.to_dict() | {"prefix_tokens": len(model.prompt_ids("?")[0])},
-                         bos=model.bos_id, eos=sorted(model.eos_ids))
-    return ExportJob(opts=opts, quant=quant, ckpt=ckpt, raw=raw, model=model, max_tokens=max_tokens,
-                     inter=intermediate(quant, stored), llm_dtype=llm_dtype, prompt=prompt,
-                     vision_cost=_vision_cost(model), mqt_cost=_mqt_cost(model.mqt, max_tokens),
-                     on_stage=on_stage, seconds=seconds)
-
-
-def _check_disk(job: ExportJob) -> None:
-    """Refuse before any file is written when the bundle would not fit (5% margin)."""
-    opts, quant, llm_params = job.opts, job.quant, _llm_params(job.raw)
-    out = Path(opts.out)
-    vision_bytes = job.vision_cost["params"] * 4
-    need = vision_bytes * (2 if opts.optimize else 1) + (vision_bytes // 4 if opts.vision_quant == "int8" else 0)
-    need += llm_params * (4 if job.inter == "f32" else 2)
-    need += 0 if quant.name == job.inter else int(llm_params * quant.bits / 8)
-    free = _free_bytes(out.parent.resolve())
-    if need * 1.05 > free:
-        raise ExportError(
-            f"not enough disk space for the export: need about {need / 2**30:.1f} GiB under {out.parent.resolve()}, "
-            f"{free / 2**30:.1f} GiB free",
-            "free some space or choose another --out",
-        )
-
-
-def _tupled(d: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-
-
-def _manifest(job: ExportJob) -> Manifest:
-    """The bundle's manifest: every artifact's entry (sha256 of the staged file) and what the
-    runtime, the planner and `mqt-edge info` read."""
-    opts, raw, ckpt = job.opts, job.raw, job.ckpt
-    artifacts = {role: artifact_entry(job.tmp, rel) for role, rel in job.artifacts.items()} | job.entries
-    heads = int(raw["num_attention_heads"])
-    llm = LLMFacts(layers=int(raw["num_hidden_layers"]), hidden=int(raw["hidden_size"]), heads=heads,
-                   kv_heads=int(raw.get("num_key_value_heads") or heads), head_dim=int(raw["hidden_size"]) // heads,
-                   intermediate=int(raw["intermediate_size"]), vocab=job.gguf["vocab"],
-                   context_length=int(raw.get("max_position_embeddings", 4096)), params=job.gguf["params"],
-                   quant=job.quant.name, bytes=artifacts["llm"].bytes)
-    source = {"model": str(opts.model), "path": str(ckpt.resolve()),
-              "config_sha256": hashlib.sha256((ckpt / "config.json").read_bytes()).hexdigest(),
-              "synth": raw.get("mqt_edge_synth")}
-    return Manifest(
-        format_version=FORMAT_VERSION, mqt_edge_version=__version__, max_tokens=job.max_tokens,
-        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), artifacts=artifacts,
-        source=source, graphs=job.graphs, preprocess=Preprocess(**_tupled(job.prompt.preprocess)),
-        prompt=Prompt(**job.prompt.prompt), special_tokens=SpecialTokens(bos=job.prompt.bos, eos=tuple(job.prompt.eos)),
-        llm=llm, vision=VisionFacts(**job.vision_cost), mqt=MQTFacts(**job.mqt_cost),
-        export=opts.to_dict() | {"max_tokens": job.max_tokens, "gguf_intermediate": job.inter,
-                                 "reference_llm_dtype": job.llm_dtype},
-        parity=job.report,
-        seconds={k: v for k, v in job.seconds.items() if k != "manifest"},  # stages done
-    )
 
 
 def build_engines_in_bundle(bundle_dir: Path, opt_tokens: int = 64, max_batch: int = 4) -> Bundle:

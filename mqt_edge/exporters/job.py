@@ -1,17 +1,23 @@
 """The state one export's formats share: every row's build and check (FORMATS in __init__.py) reads
-and writes an ExportJob and nothing global, so a row's inputs and outputs are all named here.
+and writes an ExportJob and nothing global, so a row's inputs and outputs are all named here; and
+the typed Manifest a finished job becomes (`job_manifest`).
 
 Torch-free at import: `validate()` and `mqt-edge engine` import this package where torch is absent.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import hashlib
 import time
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from .._version import __version__
+from ..bundle import (FORMAT_VERSION, LLMFacts, Manifest, MQTFacts, Preprocess, Prompt, SpecialTokens, VisionFacts,
+                      artifact_entry)
 from ..errors import MQTEdgeError
 
 if TYPE_CHECKING:
@@ -103,3 +109,34 @@ class ExportJob:
             figures = ", ".join(f"{k}={v:.3g}" for k, v in r.items() if isinstance(v, float))
             raise ExportError(f"parity failed for {key} ({figures}; thresholds {r.get('thresholds', '')})",
                               "the export was discarded; report this with the checkpoint's origin")
+
+
+def _tupled(d: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def job_manifest(job: ExportJob) -> Manifest:
+    """The bundle's manifest: every artifact's entry (sha256 of the staged file) and what the
+    runtime, the planner and `mqt-edge info` read."""
+    opts, raw, ckpt = job.opts, job.raw, job.ckpt
+    artifacts = {role: artifact_entry(job.tmp, rel) for role, rel in job.artifacts.items()} | job.entries
+    heads = int(raw["num_attention_heads"])
+    llm = LLMFacts(layers=int(raw["num_hidden_layers"]), hidden=int(raw["hidden_size"]), heads=heads,
+                   kv_heads=int(raw.get("num_key_value_heads") or heads), head_dim=int(raw["hidden_size"]) // heads,
+                   intermediate=int(raw["intermediate_size"]), vocab=job.gguf["vocab"],
+                   context_length=int(raw.get("max_position_embeddings", 4096)), params=job.gguf["params"],
+                   quant=job.quant.name, bytes=artifacts["llm"].bytes)
+    source = {"model": str(opts.model), "path": str(ckpt.resolve()),
+              "config_sha256": hashlib.sha256((ckpt / "config.json").read_bytes()).hexdigest(),
+              "synth": raw.get("mqt_edge_synth")}
+    return Manifest(
+        format_version=FORMAT_VERSION, mqt_edge_version=__version__, max_tokens=job.max_tokens,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), artifacts=artifacts,
+        source=source, graphs=job.graphs, preprocess=Preprocess(**_tupled(job.prompt.preprocess)),
+        prompt=Prompt(**job.prompt.prompt), special_tokens=SpecialTokens(bos=job.prompt.bos, eos=tuple(job.prompt.eos)),
+        llm=llm, vision=VisionFacts(**job.vision_cost), mqt=MQTFacts(**job.mqt_cost),
+        export=opts.to_dict() | {"max_tokens": job.max_tokens, "gguf_intermediate": job.inter,
+                                 "reference_llm_dtype": job.llm_dtype},
+        parity=job.report,
+        seconds={k: v for k, v in job.seconds.items() if k != "manifest"},  # stages done
+    )
