@@ -61,6 +61,9 @@ _ROLES = {"vision": (_ARTIFACT, True), "mqt": (_ARTIFACT, True), "llm": (_ARTIFA
           "vision_ort": (_ARTIFACT, False), "vision_int8": (_ARTIFACT, False),
           "vision_trt": (_ARTIFACT, False), "mqt_trt": (_ARTIFACT, False)}
 _INTS = lambda *names: {n: ("int", True) for n in names}  # noqa: E731
+# An ONNX graph's interface as exported; a shape lists ints and the names of dynamic axes ("batch", "m").
+_GRAPH = {"inputs": ("dict", True), "outputs": ("dict", True), "opset": ("int", True), "layers": ("int", False),
+          "max_tokens": ("int", False)}
 # One row of `mqt-edge eval`'s table; "tokens" is m here (format 1's key, kept so old bundles still load).
 _ACCURACY_ROW = {"tokens": ("int", True), "accuracy": ("num", True), "ttft_ms": ("num", True),
                  "total_ms": ("num", True), "n": ("int", True)}
@@ -79,7 +82,8 @@ MANIFEST_SCHEMA: dict = {
                | {"int8": ("dict", False)}, True),
     "mqt": (_INTS("flops_per_image", "flops_per_token") | {k: ("int", False) for k in (
         "params", "num_queries", "max_tokens", "heads", "hidden")}, True),
-    "source": ("dict", False), "graphs": ("dict", False), "export": ("dict", False), "parity": ("dict", False),
+    "source": ("dict", False), "graphs": ({"vision": (_GRAPH, True), "mqt": (_GRAPH, True)}, False),
+    "export": ("dict", False), "parity": ("dict", False),
     "seconds": ("dict", False), "accuracy": ([_ACCURACY_ROW], False), "accuracy_data": ("dict", False),
 }
 
@@ -128,7 +132,7 @@ class BundleError(MQTEdgeError):
 
 
 # -- the manifest as records: with the schema above, the only code that knows manifest.json's layout ----
-# Display-only parts (source, graphs, export, parity, seconds, accuracy_data, vision.int8) stay free-form
+# Display-only parts (source, export, parity, seconds, accuracy_data, vision.int8) stay free-form
 # dicts; everything the runtime or the planner acts on is a typed field. None means "not in the file".
 @dataclass(frozen=True)
 class FileEntry:
@@ -226,6 +230,22 @@ class MQTFacts:
     hidden: int | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class Graph:
+    """An exported ONNX graph's interface: what TensorRT's optimisation profiles are built from."""
+
+    inputs: Mapping[str, tuple[int | str, ...]]  # name -> shape; a str is a dynamic axis ("batch", "m")
+    outputs: Mapping[str, tuple[int | str, ...]]
+    opset: int
+    layers: int | None = None  # vision: the CLIP layers the graph runs
+    max_tokens: int | None = None  # mqt: the largest m it serves
+
+    @classmethod
+    def from_json(cls, d: dict) -> Graph:
+        shapes = {k: {name: tuple(shape) for name, shape in d[k].items()} for k in ("inputs", "outputs")}
+        return cls(**(d | shapes))
+
+
 @dataclass(frozen=True)
 class AccuracyRow:
     """Accuracy and times at m visual tokens, one row of `mqt-edge eval`'s table."""
@@ -257,7 +277,7 @@ class Manifest:
     max_tokens: int  # the largest m the MQT graph serves
     artifacts: Mapping[str, Artifact]  # role (vision, mqt, llm, vision_ort, vision_int8, vision_trt, mqt_trt)
     source: dict | None = None
-    graphs: dict | None = None  # each graph's input and output shapes, as exported
+    graphs: Mapping[str, Graph] | None = None  # vision and mqt: each graph's input and output shapes
     preprocess: Preprocess
     prompt: Prompt
     special_tokens: SpecialTokens | None = None
@@ -285,6 +305,8 @@ class Manifest:
             raise BundleError(f"{where} has max_tokens {data['max_tokens']}", "re-export the bundle")
         parsed = {key: _tuples(kind, data[key]) for key, kind in _RECORDS.items() if key in data}
         parsed["artifacts"] = {role: Artifact.from_json(e) for role, e in data["artifacts"].items()}
+        if "graphs" in data:
+            parsed["graphs"] = {role: Graph.from_json(g) for role, g in data["graphs"].items()}
         if "accuracy" in data:
             parsed["accuracy"] = tuple(AccuracyRow.from_json(row) for row in data["accuracy"])
         return cls(**(data | parsed))

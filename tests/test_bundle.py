@@ -45,6 +45,8 @@ BREAKAGES = {
     "not an object": (lambda m, b: m["artifacts"].update(llm="llm.gguf"), "artifacts.llm: not an object"),
     "path outside": (lambda m, b: m["artifacts"]["llm"].update(path="../outside.gguf"), "points outside"),
     "absolute path": (lambda m, b: m["artifacts"]["mqt"].update(path="/etc/passwd"), "points outside"),
+    "graph opset": (lambda m, b: m["graphs"]["vision"].update(opset="18"), "graphs.vision.opset: '18' is not"),
+    "graph role": (lambda m, b: m["graphs"].update(extra=m["graphs"]["mqt"]), "graphs.extra: unknown key"),
     "accuracy row key": (lambda m, b: m.update(accuracy=[{**ROW, "m": 2}]), "accuracy[0].m: unknown key"),
     "accuracy row type": (lambda m, b: m.update(accuracy=[{**ROW, "tokens": "2"}]), "accuracy[0].tokens"),
 }

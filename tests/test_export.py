@@ -76,6 +76,22 @@ def test_graphs_have_the_documented_interface(release):
     assert vision.run(None, {"pixel_values": px})[0].shape == (2, 576, 128)
 
 
+def test_the_manifest_records_each_graphs_interface_and_tensorrt_profiles_follow_it(release):
+    """manifest.graphs (typed Graph records) says what the ONNX files really take; the TensorRT
+    optimisation profiles are built from it (pure arithmetic: no TensorRT needed)."""
+    from mqt_edge.exporters.tensorrt import engine_shapes
+
+    _, bundle = release
+    graphs = bundle.manifest.graphs
+    for role, sess in zip(("vision", "mqt"), sessions(bundle)):
+        assert {i.name: tuple(i.shape) for i in sess.get_inputs()} == dict(graphs[role].inputs)
+        assert {o.name: tuple(o.shape) for o in sess.get_outputs()} == dict(graphs[role].outputs)
+    shapes = engine_shapes(graphs, bundle.max_tokens, opt_tokens=64, max_batch=4)
+    assert shapes["vision"]["pixel_values"] == ((1, 3, 336, 336), (1, 3, 336, 336), (4, 3, 336, 336))
+    assert shapes["mqt"]["image_features"] == ((1, 576, 128), (1, 576, 128), (4, 576, 128))
+    assert shapes["mqt"]["query_ids"] == ((1,), (64,), (256,))
+
+
 def test_gguf_logits_match_transformers(release):
     from mqt_edge.exporters.parity import gguf_logits
 

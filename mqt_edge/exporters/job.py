@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .._version import __version__
-from ..bundle import (FORMAT_VERSION, LLMFacts, Manifest, MQTFacts, Preprocess, Prompt, SpecialTokens, VisionFacts,
+from ..bundle import (FORMAT_VERSION, Graph, LLMFacts, Manifest, MQTFacts, Preprocess, Prompt, SpecialTokens, VisionFacts,
                       artifact_entry)
 from ..errors import MQTEdgeError
 
@@ -80,7 +80,7 @@ class ExportJob:
     tmp: Path = Path()  # the staging directory, set once it exists
     artifacts: dict[str, str] = field(default_factory=dict)  # role -> path under tmp
     entries: dict[str, dict] = field(default_factory=dict)  # role -> finished manifest entry (engines)
-    graphs: dict = field(default_factory=dict)  # role -> the ONNX graph's inputs/outputs
+    graphs: dict[str, Graph] = field(default_factory=dict)  # role -> the ONNX graph's interface
     report: dict = field(default_factory=dict)  # the manifest's "parity"
     seconds: dict[str, float] = field(default_factory=dict)
     gguf: dict = field(default_factory=dict)  # write_gguf's counts: params, vocab

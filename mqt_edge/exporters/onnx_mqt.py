@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..bundle import Graph
 from ..model.mqt import MatryoshkaQueryTransformer
 
 OPSET = 18
@@ -69,7 +70,7 @@ class MQTGraph(nn.Module):
         return out @ self.out_weight + self.out_bias  # (B, m, hidden)
 
 
-def export_mqt(mqt: MatryoshkaQueryTransformer, max_tokens: int, path: Path) -> dict:
+def export_mqt(mqt: MatryoshkaQueryTransformer, max_tokens: int, path: Path) -> Graph:
     """Write mqt.onnx; return its description for the manifest."""
     graph = MQTGraph(mqt, max_tokens).eval()
     c = mqt.config
@@ -85,12 +86,8 @@ def export_mqt(mqt: MatryoshkaQueryTransformer, max_tokens: int, path: Path) -> 
         external_data=False, verbose=False,
     )
     _name_dynamic_axes(path)
-    return {
-        "inputs": {"image_features": ["batch", P, c.kv_dim], "query_ids": ["m"]},
-        "outputs": {"visual_tokens": ["batch", "m", c.hidden_size]},
-        "opset": OPSET,
-        "max_tokens": max_tokens,
-    }
+    return Graph(inputs={"image_features": ("batch", P, c.kv_dim), "query_ids": ("m",)},
+                 outputs={"visual_tokens": ("batch", "m", c.hidden_size)}, opset=OPSET, max_tokens=max_tokens)
 
 
 def _name_dynamic_axes(path: Path) -> None:

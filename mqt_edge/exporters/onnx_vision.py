@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ..bundle import Graph
 from ..model import MQTLlava
 
 OPSET = 18
@@ -47,7 +48,7 @@ def save_onnx(proto: onnx.ModelProto, path: Path) -> None:
                     location=path.name + ".data", size_threshold=1024)
 
 
-def export_vision(model: MQTLlava, path: Path) -> dict:
+def export_vision(model: MQTLlava, path: Path) -> Graph:
     """Write vision.onnx; return its description for the manifest."""
     from optimum.exporters.onnx import export
 
@@ -75,12 +76,8 @@ def export_vision(model: MQTLlava, path: Path) -> dict:
     onnx.checker.check_model(proto)
     save_onnx(proto, path)
     H, W = model.image_spec.crop
-    return {
-        "inputs": {"pixel_values": ["batch", 3, H, W]},
-        "outputs": {"image_features": ["batch", P, C]},
-        "opset": OPSET,
-        "layers": len(vision.vision_model.encoder.layers),
-    }
+    return Graph(inputs={"pixel_values": ("batch", 3, H, W)}, outputs={"image_features": ("batch", P, C)},
+                 opset=OPSET, layers=len(vision.vision_model.encoder.layers))
 
 
 def optimize_vision(src: Path, dst: Path, model: MQTLlava, level: int) -> None:

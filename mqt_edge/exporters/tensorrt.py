@@ -12,12 +12,13 @@ number of query ids m (1..max_tokens, tuned for `opt_tokens`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 from .. import device
 from ..runtimes.tensorrt import load_tensorrt  # the runtime's loader: TensorRT import and GPU check
 
 if TYPE_CHECKING:
+    from ..bundle import Graph
     from .job import ExportJob
 
 
@@ -51,10 +52,10 @@ def build_engine(onnx_path: Path, engine_path: Path, shapes: dict[str, tuple], w
     engine_path.write_bytes(bytes(blob))
 
 
-def engine_shapes(graphs: dict, max_tokens: int, opt_tokens: int, max_batch: int) -> dict[str, dict[str, tuple]]:
+def engine_shapes(graphs: Mapping[str, Graph], max_tokens: int, opt_tokens: int, max_batch: int) -> dict[str, dict[str, tuple]]:
     """The optimisation profiles of both graphs, from the shapes the manifest records (its `graphs`)."""
-    v = graphs["vision"]["inputs"]["pixel_values"]
-    _, P, C = graphs["mqt"]["inputs"]["image_features"]
+    v = graphs["vision"].inputs["pixel_values"]
+    _, P, C = graphs["mqt"].inputs["image_features"]
     M = int(max_tokens)
     opt = max(1, min(opt_tokens, M))
     return {
@@ -72,7 +73,7 @@ def tensorrt_version() -> str:
     return trt.__version__
 
 
-def build_engines(src: Path, dst: Path, graphs: dict, max_tokens: int, opt_tokens: int, max_batch: int) -> dict:
+def build_engines(src: Path, dst: Path, graphs: Mapping[str, Graph], max_tokens: int, opt_tokens: int, max_batch: int) -> dict:
     """vision.engine and mqt.engine in dst, built from src's ONNX files; their manifest entries."""
     from dataclasses import replace
 
