@@ -19,8 +19,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
+from .backends import VISION_BACKENDS
 from .bundle import DEFAULT_BUNDLE
 from .errors import InputError, MQTEdgeError
+
+_BACKENDS_HELP = "Vision backend: " + ", ".join(VISION_BACKENDS) + "."  # the table in backends.py
 
 app = typer.Typer(
     name="mqt-edge",
@@ -232,8 +235,7 @@ def run(
     seed: int = typer.Option(0, help="Sampling seed."),
     refine: Optional[int] = typer.Option(None, help="Refine to this m when the first token is not confident."),
     confidence: float = typer.Option(0.5, help="First-token probability below which --refine refines (1.01: always)."),
-    vision_backend: str = typer.Option("auto", help="auto, tensorrt, onnxruntime, onnxruntime/cpu, onnxruntime/cuda "
-                                      "or onnxruntime/tensorrt-ep."),
+    vision_backend: str = typer.Option("auto", help=_BACKENDS_HELP),
     vision_precision: str = typer.Option("auto", help="onnxruntime's vision graph: auto (int8 on a CPU when the "
                                          "bundle has it) | fp32 | int8."),
     n_gpu_layers: int = typer.Option(0, min=0, help="LLM layers offloaded to the GPU (llama.cpp built with CUDA)."),
@@ -298,7 +300,7 @@ def serve(
     conversation_tokens: int = typer.Option(1024, min=16, help="Context each conversation has beyond its visual tokens."),
     max_new_tokens: int = typer.Option(256, min=1, help="Answer length when a request sets no max_tokens."),
     model_name: Optional[str] = typer.Option(None, help="Model id clients send (default: the bundle's directory name)."),
-    vision_backend: str = typer.Option("auto", help="auto | tensorrt | onnxruntime[/cpu|/cuda|/tensorrt-ep]."),
+    vision_backend: str = typer.Option("auto", help=_BACKENDS_HELP),
     n_gpu_layers: int = typer.Option(0, min=0, help="LLM layers offloaded to the GPU."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads per llama.cpp context."),
     ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve (extra: ray); --replicas copies of the server."),
@@ -342,7 +344,7 @@ def ros2_cmd(
     threads: int = typer.Option(0, min=0, help="CPU threads (0: all cores)."),
     vision_threads: int = typer.Option(0, min=0, help="Vision threads when overlapping (0: half the cores)."),
     llm_threads: int = typer.Option(0, min=0, help="LLM threads when overlapping (0: the other half)."),
-    vision_backend: str = typer.Option("auto", help="auto, tensorrt, onnxruntime, onnxruntime/cpu, /cuda or /tensorrt-ep."),
+    vision_backend: str = typer.Option("auto", help=_BACKENDS_HELP),
     n_gpu_layers: int = typer.Option(0, min=0, help="LLM layers offloaded to the GPU."),
 ) -> None:
     """Run the ROS 2 node: image, image/compressed and query in; answer and answer_info out.
