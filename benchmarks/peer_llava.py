@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from mqt_edge.bundle import Bundle
-from mqt_edge.exporters.parity import sample_images
+from mqt_edge.image import sample_images
 from mqt_edge.image import preprocess
 from mqt_edge.pipeline import Pipeline
 

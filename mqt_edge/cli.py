@@ -22,6 +22,7 @@ from . import __version__
 from .backends import VISION_BACKENDS
 from .bundle import DEFAULT_BUNDLE
 from .errors import InputError, MQTEdgeError
+from .presets import PRESETS
 
 _BACKENDS_HELP = "Vision backend: " + ", ".join(VISION_BACKENDS) + "."  # the table in backends.py
 
@@ -52,12 +53,12 @@ def _root(
 @app.command()
 def synth(
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write the checkpoint to."),
-    preset: str = typer.Option("tiny", "--preset", "-p", help="tiny | shapes | bench | mqt-llava-7b"),
+    preset: str = typer.Option("tiny", "--preset", "-p", help=" | ".join(PRESETS)),
     seed: int = typer.Option(0, help="Seed of the random weights."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
     """Write a random-weight checkpoint in the MQT-LLaVA release layout (CLIP tower included)."""
-    from .model.synth import PRESETS, get_preset, write_checkpoint
+    from .model.synth import get_preset, write_checkpoint
 
     p = get_preset(preset)
     with err.status(f"synth {preset}") as status:

@@ -15,6 +15,7 @@ from mqt_edge.bundle import Bundle, write_manifest
 from mqt_edge.errors import InputError
 from mqt_edge.exporters import ExportError, ExportOptions, export, parity
 from mqt_edge.pipeline import Pipeline
+from mqt_edge.image import sample_images
 
 Q = "What color is the circle?"
 TIMINGS = {"preprocess", "vision", "mqt", "prefill", "ttft", "decode", "total"}
@@ -66,7 +67,7 @@ def test_int8_parity_figures_are_the_int8_graphs(int8_bundle, tiny_model):
     r = int8_bundle.manifest.parity["vision_int8"]
     assert r["thresholds"] == {"min_token_cosine": parity.INT8_MIN_COSINE, "min_agreement": parity.INT8_MIN_AGREEMENT}
     assert r["enforced"] is False and r["pass"]  # random weights: reported, as q4_k_m is
-    px = np.concatenate([tiny_model.pixel_values(im).numpy() for im in parity.sample_images(3)])
+    px = np.concatenate([tiny_model.pixel_values(im).numpy() for im in sample_images(3)])
     feats = session(int8_bundle.path("vision_int8")).run(None, {"pixel_values": px})[0]
     mqt = session(int8_bundle.path("mqt"))
     worst = 1.0

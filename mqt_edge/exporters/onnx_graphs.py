@@ -4,6 +4,7 @@ vision-ort.onnx, and their parity: each vision graph chained into mqt.onnx again
 
 from __future__ import annotations
 
+from ..image import sample_images
 from .job import ExportError, ExportJob
 
 
@@ -55,7 +56,7 @@ def _onnx_parity(job: ExportJob) -> dict:
 
     model, M = job.model, job.max_tokens
     mqt = cpu_session(job.path("mqt"))
-    images = parity.sample_images(3)
+    images = sample_images(3)
     ms = sorted({1, max(1, M // 2 - 1), M})
     px = np.concatenate([model.pixel_values(im).numpy() for im in images])  # (3, 3, H, W)
     with torch.no_grad():

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import numpy as np
 
 from ..errors import InputError
+from ..image import sample_images
 from .job import ExportError, ExportJob
 
 if TYPE_CHECKING:
@@ -160,11 +161,10 @@ def _count_int8_matmuls(proto: onnx.ModelProto) -> int:
 
 def build(job: ExportJob) -> None:
     """vision-int8.onnx from the graph onnxruntime would otherwise run (the fused one with --optimize)."""
-    from . import parity
 
     with job.stage("vision int8"):
         src = job.artifacts.get("vision_ort", job.artifacts["vision"])
-        calib = [job.model.pixel_values(im).numpy() for im in parity.sample_images(8, seed=7)]
+        calib = [job.model.pixel_values(im).numpy() for im in sample_images(8, seed=7)]
         info = quantize_vision(job.tmp / src, job.tmp / "vision-int8.onnx", DEFAULT_METHOD,
                                calib if DEFAULT_METHOD == "static" else ())
         job.artifacts["vision_int8"] = "vision-int8.onnx"
@@ -196,7 +196,7 @@ def _int8_parity(job: ExportJob) -> tuple[dict, dict]:
 
     model, M, random_weights = job.model, job.max_tokens, job.random_weights
     mqt = cpu_session(job.path("mqt"))
-    px = np.concatenate([model.pixel_values(im).numpy() for im in parity.sample_images(3)])
+    px = np.concatenate([model.pixel_values(im).numpy() for im in sample_images(3)])
     ms = sorted({1, max(1, M // 2 - 1), M})
     with torch.no_grad():
         ref_feats = model.image_features(torch.from_numpy(px))

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..image import sample_images  # noqa: F401  (re-exported: the exporter and older callers use parity.sample_images)
 
 ONNX_REL_TOL = 1e-4
 ONNX_MIN_COSINE = 0.99999

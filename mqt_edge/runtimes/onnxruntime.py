@@ -13,7 +13,7 @@ import numpy as np
 
 from ..bundle import Bundle, BundleError
 from ..errors import InputError, require
-from ..quants import VISION_PRECISIONS
+from ..quants import VISION_PRECISIONS, check_vision_precision
 from . import BACKENDS, backend_info
 from .base import check_active
 
@@ -140,9 +140,7 @@ class OnnxRuntimeVision:
 
 def check_precision(bundle: Bundle, precision: str | None) -> str:
     """auto | fp32 | int8, refusing int8 for a bundle exported without it."""
-    precision = precision or "auto"
-    if precision not in PRECISIONS:
-        raise InputError(f"unknown vision precision '{precision}'", f"choose one of: {', '.join(PRECISIONS)}")
+    precision = check_vision_precision(precision or "auto")
     if precision == "int8" and not bundle.manifest.has("vision_int8"):
         raise InputError(f"the bundle {bundle.root} has no int8 vision graph",
                          "re-export it with --vision-quant int8, or use --vision-precision fp32")
