@@ -165,7 +165,7 @@ def main() -> None:
     report = {
         "machine": f"{threads} CPU cores ({os.uname().machine})",
         "bundle": {"llm": manifest.llm.quant, "llm_bytes": manifest.llm.bytes, "params": manifest.llm.params,
-                   "source": (manifest.source.get("synth") or {}).get("preset", manifest.source["model"])},
+                   "source": manifest.source_name},
         "rows": rows,
         "reuse": reuse,
         "llava_baseline_ttft_ms": baseline,

@@ -43,9 +43,10 @@ ARTIFACT_NAMES = re.compile(r"^(vision(-ort|-int8)?\.onnx|mqt\.onnx)(\.data)?$|^
 
 
 # -- the manifest's schema: (type, required) per key; a table so a new key is one row ----------------
-# Types: "int" (not bool), "num" (finite int or float), "str", "bool", "dict" / "list" (free-form
-# records the runtime only displays), a nested table, or [table] (a list of such records). Unknown
-# keys and wrong types are refused.
+# Types: "int" (not bool), "num" (finite int or float), "str", "bool", "int_list" (ints >= 0, any
+# length), "shapes" (name -> a shape: ints >= 0 and axis names), "dict" / "list" (free-form records
+# the runtime only displays), a nested table, or [table] (a list of such records). Unknown keys and
+# wrong types are refused.
 def _ints(n: int) -> tuple[str, int]:
     return ("ints", n)
 
@@ -62,7 +63,7 @@ _ROLES = {"vision": (_ARTIFACT, True), "mqt": (_ARTIFACT, True), "llm": (_ARTIFA
           "vision_trt": (_ARTIFACT, False), "mqt_trt": (_ARTIFACT, False)}
 _INTS = lambda *names: {n: ("int", True) for n in names}  # noqa: E731
 # An ONNX graph's interface as exported; a shape lists ints and the names of dynamic axes ("batch", "m").
-_GRAPH = {"inputs": ("dict", True), "outputs": ("dict", True), "opset": ("int", True), "layers": ("int", False),
+_GRAPH = {"inputs": ("shapes", True), "outputs": ("shapes", True), "opset": ("int", True), "layers": ("int", False),
           "max_tokens": ("int", False)}
 # One row of `mqt-edge eval`'s table; "tokens" is m here (format 1's key, kept so old bundles still load).
 _ACCURACY_ROW = {"tokens": ("int", True), "accuracy": ("num", True), "ttft_ms": ("num", True),
@@ -75,7 +76,7 @@ MANIFEST_SCHEMA: dict = {
                     "pad_color": (_ints(3), False)}, True),
     "prompt": ({k: ("str", True) for k in ("name", "system", "user", "assistant", "sep", "stop")}
                | {"prefix_tokens": ("int", False)}, True),
-    "special_tokens": ({"bos": ("int", True), "eos": ("list", True)}, False),
+    "special_tokens": ({"bos": ("int", True), "eos": ("int_list", True)}, False),
     "llm": (_INTS("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab", "context_length",
                   "params", "bytes") | {"quant": ("str", True)}, True),
     "vision": (_INTS("flops", "params", "patches", "feature_dim") | {k: ("int", False) for k in ("layers_run", "image_size")}
@@ -88,17 +89,41 @@ MANIFEST_SCHEMA: dict = {
 }
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_count(v: object) -> bool:
+    return _is_int(v) and v >= 0
+
+
+_KINDS: dict[str, Callable[[object], bool]] = {
+    "int": _is_count, "num": _is_real, "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
+    "dict": lambda v: isinstance(v, dict), "list": lambda v: isinstance(v, list),
+    "sha256": lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None,
+    "int_list": lambda v: isinstance(v, list) and all(_is_count(x) for x in v),
+    # One axis of a shape: a fixed size, or the name of a dynamic axis ("batch", "m").
+    "shape": lambda v: isinstance(v, list) and all(_is_count(x) or (isinstance(x, str) and x) for x in v),
+}
+
+
 def _type_ok(kind, value) -> bool:
-    real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
     if isinstance(kind, tuple):  # ("ints" | "nums", length)
-        each = (lambda v: isinstance(v, int) and not isinstance(v, bool)) if kind[0] == "ints" else real
+        each = _is_int if kind[0] == "ints" else _is_real
         return isinstance(value, list) and len(value) == kind[1] and all(each(v) for v in value)
-    return {
-        "int": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-        "num": real, "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
-        "dict": lambda v: isinstance(v, dict), "list": lambda v: isinstance(v, list),
-        "sha256": lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None,
-    }[kind](value)
+    return _KINDS[kind](value)
+
+
+def _shape_errors(value: object, name: str) -> list[str]:
+    """A graph's inputs or outputs: each name maps to a shape (checked per name, so the error names it)."""
+    if not isinstance(value, dict):
+        return [f"{name}: {value!r:.40} is not an object"]
+    return [f"{name}.{k}: {shape!r:.40} is not {_KIND_NAMES['shape']}" for k, shape in value.items()
+            if not _type_ok("shape", shape)]
 
 
 def schema_errors(data: object, schema: dict = MANIFEST_SCHEMA, where: str = "") -> list[str]:
@@ -116,6 +141,8 @@ def schema_errors(data: object, schema: dict = MANIFEST_SCHEMA, where: str = "")
             rows = data[key]
             errors += ([f"{name}: {rows!r:.40} is not a list"] if not isinstance(rows, list) else
                        [e for i, row in enumerate(rows) for e in schema_errors(row, kind[0], f"{name}[{i}].")])
+        elif kind == "shapes":
+            errors += _shape_errors(data[key], name)
         elif not _type_ok(kind, data[key]):
             errors.append(f"{name}: {data[key]!r:.40} is not {_KIND_NAMES.get(kind if isinstance(kind, str) else kind[0], kind)}"
                           + (f" (x{kind[1]})" if isinstance(kind, tuple) else ""))
@@ -124,7 +151,8 @@ def schema_errors(data: object, schema: dict = MANIFEST_SCHEMA, where: str = "")
 
 _KIND_NAMES = {"int": "an integer >= 0", "num": "a finite number", "str": "a string", "bool": "true/false",
                "dict": "an object", "list": "a list", "sha256": "64 hex digits", "ints": "a list of integers",
-               "nums": "a list of numbers"}
+               "nums": "a list of numbers", "int_list": "a list of integers >= 0",
+               "shape": "a shape (a list of sizes >= 0 and axis names)"}
 
 
 class BundleError(MQTEdgeError):
@@ -262,6 +290,64 @@ class AccuracyRow:
         return cls(**{f.name: d[cls.JSON_KEYS.get(f.name, f.name)] for f in fields(cls)})
 
 
+# -- the export's parity report (manifest "parity"), read for display --------------------------------
+# The exporters write it (exporters/onnx_graphs, onnx_quant, gguf_llm, quants.Quant.judge); this is the
+# only code that reads it, so the CLI prints ParityCheck rows and never looks inside the report.
+GGUF_PARITY = "gguf_"  # report key prefix of a GGUF check, before its weight type: gguf_f32, gguf_q4_k_m
+TOKEN_REPORTS = ("m=", "ids=")  # an ONNX entry's visual-token reports (beside "features" and "pass")
+
+
+def gguf_parity_key(quant: str) -> str:
+    """The parity report's key for the check of llm-QUANT.gguf."""
+    return GGUF_PARITY + quant
+
+
+@dataclass(frozen=True)
+class ParityCheck:
+    """One parity check of an export, as the export summary shows it."""
+
+    name: str  # what it checked, where one role has several ("f32", "q4_k_m"); "" otherwise
+    passed: bool
+    enforced: bool  # False: figures of a random-weight model, reported without gating the export
+    figures: str  # the deciding numbers, short
+
+    @property
+    def verdict(self) -> str:
+        return "FAIL" if not self.passed else "pass" if self.enforced else "reported"
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.verdict}: {self.figures}" if self.name else f"{self.verdict}: {self.figures}"
+
+
+def _int8_checks(parity: dict, role: str) -> list[ParityCheck]:
+    r = parity["vision_int8"]
+    agreement = r.get("answer_agreement", float("nan"))  # absent when the export stopped before the GGUF
+    return [ParityCheck("", r["pass"], r["enforced"],
+                        f"worst token cosine {r['min_token_cosine']:.4f}, answers {agreement:.0%} same as fp32")]
+
+
+def _onnx_checks(parity: dict, role: str) -> list[ParityCheck]:
+    entry = parity["onnx"]["vision_ort" if role == "vision_ort" else "vision"]  # mqt.onnx is checked behind vision.onnx
+    worst = max(v["max_abs_err"] for k, v in entry.items() if k.startswith(TOKEN_REPORTS))
+    return [ParityCheck("", entry["pass"], True, f"tokens max err {worst:.1e}")]
+
+
+def _gguf_checks(parity: dict, role: str) -> list[ParityCheck]:
+    checks = []
+    for key, r in parity.items():
+        if key.startswith(GGUF_PARITY):  # the unquantised conversion's check is by rel err, a quant's by KL
+            figs = f"rel {r['rel_err']:.1e}" if "max_rel_err" in r["thresholds"] else f"KL {r['kl']:.3f}"
+            checks.append(ParityCheck(key[len(GGUF_PARITY):], r["pass"], r.get("enforced", True),
+                                      f"{figs}, top-1 {r['top1']:.0%}"))
+    return checks
+
+
+# Artifact role -> its checks in the report. Roles without a row (TensorRT engines) have no parity run.
+_PARITY_CHECKS: dict[str, Callable[[dict, str], list[ParityCheck]]] = {
+    "vision": _onnx_checks, "vision_ort": _onnx_checks, "mqt": _onnx_checks, "vision_int8": _int8_checks,
+    "llm": _gguf_checks}
+
+
 # Manifest fields that are records, and how each is read from its checked JSON object.
 _RECORDS = {"preprocess": Preprocess, "prompt": Prompt, "special_tokens": SpecialTokens, "llm": LLMFacts,
             "vision": VisionFacts, "mqt": MQTFacts}
@@ -292,6 +378,26 @@ class Manifest:
 
     def has(self, role: str) -> bool:
         return role in self.artifacts
+
+    @property
+    def source_name(self) -> str | None:
+        """What the bundle was exported from: the synth preset, else the model as given to export."""
+        source = self.source or {}
+        return (source.get("synth") or {}).get("preset", source.get("model"))
+
+    def parity_checks(self, role: str) -> list[ParityCheck] | None:
+        """The export's parity checks of one artifact; None when the export skipped parity."""
+        if not self.parity:
+            return None
+        read = _PARITY_CHECKS.get(role)
+        return read(self.parity, role) if read else []
+
+    def parity_summary(self, role: str) -> str:
+        """One artifact's parity, as the export summary's cell."""
+        checks = self.parity_checks(role)
+        if checks is None:
+            return "skipped"
+        return "; ".join(map(str, checks)) if role in _PARITY_CHECKS else "built on this device"
 
     @classmethod
     def from_json(cls, data: object, where: str = "the manifest") -> Manifest:

@@ -141,7 +141,7 @@ def export_cmd(
     for col in ("artifact", "size", "parity"):
         table.add_column(col)
     for role, entry in manifest.artifacts.items():
-        table.add_row(entry.path, f"{entry.total_bytes / 2**20:,.1f} MiB", _parity_cell(role, manifest.parity))
+        table.add_row(entry.path, f"{entry.total_bytes / 2**20:,.1f} MiB", manifest.parity_summary(role))
     err.print(table)
 
 
@@ -166,42 +166,6 @@ def _export_with_progress(export, opts, screen: Console):
             current.append(bar.add_task(name, total=1))
 
         return export(opts, on_stage=on_stage)
-
-
-def _int8_cell(parity: dict, role: str) -> str:
-    r = parity["vision_int8"]
-    flag = "pass" if r["enforced"] else "reported"
-    return (f"{flag}: worst token cosine {r['min_token_cosine']:.4f}, "
-            f"answers {r.get('answer_agreement', float('nan')):.0%} same as fp32")
-
-
-def _onnx_cell(parity: dict, role: str) -> str:
-    onnx = parity["onnx"]
-    key = "vision_ort" if role == "vision_ort" else "vision"  # mqt.onnx is checked behind vision.onnx
-    worst = max(v["max_abs_err"] for k, v in onnx[key].items() if k.startswith(("m=", "ids=")))
-    return f"{'pass' if onnx[key]['pass'] else 'FAIL'}: tokens max err {worst:.1e}"
-
-
-def _llm_cell(parity: dict, role: str) -> str:
-    cells = []
-    for k, r in parity.items():
-        if k.startswith("gguf_"):
-            figs = f"rel {r['rel_err']:.1e}" if "max_rel_err" in r["thresholds"] else f"KL {r['kl']:.3f}"
-            flag = "pass" if r["pass"] and r.get("enforced", True) else ("reported" if r["pass"] else "FAIL")
-            cells.append(f"{k[5:]} {flag}: {figs}, top-1 {r['top1']:.0%}")
-    return "; ".join(cells)
-
-
-# The export summary's parity column: role -> the cell from the manifest's parity report.
-_PARITY_CELLS = {"vision_int8": _int8_cell, "vision": _onnx_cell, "vision_ort": _onnx_cell, "mqt": _onnx_cell,
-                 "llm": _llm_cell}
-
-
-def _parity_cell(role: str, parity: dict | None) -> str:
-    if not parity:
-        return "skipped"
-    cell = _PARITY_CELLS.get(role)
-    return cell(parity, role) if cell else "built on this device"  # TensorRT engines: no parity run
 
 
 @app.command()

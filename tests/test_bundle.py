@@ -49,6 +49,19 @@ BREAKAGES = {
     "graph role": (lambda m, b: m["graphs"].update(extra=m["graphs"]["mqt"]), "graphs.extra: unknown key"),
     "accuracy row key": (lambda m, b: m.update(accuracy=[{**ROW, "m": 2}]), "accuracy[0].m: unknown key"),
     "accuracy row type": (lambda m, b: m.update(accuracy=[{**ROW, "tokens": "2"}]), "accuracy[0].tokens"),
+    "input shape 5": (lambda m, b: m["graphs"]["vision"]["inputs"].update(pixel_values=5),
+                      "graphs.vision.inputs.pixel_values: 5 is not a shape"),
+    "text shape": (lambda m, b: m["graphs"]["vision"]["inputs"].update(pixel_values="oops"),
+                   "graphs.vision.inputs.pixel_values: 'oops' is not a shape"),
+    "negative axis": (lambda m, b: m["graphs"]["mqt"]["outputs"].update(visual_tokens=["batch", "m", -1]),
+                      "graphs.mqt.outputs.visual_tokens: ['batch', 'm', -1] is not a shape"),
+    "null axis": (lambda m, b: m["graphs"]["mqt"]["inputs"].update(query_ids=[None]),
+                  "graphs.mqt.inputs.query_ids: [None] is not a shape"),
+    "outputs not a map": (lambda m, b: m["graphs"]["vision"].update(outputs=[576]),
+                          "graphs.vision.outputs: [576] is not an object"),
+    "eos [None]": (lambda m, b: m["special_tokens"].update(eos=[None]), "special_tokens.eos: [None] is not a list of"),
+    "eos [object]": (lambda m, b: m["special_tokens"].update(eos=[{"a": 1}]), "special_tokens.eos: [{'a': 1}] is not"),
+    "eos not a list": (lambda m, b: m["special_tokens"].update(eos=2), "special_tokens.eos: 2 is not a list"),
 }
 
 
@@ -68,6 +81,17 @@ def test_a_bad_manifest_is_one_bundle_error(bundle, tmp_path, name):
     with pytest.raises(BundleError, match="re-export") as exc:
         Bundle.open(b, verify=False)
     assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("name", ["input shape 5", "text shape", "eos [None]"])
+def test_a_malformed_shape_or_eos_is_one_line_through_the_cli(bundle, tmp_path, name):
+    edit, message = BREAKAGES[name]
+    b = edited(bundle, tmp_path, edit)
+    scene().save(tmp_path / "img.png")
+    r = cli("run", str(tmp_path / "img.png"), "What is it?", "--bundle", str(b), "-m", "2")
+    lines = stderr_lines(r)
+    assert r.returncode != 0 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert message in lines[0] and "re-export" in lines[0], lines[0]
 
 
 def test_a_symlink_out_of_the_bundle_is_refused(bundle, tmp_path):

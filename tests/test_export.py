@@ -307,6 +307,37 @@ def test_engine_command_without_tensorrt(q4_bundle):
     assert "vision_trt" not in Bundle.open(q4_bundle.root).manifest.artifacts
 
 
+def test_engine_builds_stage_per_process_and_leave_nothing(q4_bundle, tmp_path, monkeypatch):
+    """`mqt-edge engine` (engine build faked: no TensorRT here) stages in this process's own directory."""
+    import dataclasses
+    import os
+
+    import mqt_edge.exporters as exporters
+    import mqt_edge.exporters.tensorrt as trt_export
+    from mqt_edge.bundle import artifact_entry
+
+    b = shutil.copytree(q4_bundle.root, tmp_path / "b")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (b / f".engines.partial-{dead.pid}").mkdir()  # a killed build's leftovers
+    staged = []
+
+    def fake_build(src, dst, graphs, max_tokens, opt_tokens, max_batch):
+        staged.append(dst)
+        for name in ("vision.engine", "mqt.engine"):
+            (dst / name).write_bytes(b"engine")
+        return {role: dataclasses.replace(artifact_entry(dst, name), tensorrt="0", gpu="fake", opt_tokens=opt_tokens)
+                for role, name in (("vision_trt", "vision.engine"), ("mqt_trt", "mqt.engine"))}
+
+    monkeypatch.setitem(exporters.FORMATS, "tensorrt", dataclasses.replace(exporters.FORMATS["tensorrt"],
+                                                                           probe=lambda: None))
+    monkeypatch.setattr(trt_export, "build_engines", fake_build)
+    built = exporters.build_engines_in_bundle(b, opt_tokens=8)
+    assert staged == [b / f".engines.partial-{os.getpid()}"]
+    assert built.manifest.artifacts["mqt_trt"].gpu == "fake" and (b / "mqt.engine").read_bytes() == b"engine"
+    assert not [p.name for p in b.iterdir() if ".partial-" in p.name]
+
+
 def test_export_without_model_says_how_to_get_one(tmp_path):
     """An install without the shipped model (e.g. its assets removed) says how to get a checkpoint."""
     code = ("import sys, pathlib, mqt_edge.defaults as d; d.DEFAULT_MODEL = pathlib.Path(sys.argv[1]); "

@@ -67,6 +67,16 @@ def test_malformed_profiles_name_the_key_and_line(text, match):
         parse_profile(text, "my.toml")
 
 
+def test_a_misspelt_vision_backend_is_refused_when_the_profile_loads(tmp_path):
+    path = tmp_path / "dev.toml"
+    path.write_text(_text(**{'vision_backend = "onnxruntime/cpu"': 'vision_backend = "tensorrtt"'}))
+    with pytest.raises(ProfileError, match=r"dev.toml, line 24: \[prefer\] vision_backend 'tensorrtt'") as exc:
+        load_profile(str(path))
+    assert "\n" not in str(exc.value) and "tensorrt, onnxruntime" in str(exc.value)  # the fix lists the names
+    r = cli("plan", "--profile", str(path), "--preset", "bench")
+    assert r.returncode == 2 and len(stderr_lines(r)) == 1 and "vision_backend 'tensorrtt'" in r.stderr, r.stderr
+
+
 def test_unknown_profile_lists_the_known_ones():
     with pytest.raises(ProfileError, match="did you mean jetson-orin-nano-8gb.*known: a100-80gb"):
         load_profile("jetson-orin-nano-8g")

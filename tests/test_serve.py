@@ -158,6 +158,8 @@ def test_openai_client_gets_red_streaming_and_not(srv):
 def test_models_and_health(srv):
     models = srv.client().models.list()
     assert [m.id for m in models.data] == [MODEL]
+    card = models.data[0].model_extra["mqt"]  # M is max_m: max_tokens is OpenAI's, counting text tokens
+    assert card["max_m"] == 256 and "max_tokens" not in card and 1 <= card["default_m"] <= 256
     h = httpx.get(srv.url + "/health", timeout=T).json()
     assert h["status"] == "ok" and h["slots"] == 2
 
@@ -328,7 +330,7 @@ CASES = {
     "wrong API key": (chat(data_url()), "sk-wrong", 401, "invalid_api_key"),
     "malformed JSON": (b'{"model": "mqt-default", "messages": [', KEY, 400, "invalid_json"),
     "n = 2": (chat(data_url()) | {"n": 2}, KEY, 400, "unsupported_parameter"),
-    "m above the bundle's": (chat(data_url()) | {"mqt": {"m": 999}}, KEY, 422, "invalid_tokens"),
+    "m above the bundle's": (chat(data_url()) | {"mqt": {"m": 999}}, KEY, 422, "invalid_m"),
     "unknown mqt key": (chat(data_url()) | {"mqt": {"tokens": 16}}, KEY, 400, "invalid_value"),
     "no image": ({"model": MODEL, "messages": [{"role": "user", "content": Q}]}, KEY, 400, "invalid_value"),
     "context overflow": (chat(data_url()) | {"max_tokens": 100000}, KEY, 400, "context_length_exceeded"),

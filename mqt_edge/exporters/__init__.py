@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from importlib import import_module
 from pathlib import Path
 from typing import Callable
 
+from ..atomic import atomic_dir
 from ..bundle import DEFAULT_BUNDLE, Bundle, check_output_dir, remove_stale_staging, staging, write_manifest
 from ..errors import InputError, TokensError
 from ..quants import get_quant
@@ -257,17 +257,18 @@ def build_engines_in_bundle(bundle_dir: Path, opt_tokens: int = 64, max_batch: i
 
     FORMATS["tensorrt"].require()
     bundle = Bundle.open(bundle_dir)
-    tmp = bundle_dir / ".engines-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    # Staged in this process's own hidden directory inside the bundle (a dead build's is removed on the
+    # next run), so two builds never share one; the engines join the bundle only once both are built.
+    with atomic_dir(bundle_dir / "engines", install=_keep_in_place) as tmp:
         entries = build_engines(bundle_dir, tmp, bundle.manifest.graphs, bundle.max_tokens, opt_tokens, max_batch)
         for entry in entries.values():
             os.replace(tmp / entry.path, bundle_dir / entry.path)
         write_manifest(bundle_dir, replace(bundle.manifest, artifacts={**bundle.manifest.artifacts, **entries}))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return Bundle.open(bundle_dir)
+
+
+def _keep_in_place(tmp: Path, out: Path) -> None:
+    """The engines were moved into the bundle inside the block: nothing is left to install."""
 
 
 __all__ = ["FORMATS", "ExportError", "ExportJob", "ExportOptions", "ExportResult", "Format", "Step",

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bundle import gguf_parity_key
 from ..errors import InputError, require
 from ..model.checkpoint import MQT_PREFIX, VISION_PREFIX, WeightReader
 from ..quants import QUANTS, Quant, get_quant  # noqa: F401  (re-exported: callers use gguf_llm.QUANTS)
@@ -168,9 +169,9 @@ def check(job: ExportJob) -> None:
         r = parity.logits_report(parity.gguf_logits(path, ref.ids, job.opts.threads), ref.logits)
         QUANTS[job.inter].judge(r)
         job.report["tokenizer"] = parity.tokenizer_report(path, ref.pieces, ref.before, ref.after)
-        job.report[f"gguf_{job.inter}"] = r
+        job.report[gguf_parity_key(job.inter)] = r
     job.gate("tokenizer")
-    job.gate(f"gguf_{job.inter}")
+    job.gate(gguf_parity_key(job.inter))
 
 
 def build_quantised(job: ExportJob) -> None:
@@ -185,7 +186,7 @@ def check_quantised(job: ExportJob) -> None:
     """KL and top-1 against the reference; reported, not enforced, for a synth checkpoint."""
     from . import parity
 
-    ref, key = job.reference, f"gguf_{job.quant.name}"
+    ref, key = job.reference, gguf_parity_key(job.quant.name)
     with job.stage(f"parity: gguf {job.quant.name}"):
         r = parity.logits_report(parity.gguf_logits(job.path("llm"), ref.ids, job.opts.threads), ref.logits)
         job.report[key] = job.quant.judge(r, enforced=not job.is_synth)

@@ -15,6 +15,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 from .. import device
+from ..backends import BACKENDS, VISION_BACKENDS
 from ..errors import MQTEdgeError
 
 if sys.version_info >= (3, 11):
@@ -198,13 +199,22 @@ def parse_profile(text: str, where: str, path: str | None = None) -> Profile:
         memory=_build(Memory, data["memory"], "memory", text, where),
         compute=_build(Compute, data["compute"], "compute", text, where),
         limits=_build(Limits, data["limits"], "limits", text, where),
-        prefer=_build(Prefer, data["prefer"], "prefer", text, where),
+        prefer=_checked_prefer(_build(Prefer, data["prefer"], "prefer", text, where), text, where),
         sources=dict(sources), modes=dict(modes),
         efficiency=_build(Efficiency, data.get("efficiency", {}), "efficiency", text, where),
         calibration=_build(Calibration, data["calibration"], "calibration", text, where)
         if "calibration" in data else None,
         path=path,
     )
+
+
+def _checked_prefer(prefer: Prefer, text: str, where: str) -> Prefer:
+    """A misspelt backend is refused here, not when a run first asks for it (or, on a CPU, never)."""
+    if prefer.vision_backend not in BACKENDS:
+        raise ProfileError(f"{where}, line {_line_of(text, 'vision_backend', 'prefer')}: [prefer] vision_backend "
+                           f"'{prefer.vision_backend}' is not a vision backend",
+                           f"choose one of: {', '.join(VISION_BACKENDS)}")
+    return prefer
 
 
 def _check_top(data: dict, text: str, where: str) -> None:

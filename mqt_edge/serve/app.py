@@ -151,7 +151,7 @@ def _model_card(state: _State) -> dict:
     cfg, engine = state.cfg, state.engine
     card = {"id": cfg.model_id, "object": "model", "created": 0, "owned_by": "mqt-edge"}
     if engine.ready.is_set():
-        card["mqt"] = {"max_tokens": engine.pipe.max_tokens, "default_m": engine.start.m,
+        card["mqt"] = {"max_m": engine.pipe.max_tokens, "default_m": engine.start.m,
                        "profile": engine.start.profile}
     return card
 
@@ -184,7 +184,7 @@ async def _ask(engine: Engine, cfg: ServeConfig, req, conv: Conversation) -> pol
     m = pipe.check_tokens(opts.m if opts and opts.m else engine.start.m)
     refine = pipe.check_tokens(opts.refine) if opts and opts.refine else None
     if refine is not None and refine <= m:
-        raise APIError(422, f"mqt.refine {refine} is not above the m of {m}", "invalid_tokens", "mqt.refine")
+        raise APIError(422, f"mqt.refine {refine} is not above the m of {m}", "invalid_m", "mqt.refine")
     stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     seed = req.seed if req.seed is not None else secrets.randbits(31)
     return policy.Ask(image=img.sha256, load_image=lambda: images.open_image(img, pipe.max_pixels),

@@ -37,7 +37,7 @@ class APIError(Exception):
 
 # Library errors a request can cause: class -> (status, code). Order matters: first match wins.
 LIBRARY_ERRORS: list[tuple[type, int, str]] = [
-    (TokensError, 422, "invalid_tokens"),
+    (TokensError, 422, "invalid_m"),
     (ImageError, 400, "invalid_image"),
     (InputError, 400, "invalid_request"),
     (MQTEdgeError, 422, "unprocessable"),

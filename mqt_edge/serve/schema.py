@@ -111,7 +111,7 @@ def parse_chat(raw: bytes) -> ChatRequest:
         raise APIError(400, f"stop takes up to {MAX_STOP} non-empty strings", "invalid_value", "stop")
     if req.mqt and req.mqt.m and req.mqt.refine and req.mqt.refine <= req.mqt.m:
         raise APIError(422, f"mqt.refine {req.mqt.refine} is not above mqt.m {req.mqt.m}",
-                       "invalid_tokens", "mqt.refine")
+                       "invalid_m", "mqt.refine")
     return req
 
 
