@@ -57,7 +57,7 @@ def measure(bundle_dir: str, runs: int = 2, threads: int | None = None) -> Calib
                 a = pipe.ask(image, "What is in this image?", m=m, max_new_tokens=16)
                 rows.append((m, a))
         manifest = pipe.bundle.manifest
-        precision = "int8" if pipe.backends["vision"].endswith(" int8") else "fp32"
+        precision = pipe.vision.precision  # the graph the timings were measured on
     t = lambda a, k: a.timings_ms[k]  # noqa: E731
     mqt_fixed, mqt_slope = line_fit([m for m, _ in rows], [t(a, "mqt") for _, a in rows])
     prefill_fixed, prefill_slope = line_fit([a.prefilled for _, a in rows], [t(a, "prefill") for _, a in rows])

@@ -8,7 +8,6 @@ non-zero exit code; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -209,18 +208,17 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
 ) -> None:
     """Answer a question about an image with a bundle (no torch: onnxruntime/TensorRT + llama.cpp)."""
-    from .pipeline import Pipeline, _check_sampling, check_threads
+    from .pipeline import Pipeline, check_confidence, check_limit, check_sampling, check_threads
     from .prompt import check_question
 
-    # Everything checkable without the bundle first: a typo costs milliseconds, not a model load.
+    # The API's own checks, run before the bundle loads (a typo costs milliseconds, not a model
+    # load) and naming the flags.
     check_question(question)
-    _check_sampling(max_new_tokens, temperature, top_p, seed)
+    check_sampling(max_new_tokens, temperature, top_p, seed)
     check_threads(threads)
-    if not (math.isfinite(confidence) and confidence >= 0):
-        raise InputError(f"--confidence {confidence} is not a probability", "use 0..1 (1.01: always refine)")
-    for name, value in (("--ttft-ms", ttft_ms), ("--memory-mb", memory_mb)):
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise InputError(f"{name} {value} is not a positive number", f"e.g. {name} 2000")
+    check_confidence(confidence, "--confidence")
+    check_limit("--ttft-ms", ttft_ms)
+    check_limit("--memory-mb", memory_mb)
     gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
     def show(piece: str) -> None:

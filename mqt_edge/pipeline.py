@@ -36,7 +36,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -76,7 +76,13 @@ def _is_real(x) -> bool:
     return not isinstance(x, bool) and isinstance(x, (int, float, np.integer, np.floating)) and math.isfinite(x)
 
 
-def _check_sampling(max_new_tokens, temperature, top_p, seed=0) -> None:
+SAMPLING = {"max_new_tokens": 128, "temperature": 0.0, "top_p": 1.0, "seed": 0}  # generate()'s defaults
+DEFAULT_CONFIDENCE = 0.5
+ALWAYS_REFINE = 1.01  # above any probability: the largest confidence, "always refine"
+
+
+def check_sampling(max_new_tokens, temperature, top_p, seed=0) -> None:
+    """The sampling arguments of every generation, or a one-line InputError."""
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens={max_new_tokens!r}", "ask for at least one new token (an integer)")
     if not (_is_real(temperature) and temperature >= 0) or not (_is_real(top_p) and 0 < top_p <= 1):
@@ -84,6 +90,41 @@ def _check_sampling(max_new_tokens, temperature, top_p, seed=0) -> None:
                          "use a temperature >= 0 and a top_p in (0, 1] (numbers)")
     if not _is_int(seed) or not 0 <= seed < 2**63:
         raise InputError(f"seed={seed!r}", "use an integer seed in 0..2**63-1")
+
+
+def sampling(kw: dict) -> dict:
+    """The keyword arguments a one-shot call passes on to generate(), checked and with the defaults
+    filled in, before any work: an old `tokens=` or a typo is one line, not a TypeError after encoding."""
+    if "tokens" in kw:
+        raise InputError("tokens= is now m= (the visual-token count)", f"pass m={kw['tokens']!r}")
+    unknown = sorted(set(kw) - set(SAMPLING))
+    if unknown:
+        raise InputError(f"unknown argument {unknown[0]}=", f"use m=, refine_to=, confidence= or {', '.join(SAMPLING)}")
+    kw = SAMPLING | kw
+    check_sampling(**kw)
+    return kw
+
+
+def _shown(name: str, value) -> str:
+    # The CLI names its flags (--confidence -1), the API its arguments (confidence=-1).
+    return f"{name} {value}" if name.startswith("--") else f"{name}={value!r}"
+
+
+def check_confidence(confidence, name: str = "confidence") -> float:
+    """A first-token probability threshold in 0..1.01 (1.01: always refine), or a one-line InputError."""
+    if not _is_real(confidence):
+        raise InputError(f"{_shown(name, confidence)} is not a number", "use a probability in 0..1 (1.01: always)")
+    if not 0 <= confidence <= ALWAYS_REFINE:
+        raise InputError(f"{_shown(name, confidence)} is not a probability", "use 0..1 (1.01: always refine)")
+    return float(confidence)
+
+
+def check_limit(name: str, value) -> float | None:
+    """A planner limit (ttft_ms, memory_mb): None or a finite number > 0, or a one-line InputError."""
+    if value is not None and not (_is_real(value) and value > 0):
+        example = f"{name} 2000" if name.startswith("--") else f"{name}=2000"
+        raise InputError(f"{_shown(name, value)} is not a positive number", f"e.g. {example}")
+    return value
 
 
 def check_threads(threads) -> int | None:
@@ -141,7 +182,7 @@ class Generation:
     def __init__(self, session: Session, question: str | None, max_new_tokens: int, temperature: float,
                  top_p: float, seed: int, *, ids: list[int] | None = None, keep: int | None = None) -> None:
         session._check_open()
-        _check_sampling(max_new_tokens, temperature, top_p, seed)
+        check_sampling(max_new_tokens, temperature, top_p, seed)
         self.session, self.pipe = session, session.pipe
         self.temperature, self.top_p = temperature, top_p
         self.rng = np.random.default_rng(seed)
@@ -184,6 +225,7 @@ class Generation:
         self.token_ids: list[int] = []
         self.text = ""
         self.answer: Answer | None = None
+        self.refined_from: dict | None = None  # set by Session.refine_step on the regenerated answer
         self._started = False
 
     def _pick(self, logits: np.ndarray) -> int:
@@ -258,6 +300,7 @@ class Generation:
             backends=self.pipe.backends, timings_ms=t,
             decode_tokens_per_s=round((n - 1) / decode, 2) if n > 1 and decode > 0 else None,
             first_token_prob=round(self.first_token_prob, 6), prefilled=self.prefilled,
+            refined_from=self.refined_from,
         )
 
 
@@ -320,6 +363,43 @@ class Session:
         for _ in g:
             pass
         return g.answer
+
+    def answer(self, question: str, *, refine_to: int | None = None, confidence: float = DEFAULT_CONFIDENCE,
+               on_piece: Callable[[str], None] | None = None, max_new_tokens: int = 128,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Answer:
+        """Answer `question` with the library's refinement policy (`refine_step`): with `refine_to`,
+        an answer whose first token's probability is below `confidence` is dropped before any text,
+        this session grows to m = `refine_to` and answers again (its `refined_from` says so).
+        `on_piece(text)` receives the text as it is decoded."""
+        check_sampling(max_new_tokens, temperature, top_p, seed)
+        gen = self.refine_step(lambda: self.generate(question, max_new_tokens, temperature, top_p, seed),
+                               refine_to, confidence)
+        for piece in gen:
+            if on_piece is not None:
+                on_piece(piece)
+        return gen.answer
+
+    def refine_step(self, start: Callable[[], Generation], refine_to: int | None,
+                    confidence: float = DEFAULT_CONFIDENCE) -> Generation:
+        """The one refinement decision, for front ends that build their own prompts (a server's
+        conversation turns): `start()` begins a generation on this session; when refine_to > m and its
+        first token's probability is below `confidence`, it is cancelled, the session refines to
+        `refine_to` and `start()` runs again on the grown prefix. Returns the generation to read; its
+        `refined_from` (and its answer's) records the dropped attempt: m, first_token_prob, timings_ms
+        and prefilled."""
+        if refine_to is not None:
+            refine_to = self.pipe.check_tokens(refine_to)
+        confidence = check_confidence(confidence)
+        gen = start()
+        if refine_to is None or refine_to <= self.m or gen.first_token_prob >= confidence:
+            return gen
+        gen.cancel()
+        first = gen.answer
+        self.refine(refine_to)
+        gen = start()
+        gen.refined_from = {"m": first.m, "first_token_prob": first.first_token_prob,
+                            "timings_ms": first.timings_ms, "prefilled": first.prefilled}
+        return gen
 
     def refine(self, m: int) -> None:
         """Grow the visual prefix from self.m to `m` by computing only the new queries."""
@@ -460,7 +540,7 @@ class Pipeline:
     @property
     def backends(self) -> dict:
         gpu = self.llm.gpu_layers
-        return {"vision": self.vision.name, "mqt": getattr(self.vision, "mqt_name", self.vision.name),
+        return {"vision": self.vision.name, "mqt": self.vision.mqt_name,
                 "llm": f"llama.cpp/{'gpu:' + str(gpu) + ' layers' if gpu else 'cpu'}"}
 
     def check_tokens(self, m: int | None) -> int:
@@ -504,6 +584,9 @@ class Pipeline:
                       memory_mb: float | None = None, profile: str | None = None) -> TokenChoice:
         """m for one request: `m` when given, else the planner's choice for this device
         (`profile` overrides the pipeline's for this call)."""
+        check_limit("ttft_ms", ttft_ms)
+        check_limit("memory_mb", memory_mb)
+        check_sampling(max_new_tokens, 0.0, 1.0)
         if m is not None and profile is None and self.profile is None and self._device_profile is None:
             return TokenChoice(self.check_tokens(m))
         from .profiles import load_profile
@@ -525,38 +608,25 @@ class Pipeline:
         return TokenChoice(result.chosen_m, name, predicted)
 
     def answer(self, image: ImageInput, question: str, m: int | None = None, refine_to: int | None = None,
-               confidence: float = 0.5, ttft_ms: float | None = None, memory_mb: float | None = None,
-               on_piece=None, **gen) -> Answer:
-        """One request with the library's policy: m given or from the planner; with `refine_to`,
-        when the first token's probability is below `confidence`, the same session grows to
-        m = `refine_to` (only the new queries are computed) and answers again, exactly as a
-        fresh request at that m would. `on_piece(text)` receives the text as it is decoded."""
+               confidence: float = DEFAULT_CONFIDENCE, ttft_ms: float | None = None,
+               memory_mb: float | None = None, on_piece: Callable[[str], None] | None = None, **gen) -> Answer:
+        """One request with the library's policy: m given or from the planner (within `ttft_ms` /
+        `memory_mb`); with `refine_to`, `Session.answer`'s refinement, whose refined answer is the one
+        a fresh request at m = `refine_to` gives. `on_piece(text)` receives the text as it is decoded.
+        gen: max_new_tokens, temperature, top_p, seed."""
+        gen = sampling(gen)
+        confidence = check_confidence(confidence)
         check_question(question)
-        reserve = self._reserve(question, gen)  # checks the sampling arguments too
         if refine_to is not None:
             self.check_tokens(refine_to)
             if m is not None and refine_to <= m:
                 raise InputError(f"refine_to={refine_to} is not above m={m}",
-                                 f"refine to a larger m, e.g. --refine {min(4 * m, self.max_tokens)}")
-        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not math.isfinite(confidence):
-            raise InputError(f"confidence={confidence!r} is not a number", "use a probability in 0..1 (1.01: always)")
-        choice = self.choose_tokens(m, gen.get("max_new_tokens", 128), ttft_ms, memory_mb)
+                                 f"refine to a larger m, e.g. refine_to={min(4 * m, self.max_tokens)}")
+        choice = self.choose_tokens(m, gen["max_new_tokens"], ttft_ms, memory_mb)
+        reserve = self.reserve_for(question, gen["max_new_tokens"])
         with self.look(image, m=choice.m, reserve=reserve, refinable=refine_to is not None) as session:
-            g = session.generate(question, **gen)
-            attempt = None
-            if refine_to is not None and refine_to > session.m and g.first_token_prob < confidence:
-                g.cancel()
-                attempt = g.answer
-                session.refine(refine_to)
-                g = session.generate(question, **gen)
-            for piece in g:
-                if on_piece is not None:
-                    on_piece(piece)
-        result = g.answer
+            result = session.answer(question, refine_to=refine_to, confidence=confidence, on_piece=on_piece, **gen)
         result.profile, result.predicted = choice.profile, choice.predicted
-        if attempt is not None:
-            result.refined_from = {"m": attempt.m, "first_token_prob": attempt.first_token_prob,
-                                   "timings_ms": attempt.timings_ms, "prefilled": attempt.prefilled}
         return result
 
     def encode(self, image: ImageInput, m: int | None = None, runner: object | None = None) -> EncodedImage:
@@ -586,20 +656,25 @@ class Pipeline:
         return Session(self, image, m, reserve, refinable)
 
     def stream(self, image: ImageInput, question: str, m: int | None = None, **kw) -> Iterator[str]:
+        kw = sampling(kw)  # checked at the call, before the first piece is asked for
         check_question(question)
-        with Session(self, image, m, self._reserve(question, kw), refinable=False) as s:
+        return self._stream(image, question, m, kw)
+
+    def _stream(self, image: ImageInput, question: str, m: int | None, kw: dict) -> Iterator[str]:
+        with Session(self, image, m, self.reserve_for(question, kw["max_new_tokens"]), refinable=False) as s:
             yield from s.stream(question, **kw)
 
     def ask(self, image: ImageInput, question: str, m: int | None = None, **kw) -> Answer:
+        kw = sampling(kw)
         check_question(question)
-        with Session(self, image, m, self._reserve(question, kw), refinable=False) as s:
+        with Session(self, image, m, self.reserve_for(question, kw["max_new_tokens"]), refinable=False) as s:
             return s.ask(question, **kw)
 
-    def _reserve(self, question: str, kw: dict) -> int:
-        # A one-shot request sizes its context to exactly what it needs.
-        _check_sampling(kw.get("max_new_tokens", 128), kw.get("temperature", 0.0), kw.get("top_p", 1.0),
-                        kw.get("seed", 0))
-        return len(self.question_ids(question)) + kw.get("max_new_tokens", 128)
+    def reserve_for(self, question: str, max_new_tokens: int = 128) -> int:
+        """Context a one-shot session needs beyond its visual prefix: the question's ids (with the
+        template's tail) and the answer. Front ends that open sessions themselves size them with it."""
+        check_sampling(max_new_tokens, 0.0, 1.0)
+        return len(self.question_ids(question)) + max_new_tokens
 
     def close(self) -> None:
         """Free the backends. Calls in flight on other threads finish or raise ClosedError; later

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Union
 
 from .errors import InputError, MQTEdgeError
-from .pipeline import Answer, EncodedImage, Pipeline, Session, _check_sampling
+from .pipeline import DEFAULT_CONFIDENCE, Answer, EncodedImage, Pipeline, Session, check_confidence, check_sampling
 from .prompt import check_question
 from .runtimes import backend_info, make_vision
 
@@ -149,7 +149,7 @@ class Watch:
     """
 
     def __init__(self, pipe: Pipeline, frames: Iterable | Latest, question: Question, *, m: int | None = None,
-                 profile: str | None = None, refine: int | None = None, confidence: float = 0.5,
+                 profile: str | None = None, refine: int | None = None, confidence: float = DEFAULT_CONFIDENCE,
                  overlap: bool | None = None, vision_threads: int | None = None, llm_threads: int | None = None,
                  keep_all: bool = False, on_error: Callable[[Frame, MQTEdgeError], None] | None = None,
                  max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
@@ -159,7 +159,8 @@ class Watch:
         elif not callable(question):
             raise InputError(f"question of type {type(question).__name__}",
                              "pass a string, or a function of the frame that returns one (or None to skip)")
-        _check_sampling(max_new_tokens, temperature, top_p)
+        check_sampling(max_new_tokens, temperature, top_p, seed)
+        confidence = check_confidence(confidence)
         self.pipe, self.question = pipe, question
         self.gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         self.m, self.predicted = choose_tokens(pipe, m, profile, max_new_tokens)
@@ -234,22 +235,10 @@ class Watch:
 
     def _answer(self, job: _Job) -> WatchAnswer:
         start = time.perf_counter()
-        reserve = len(self.pipe.question_ids(job.question)) + self.gen["max_new_tokens"]
+        reserve = self.pipe.reserve_for(job.question, self.gen["max_new_tokens"])
         with Session(self.pipe, job.encoded, None, reserve, refinable=self.refine is not None,
                      threads=self.llm_threads) as s:
-            g = s.generate(job.question, **self.gen)
-            attempt = None
-            if self.refine is not None and g.first_token_prob < self.confidence:
-                g.cancel()
-                attempt = g.answer
-                s.refine(self.refine)
-                g = s.generate(job.question, **self.gen)
-            for _ in g:
-                pass
-            answer = g.answer
-        if attempt is not None:
-            answer.refined_from = {"m": attempt.m, "first_token_prob": attempt.first_token_prob,
-                                   "timings_ms": attempt.timings_ms}
+            answer = s.answer(job.question, refine_to=self.refine, confidence=self.confidence, **self.gen)
         answer.predicted = self.predicted
         done = self._last_at = time.perf_counter()
         self.answered += 1
@@ -359,11 +348,12 @@ def _vision_on_cpu(pipe: Pipeline) -> bool:
 
 
 def _own_runner(pipe: Pipeline, threads: int | None):
-    """A vision runner with its own thread budget, or None to share the pipeline's."""
+    """A vision runner with its own thread budget, or None to share the pipeline's (made with
+    `pipe.threads`). It runs the backend and the graph (fp32 | int8) that the pipeline's runner runs."""
     vision = pipe.vision
-    if threads is None or not backend_info(vision.backend).threads or threads == vision.threads:
+    if threads is None or not backend_info(vision.backend).threads or threads == pipe.threads:
         return None
-    return make_vision(pipe.bundle, vision.backend, threads, vision.requested_precision).activate()
+    return make_vision(pipe.bundle, vision.backend, threads, vision.precision).activate()
 
 
 def choose_tokens(pipe: Pipeline, m: int | None, profile: str | None, max_new_tokens: int) -> tuple[int, dict | None]:

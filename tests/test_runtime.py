@@ -548,3 +548,55 @@ def test_every_backend_keeps_the_runner_contract(f32_bundle):
     assert resolve_backend(f32_bundle, "auto", "auto") == "onnxruntime"  # no engines in the bundle
     with pytest.raises(InputError, match="unknown vision backend 'magic'"):
         backend_info("magic")
+
+
+REFINED_FROM = {"m", "first_token_prob", "timings_ms", "prefilled"}  # one record, whichever front end
+
+
+def test_session_answer_is_the_one_refinement_step(pipe):
+    """Session.answer refines (exactly) when the first token is unsure and records the dropped attempt;
+    refine_step does the same for a prompt the caller builds (here: the same question's ids)."""
+    img = scene(seed=12)
+    fresh = pipe.ask(img, Q, m=32, max_new_tokens=6)
+    with pipe.look(img, m=8) as s:
+        kept = s.answer(Q, refine_to=32, confidence=0.0, max_new_tokens=6)
+        assert kept.m == 8 and kept.refined_from is None
+        pieces: list[str] = []
+        got = s.answer(Q, refine_to=32, confidence=1.01, max_new_tokens=6, on_piece=pieces.append)
+        assert got.m == 32 and got.token_ids == fresh.token_ids and "".join(pieces).strip() == got.answer
+        assert set(got.refined_from) == REFINED_FROM and got.refined_from["m"] == 8
+        assert s.answer(Q, refine_to=32, confidence=1.01, max_new_tokens=6).refined_from is None  # m is 32 now
+    with pipe.look(img, m=8) as s:
+        ids = pipe.question_ids(Q)
+        gen = s.refine_step(lambda: s.generate_ids(ids, max_new_tokens=6), 32, 1.01)
+        assert "".join(gen).strip() == fresh.answer and gen.answer.refined_from == gen.refined_from
+        assert gen.refined_from["m"] == 8 and s.m == 32
+
+
+def test_reserve_for_sizes_a_one_shot_context(pipe):
+    from mqt_edge.pipeline import check_sampling
+
+    assert pipe.reserve_for(Q, 10) == len(pipe.question_ids(Q)) + 10
+    with pytest.raises(InputError, match="max_new_tokens=0"):
+        pipe.reserve_for(Q, 0)
+    with pytest.raises(InputError, match="top_p"):
+        check_sampling(4, 0.0, 2.0)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda p: p.answer("no-such.png", Q, m=4, confidence=-1), "confidence=-1 is not a probability"),
+    (lambda p: p.answer("no-such.png", Q, m=4, confidence="high"), "confidence='high' is not a number"),
+    (lambda p: p.answer("no-such.png", Q, m=4, confidence=2), "confidence=2 is not a probability"),
+    (lambda p: p.answer("no-such.png", Q, ttft_ms="x"), "ttft_ms='x' is not a positive number"),
+    (lambda p: p.answer("no-such.png", Q, memory_mb=0), "memory_mb=0 is not a positive number"),
+    (lambda p: p.choose_tokens(ttft_ms=float("inf")), "ttft_ms=inf is not a positive number"),
+    (lambda p: p.ask("no-such.png", Q, tokens=16), "tokens= is now m= \\(the visual-token count\\)"),
+    (lambda p: p.stream("no-such.png", Q, tokens=16), "tokens= is now m="),
+    (lambda p: p.answer("no-such.png", Q, tokens=16), "tokens= is now m="),
+    (lambda p: p.ask("no-such.png", Q, m=4, max_tokens=3), "unknown argument max_tokens="),
+])
+def test_api_arguments_are_checked_before_any_work(pipe, call, message):
+    """One line, before the image is opened (a missing file would be an ImageError instead)."""
+    with pytest.raises(InputError, match=message) as info:
+        call(pipe)
+    assert "\n" not in str(info.value)

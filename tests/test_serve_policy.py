@@ -194,3 +194,20 @@ def test_generate_ids_continues_the_cache_and_refuses_misuse(tiny):
         with pytest.raises(InputError, match="outside the cached"):
             s.generate_ids([1], keep=s.ctx.n_ctx + 1)
         assert s.ask(Q, max_new_tokens=5).token_ids == plain.token_ids  # still usable after the refusals
+
+
+def test_the_server_refines_through_the_librarys_step(tiny):
+    """policy.answer takes its refinement from Session.refine_step: the same record as the API's, and the
+    refined answer is a fresh request's at that m."""
+    im = scene(seed=4)
+    start, cache = setup(tiny)
+    out = run(tiny, cache, start, request(im, [], Q, m=4, refine=32, confidence=1.01))
+    assert out.info["refined"] and out.info["m"] == 32
+    assert set(out.info["refined_from"]) == {"m", "first_token_prob", "timings_ms", "prefilled"}
+    assert out.info["refined_from"]["m"] == 4
+    _, fresh_cache = setup(tiny)
+    assert run(tiny, fresh_cache, start, request(im, [], Q, m=32)).text == out.text
+    kept = run(tiny, fresh_cache, start, request(scene(seed=5), [], Q, m=4, refine=32, confidence=0.0))
+    assert not kept.info["refined"] and kept.info["refined_from"] is None and kept.info["m"] == 4
+    cache.clear()
+    fresh_cache.clear()

@@ -160,3 +160,13 @@ def test_a_session_from_an_encoded_image_is_the_same_as_from_the_image(pipe):
         assert s.ask(Q, max_new_tokens=NEW).token_ids == ref.ask(Q, max_new_tokens=NEW).token_ids
     with pytest.raises(MQTEdgeError, match="differs from the encoded image"):
         pipe.look(enc, m=M + 1)
+
+
+def test_watch_refines_through_the_librarys_step_and_checks_its_arguments(pipe):
+    """The per-frame refinement is Session.answer's: the API's refined_from record."""
+    with Watch(pipe, [EXAMPLE], Q, m=4, refine=16, confidence=1.01, max_new_tokens=NEW) as w:
+        (a,) = list(w)
+    assert a.answer.m == 16 and set(a.answer.refined_from) == {"m", "first_token_prob", "timings_ms", "prefilled"}
+    for bad, message in ((dict(confidence=-1), "confidence=-1"), (dict(seed=-1), "seed=-1")):
+        with pytest.raises(InputError, match=message):
+            Watch(pipe, [EXAMPLE], Q, m=4, **bad)

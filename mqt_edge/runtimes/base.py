@@ -30,6 +30,14 @@ class VisionRunner(Protocol):
         """The vision graph's backend as users see it, e.g. `onnxruntime/cpu int8`."""
 
     @property
+    def mqt_name(self) -> str:
+        """The MQT graph's backend as users see it (the vision graph's, less its precision)."""
+
+    @property
+    def precision(self) -> str:
+        """The vision graph's weights in use once active: fp32 | int8 (what a calibration records)."""
+
+    @property
     def backend(self) -> str:
         """Its row in `mqt_edge.runtimes.BACKENDS` (e.g. onnxruntime/cpu), resolved once active."""
 

@@ -60,7 +60,7 @@ class OnnxRuntimeVision:
         self.requested_precision = check_precision(bundle, precision)
         self.vision = self.mqt = None
         self.provider = ""
-        self.precision = ""  # of the vision graph in use: fp32 | int8
+        self.precision = ""  # of the vision graph in use: fp32 | int8, once active
 
     @property
     def name(self) -> str:

@@ -65,12 +65,13 @@ def _check(result):
 
 
 class TensorRTVision:
-    name = backend = "tensorrt"
+    name = backend = mqt_name = "tensorrt"
+    precision = "fp32"  # the FP16 engines are built from the fp32 graph, never from the int8 one
 
     def __init__(self, bundle: Bundle, provider: str | None = None, threads: int | None = None,
                  precision: str | None = None) -> None:
         # provider, threads and precision are the contract's; engines are fp16 and run on the GPU.
-        self.bundle, self.threads, self.precision = bundle, threads, precision
+        self.bundle, self.threads = bundle, threads
         self.engines: dict = {}
 
     @property

@@ -1,8 +1,8 @@
 """The server's one adapter to the library: which m, when to refine, how big the session cache is,
 and how a conversation's turns become token ids in a cached KV cache.
 
-Everything the server decides about the model goes through here, so when the Pipeline API grows its
-own planning and refinement, this is the one module to re-point.
+Everything the server decides about the model goes through here; the decisions themselves are the
+library's: m from `Pipeline.choose_tokens`, refinement from `Session.refine_step`.
 
 Multi-turn prompts follow the llava_v1 template as the release (and our training, `train.py`'s
 `conversation_ids`) build them, piece by piece:
@@ -215,18 +215,20 @@ def answer(pipe, cache: SessionCache, start: Startup, ask: Ask, emit: Callable[[
         entry = _open_session(pipe, cache, start, ask)
     keep_entry = False
     try:
-        refined_from = None
         if entry.m < ask.m:  # a cached smaller m: grow it exactly
             entry.session.refine(ask.m)
             entry.reset()
-        gen, base, reused = _generate(entry, ask, start.max_new_tokens)
-        if ask.refine and ask.refine > entry.m and gen.first_token_prob < ask.confidence:
-            gen.cancel()
-            refined_from = {"m": entry.m, "first_token_prob": gen.answer.first_token_prob,
-                            "timings_ms": gen.answer.timings_ms}
-            entry.session.refine(ask.refine)
-            entry.reset()
-            gen, base, reused = _generate(entry, ask, start.max_new_tokens)
+        made: list = []  # (base, reused) of the generation started last
+
+        def begin():
+            if entry.ends[0] != entry.session.n_prefix:  # refined: the cache holds the image prefix only
+                entry.reset()
+            gen, *rest = _generate(entry, ask, start.max_new_tokens)
+            made[:] = rest
+            return gen
+
+        gen = entry.session.refine_step(begin, ask.refine, ask.confidence)
+        (base, reused), refined_from = made, gen.refined_from
         out = _decode(gen, ask, emit, cancelled)
         keep_entry = True  # the KV cache is consistent up to `base`, whatever happened after
         if out.finish != "cancelled":
