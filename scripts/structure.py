@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import signal
 import sys
 from pathlib import Path
 
@@ -148,6 +149,8 @@ def draw(arrows: dict[tuple[str, str], set[str]], parts: set[str], lines: dict[s
 
 
 def main() -> int:
+    if hasattr(signal, "SIGPIPE"):  # `| head` ends the listing quietly
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1])
     ap.add_argument("--png", type=Path)
