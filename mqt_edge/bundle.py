@@ -669,6 +669,4 @@ def _write_json(path: Path, data: dict) -> None:
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
     """Written last, via a temporary name: its presence is what makes a directory a bundle."""
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest.to_json(), indent=2))
-    os.replace(tmp, root / MANIFEST)
+    _write_json(root / MANIFEST, manifest.to_json())

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..bundle import Bundle, BundleError
 from ..errors import InputError, require
-from ..quants import VISION_PRECISIONS, check_vision_precision
+from ..quants import check_vision_precision
 from . import BACKENDS, backend_info
 from .base import check_active
 
@@ -26,7 +26,6 @@ PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecution
 NAMES = {row.provider: name for name, row in BACKENDS.items() if row.provider}  # -> e.g. onnxruntime/cpu
 # auto: the int8 graph (when the bundle has one) on the CPU execution provider, where it was measured
 # to win (docs/export.md); fp32 on GPU providers, which run onnxruntime's integer MatMuls poorly.
-PRECISIONS = VISION_PRECISIONS
 
 
 def available_providers() -> list[str]:

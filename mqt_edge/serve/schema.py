@@ -10,7 +10,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -212,6 +212,3 @@ class Envelope:
     def usage_chunk(self, usage: Usage, mqt: dict) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": [], "usage": usage.to_dict(), "mqt": mqt}
-
-
-Finish = Literal["stop", "length"]
