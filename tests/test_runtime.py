@@ -332,7 +332,8 @@ def test_prompt_head_cache_is_exact_after_refine(pipe, pipe_no_head):
         s.refine(m=64)
         t.refine(m=64)
         assert s.ask(Q, max_new_tokens=10).token_ids == t.ask(Q, max_new_tokens=10).token_ids
-    assert pipe.prompt_head() is pipe.prompt_head()  # computed once per pipeline
+    # computed once per pipeline, in the shared context's sequence 0; sessions share its cells
+    assert pipe.scheduler.head_len == len(pipe.prefix_ids) and pipe_no_head.scheduler.head_len == 0
 
 
 # -- use after close: a clean ClosedError, never a signal (each case in a fresh interpreter) ---------

@@ -385,3 +385,21 @@ def _what_would_fit(profile, facts, o, limits) -> list[dict]:
         out.append({"change": " and ".join(need) or "a longer context", "m": lo.m,
                     "memory_mb": lo.memory_mb, "ttft_ms": lo.ttft_ms})
     return out
+
+
+def cache_budget_bytes(pipe, m: int, max_new_tokens: int, memory_mb: float | None = None,
+                       cache_mb: float | None = None) -> int:
+    """The byte budget of a pipeline's caches (KV cells of the shared context and parked
+    conversations): `cache_mb` when given, else the memory limit (`memory_mb` or the profile's) less
+    everything but the KV cache: weights, vision, compute buffers and runtime overhead. The one
+    function the server and the planner size the cache with."""
+    if cache_mb is not None:
+        return int(cache_mb * 2**20)
+    from dataclasses import replace
+
+    prof, facts = pipe.device_profile(), ModelFacts.from_bundle(pipe.bundle)
+    opts = replace(Options.for_run(pipe.vision_backend, pipe.n_gpu_layers, pipe.sequential, facts),
+                   max_new_tokens=max_new_tokens)
+    parts = memory_breakdown(prof, facts, m, opts)
+    limit = memory_mb if memory_mb is not None else prof.limits.memory_mb
+    return int((limit - parts["total_mb"]) * 2**20 + parts["kv_cache"])

@@ -175,6 +175,10 @@ class LlamaModel:
         self.n_embd = lib.llama_model_n_embd(self.ptr)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
         self.bos = lib.llama_vocab_bos(self.vocab)
+        self.eos = lib.llama_vocab_eos(self.vocab)
+        self.n_layer = lib.llama_model_n_layer(self.ptr)
+        self.n_head = lib.llama_model_n_head(self.ptr)
+        self.n_head_kv = lib.llama_model_n_head_kv(self.ptr)
         self.gpu_layers = _offloaded(lib, self.ptr, n_gpu_layers)
         self._gate = _Gate("llama.cpp model")
         self._contexts: weakref.WeakSet[LlamaContext] = weakref.WeakSet()
@@ -376,6 +380,149 @@ class LlamaContext:
         if ptr:
             self.lib.llama_batch_free(self._tok_batch)
             self.lib.llama_batch_free(self._emb_batch)
+            self.lib.llama_free(ptr)
+
+    def __del__(self) -> None:  # pragma: no cover
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class SharedContext:
+    """One llama.cpp context whose KV cache holds many sequences (`n_seq` ids, unified cells).
+
+    Unified cells matter twice: a sequence may use any free cell, so the budget is one pool of
+    `n_ctx` positions, and `seq_cp` shares cells instead of copying them (the prompt head costs its
+    positions once, whatever the number of sequences). Not thread-safe by design: one thread (the
+    scheduler's loop) makes every call; `close()` may come from any thread and waits for a call in
+    flight (the same gates as LlamaContext)."""
+
+    def __init__(self, model: LlamaModel, n_ctx: int, n_seq: int, n_batch: int = 512,
+                 threads: int | None = None, kv_f32: bool = False) -> None:
+        lib = self.lib = model.lib
+        self.model = model
+        params = lib.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_seq_max = n_seq
+        params.kv_unified = True
+        threads = threads or max(1, os.cpu_count() or 1)
+        params.n_threads = params.n_threads_batch = threads
+        params.no_perf = True
+        if kv_f32:  # as LlamaContext: an f32 bundle keeps f32 K/V and no f16 flash-attention path
+            params.type_k = params.type_v = 0
+            params.flash_attn_type = 0
+        self._gate = _Gate("llama.cpp context")
+        with model._gate.use():
+            self.ptr = lib.llama_init_from_model(model.ptr, params)
+        if not self.ptr:
+            self._gate.closed = True
+            raise LlamaError(f"llama.cpp could not create a {n_ctx}-position context for {n_seq} sequences",
+                             "lower --parallel or the cache budget (--cache-mb)")
+        model._contexts.add(self)
+        self.n_ctx, self.n_seq, self.n_batch, self.threads = lib.llama_n_ctx(self.ptr), n_seq, n_batch, threads
+        self._tok = lib.llama_batch_init(n_batch, 0, 1)
+        self._emb = lib.llama_batch_init(n_batch, model.n_embd, 1)
+
+    @contextmanager
+    def _use(self) -> Iterator[None]:
+        with self.model._gate.use(), self._gate.use():
+            yield
+
+    def _run(self, batch, rows: list[tuple[int, int, bool]]) -> None:
+        """rows: (seq, pos, logits) per batch row, already filled with tokens or embeddings."""
+        for i, (seq, pos, want) in enumerate(rows):
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = want
+        batch.n_tokens = len(rows)
+        rc = self.lib.llama_decode(self.ptr, batch)
+        if rc != 0:
+            raise LlamaError(f"llama_decode failed ({rc}) on a batch of {len(rows)} positions",
+                             "the shared context is full: lower --parallel or raise the cache budget")
+
+    def _logits(self, rows: list[tuple[int, int, bool]]) -> list[np.ndarray]:
+        out = []
+        for i, (_, _, want) in enumerate(rows):
+            if want:
+                ptr = self.lib.llama_get_logits_ith(self.ptr, i)
+                out.append(np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy())
+        return out
+
+    def decode_tokens(self, rows: list[tuple[int, int, int, bool]]) -> list[np.ndarray]:
+        """One llama_decode over (seq, pos, token, logits) rows of any sequences; the logits rows
+        asked for, in order, each (n_vocab,) float32."""
+        if not 0 < len(rows) <= self.n_batch:
+            raise ValueError(f"a batch holds 1..{self.n_batch} rows, not {len(rows)}")
+        meta = [(s, p, w) for s, p, _, w in rows]
+        with self._use():
+            for i, (_, _, t, _) in enumerate(rows):
+                self._tok.token[i] = t
+            self._run(self._tok, meta)
+            return self._logits(meta)
+
+    def decode_embeddings(self, parts: list[tuple[int, int, np.ndarray, bool]]) -> list[np.ndarray]:
+        """One llama_decode over embedding rows: parts of (seq, first pos, (n, n_embd) rows, logits
+        of the last row?)."""
+        meta: list[tuple[int, int, bool]] = []
+        with self._use():
+            for seq, pos, emb, want in parts:
+                emb = np.ascontiguousarray(emb, dtype=np.float32)
+                if emb.ndim != 2 or emb.shape[1] != self.model.n_embd:
+                    raise LlamaError(f"visual tokens are {emb.shape[-1]} wide, the LLM takes {self.model.n_embd}",
+                                     "re-export the bundle")
+                if len(meta) + len(emb) > self.n_batch:
+                    raise ValueError(f"a batch holds at most {self.n_batch} rows")
+                dst = ctypes.cast(self._emb.embd, ctypes.c_void_p).value + 4 * self.model.n_embd * len(meta)
+                ctypes.memmove(dst, emb.ctypes.data, emb.nbytes)
+                meta += [(seq, pos + i, want and i == len(emb) - 1) for i in range(len(emb))]
+            self._run(self._emb, meta)
+            return self._logits(meta)
+
+    # -- the KV cache's sequences ------------------------------------------------------------------
+    def seq_rm(self, seq: int, p0: int = 0, p1: int = -1) -> None:
+        """Forget positions p0..p1-1 of a sequence (-1: to the end)."""
+        with self._use():
+            self.lib.llama_memory_seq_rm(self.lib.llama_get_memory(self.ptr), seq, p0, p1)
+
+    def seq_cp(self, src: int, dst: int, p0: int = 0, p1: int = -1) -> None:
+        """Give `dst` the cells of `src` at p0..p1-1: shared cells, no data copied (unified cache)."""
+        with self._use():
+            self.lib.llama_memory_seq_cp(self.lib.llama_get_memory(self.ptr), src, dst, p0, p1)
+
+    def seq_pos_max(self, seq: int) -> int:
+        with self._use():
+            return int(self.lib.llama_memory_seq_pos_max(self.lib.llama_get_memory(self.ptr), seq))
+
+    def seq_save(self, seq: int, n_past: int) -> SequenceState:
+        """The bytes of one sequence's cells (shared ones included), for `seq_restore`."""
+        lib = self.lib
+        with self._use():
+            size = lib.llama_state_seq_get_size(self.ptr, seq)
+            buf = (ctypes.c_uint8 * size)()
+            got = lib.llama_state_seq_get_data(self.ptr, buf, size, seq)
+        if got == 0:
+            raise LlamaError("llama.cpp could not save a sequence's KV cache", "report this with `mqt-edge doctor`")
+        return SequenceState(buf, got, n_past)
+
+    def seq_restore(self, seq: int, state: SequenceState) -> bool:
+        """Write a saved sequence back under id `seq`; False when the cache has no room for it."""
+        with self._use():
+            return self.lib.llama_state_seq_set_data(self.ptr, state.data, state.size, seq) != 0
+
+    @property
+    def closed(self) -> bool:
+        return self._gate.closed
+
+    def close(self) -> None:
+        if not getattr(self, "_gate", None) or not self._gate.close():
+            return
+        ptr, self.ptr = self.ptr, None
+        if ptr:
+            self.lib.llama_batch_free(self._tok)
+            self.lib.llama_batch_free(self._emb)
             self.lib.llama_free(ptr)
 
     def __del__(self) -> None:  # pragma: no cover

@@ -141,10 +141,13 @@ def _health(state: _State):
     except APIError as exc:
         return _json(503, {"status": "error" if engine.load_error else "loading", "detail": exc.message},
                      exc.headers())
-    s = engine.start
+    s, held = engine.start, engine.pipe.scheduler.stats()
     return {"status": "ok", "model": cfg.model_id, "pid": os.getpid(), "m": s.m, "profile": s.profile,
-            "slots": cfg.parallel, "sessions": {"capacity": s.capacity, "idle": engine.cache.idle,
-                                                "busy": engine.cache.busy}}
+            "slots": cfg.parallel,
+            "cache": {"budget_bytes": s.budget_bytes, "conversation_bytes": s.conversation_bytes,
+                      "position_bytes": held.position_bytes, "context_positions": held.n_ctx,
+                      "positions_used": held.cells_used, "in_context": held.resident, "on_host": held.parked,
+                      "host_bytes": held.parked_bytes, "idle": engine.cache.idle, "dropped": held.drops}}
 
 
 def _model_card(state: _State) -> dict:

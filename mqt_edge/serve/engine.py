@@ -1,8 +1,9 @@
 """Slots, the queue and the Pipeline's lifetime.
 
-`--parallel N` slot threads compute requests; each request runs on one llama.cpp context of its
-own (a cached session, or a new one), so slots never share state. Requests beyond the N being
-computed wait in a queue of at most `--queue`; one more is answered 503 with Retry-After at once.
+`--parallel N` requests are answered at once; their tokens share each decode step of the
+pipeline's scheduler (one llama.cpp context, mqt_edge/scheduler.py), and each slot thread only waits
+on its request's tokens. Requests beyond the N wait in a queue of at most `--queue`; one more is
+answered 503 with Retry-After at once.
 A request's deadline (`--timeout`) covers its wait and its compute: waiting past it gives a 503,
 computing past it stops the generation at the next token (504, or an error event in a stream).
 A client that goes away sets the same cancel flag, so its slot is free after at most one token.
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +20,6 @@ from typing import Callable
 
 from ..errors import MQTEdgeError
 from . import policy
-from .cache import SessionCache
 from .config import ServeConfig
 from .errors import APIError
 from .metrics import Metrics
@@ -48,13 +47,14 @@ class Engine:
         self.cfg, self.metrics = cfg, metrics
         self.pipe = None
         self.start: policy.Startup | None = None
-        self.cache: SessionCache | None = None
+        self.cache = None  # the pipeline's ConversationCache, once loaded
         self.load_error: str | None = None
         self.ready = threading.Event()
         self._executor = ThreadPoolExecutor(cfg.parallel, thread_name_prefix="mqt-slot")
         self._slots: asyncio.Semaphore | None = None
         self._waiting = 0
         self._loader: threading.Thread | None = None
+        self._dropped = 0  # conversations the scheduler dropped, as counted so far
 
     # -- lifetime --------------------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -67,27 +67,24 @@ class Engine:
 
         cfg, t0 = self.cfg, time.perf_counter()
         try:
-            # Slots compute at once: share the cores among them rather than oversubscribe them.
-            threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.parallel)
+            # One context computes every slot's tokens in one batch: it takes every core given.
             self.pipe = Pipeline.load(cfg.bundle, profile=cfg.profile, mode=cfg.mode,
                                       vision_backend=cfg.vision_backend, n_gpu_layers=cfg.n_gpu_layers,
-                                      threads=threads, verify=cfg.verify)
+                                      threads=cfg.threads, verify=cfg.verify, parallel=cfg.parallel)
             self.start = policy.plan_startup(self.pipe, cfg)
-            self.cache = SessionCache(self.start.capacity, self.start.session_bytes, self.metrics.evictions.inc)
+            self.cache = self.pipe.conversations
         except MQTEdgeError as exc:
             self.load_error = str(exc)
             log.error("cannot start: %s", exc)
             return
         s = self.start
-        log.info("ready in %.1f s: m = %d (%s, %s); %d slots; session cache %d x %.1f MB (budget %.0f MB)",
-                 time.perf_counter() - t0, s.m, s.profile, s.reason, cfg.parallel, s.capacity,
-                 s.session_bytes / 2**20, s.budget_bytes / 2**20)
+        log.info("ready in %.1f s: m = %d (%s, %s); %d slots in one batch; cache %.0f MB (%d conversations "
+                 "of %.1f MB at their longest)", time.perf_counter() - t0, s.m, s.profile, s.reason, cfg.parallel,
+                 s.budget_bytes / 2**20, s.capacity, s.conversation_bytes / 2**20)
         self.ready.set()
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
-        if self.cache is not None:
-            self.cache.clear()
         if self.pipe is not None:
             self.pipe.close()
             self.pipe = None
@@ -125,7 +122,10 @@ class Engine:
         def done(_f) -> None:
             self._slots.release()
             self.metrics.busy_slots.dec()
-            self.metrics.cached_sessions.set(self.cache.idle + self.cache.busy)
+            self.metrics.cached_sessions.set(self.cache.idle)
+            dropped, self._dropped = self.cache.evictions - self._dropped, self.cache.evictions
+            if dropped > 0:
+                self.metrics.evictions.inc(dropped)
 
         fut.add_done_callback(done)
         timer = loop.call_later(max(0.0, deadline - time.monotonic()), cancel.set, "timeout")

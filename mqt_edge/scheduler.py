@@ -1,0 +1,565 @@
+"""The scheduler: one llama.cpp context for every request, one batch per step.
+
+Every caller (`Pipeline.ask`/`stream`/`answer`, `Session`, `Conversation`, the server, `Watch`, the
+ROS 2 node) reaches llama.cpp through here. One loop thread owns the `SharedContext` and makes each
+step's batches:
+
+- a token batch: one row for every generation that is decoding (its last token, logits on), then
+  token prefill of sequences that are starting, first come first served, up to `n_batch` rows;
+- an embedding batch: visual tokens of starting sequences, at most `n_batch` rows per step, so a
+  256-token image never stalls the decoding streams for more than one step (a `llama_batch` carries
+  ids or embeddings, never both).
+
+Each generation samples with its own settings and seed (mqt_edge.sampling); its tokens go to the
+caller's thread through a queue. A generation pauses after its first token until the caller reads it,
+so the refinement policy can still drop an unsure first token before any text exists.
+
+Memory is one pool of KV cells (`n_ctx`, unified across sequences). Sequence 0 holds the prompt
+head; a new sequence shares those cells (`seq_cp`), it never prefills them. An idle sequence stays in
+the context while there is room; when a new request needs cells or a sequence id, the least recently
+used idle sequence is parked on the host (`llama_state_seq_get_data`) and written back when its owner
+uses it again. Parked bytes are bounded too: past `host_bytes`, the least recently used parked
+sequences that a cache (not a user) holds are dropped, and their owner is told.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .caches import ImageCache
+from .conversation import ConversationCache
+from .errors import ClosedError, InputError, MQTEdgeError
+from .runtimes.llama import LlamaModel, SequenceState, SharedContext
+from .sampling import first_prob, pick
+
+log = logging.getLogger("mqt_edge.scheduler")
+_order = itertools.count()
+# Prefill rows per step while other sequences decode: a long prompt or a 256-token image is fed in
+# slices, so each decoding stream still gets a token every step (bounded stall), and a lone
+# request (nobody decoding) still prefills in full batches.
+PREFILL_WHILE_DECODING = 64
+
+
+class Sequence:
+    """One conversation's positions in the shared context (resident) or on the host (parked)."""
+
+    def __init__(self, scheduler: Scheduler, droppable: bool) -> None:
+        self.scheduler = scheduler
+        self.id: int | None = None  # llama.cpp seq id while resident
+        self.n_past = 0  # positions held: 0..n_past-1
+        self.own = 0  # cells it holds alone (not the shared head)
+        self.parked: SequenceState | None = None
+        self.busy = 0  # jobs in flight: never parked while > 0
+        self.used = next(_order)  # least recently used first out
+        self.droppable = droppable  # a cache's entry (may be dropped), not one a caller holds
+        self.on_drop: Callable[[], None] | None = None
+        self.closed = False
+
+    @property
+    def resident(self) -> bool:
+        return self.id is not None
+
+    def close(self) -> None:
+        """Free its cells or host bytes (from any thread)."""
+        if not self.closed:
+            self.scheduler.call(lambda: self.scheduler._forget(self), wait=False)
+
+
+@dataclass
+class _Gen:
+    """Sampling state of one generation."""
+
+    max_new: int
+    temperature: float
+    top_p: float
+    rng: np.random.Generator
+    is_eog: Callable[[int], bool]
+    first: int = -1
+    first_prob: float = 0.0
+    last: int = -1
+    emitted: int = 0
+    paused: bool = True
+
+
+class Job:
+    """A prefill (ids and/or embeddings after `keep` positions), optionally followed by a generation.
+    The caller waits on it with `wait_prefill()`, then reads tokens with `tokens()`."""
+
+    def __init__(self, seq: Sequence, keep: int, parts: list, logits: bool, gen: _Gen | None,
+                 deadline: float | None) -> None:
+        self.seq, self.keep, self.gen, self.logits = seq, keep, gen, logits or gen is not None
+        self.parts = deque((k, v) for k, v in parts if len(v))  # ("ids", list[int]) | ("emb", (n, d) array)
+        self.need = sum(len(v) for _, v in self.parts) + (gen.max_new if gen else 0)
+        self.deadline = deadline
+        self.prefilled = threading.Event()
+        self.error: BaseException | None = None
+        self.last_logits: np.ndarray | None = None
+        self.cancelled = False
+        self.done = False  # the loop let go of it
+        self._queue: deque[int | None] = deque()
+        self._cv = threading.Condition()
+        self.reserved = 0  # cells still reserved for it (need less what it has fed)
+
+    # -- the caller's side ---------------------------------------------------------------------------
+    def wait_prefill(self) -> None:
+        self.prefilled.wait()
+        if self.error is not None:
+            raise self.error
+
+    def tokens(self):
+        """Resume the paused generation and yield its token ids until it ends."""
+        self.seq.scheduler._resume(self)
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._queue)
+                item = self._queue.popleft()
+            if item is None:
+                if self.error is not None:
+                    raise self.error
+                return
+            yield item
+
+    def cancel(self) -> None:
+        """Stop at the next step and wait until the loop lets go of the sequence; the tokens
+        already fed stay in it."""
+        self.cancelled = True
+        self.seq.scheduler._wake()
+        with self._cv:
+            self._cv.wait_for(lambda: self.done)
+
+    # -- the loop's side -----------------------------------------------------------------------------
+    def _put(self, item: int | None) -> None:
+        with self._cv:
+            self.done = self.done or item is None
+            self._queue.append(item)
+            self._cv.notify_all()
+
+    def _fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self.prefilled.set()
+        self._put(None)
+
+
+@dataclass
+class Stats:
+    """What the scheduler holds, for /health and the tests."""
+
+    n_ctx: int
+    n_seq: int
+    position_bytes: int
+    cells_used: int
+    resident: int
+    parked: int
+    parked_bytes: int
+    host_bytes: int
+    steps: int
+    rows: int
+    max_rows: int
+    parks: int
+    drops: int
+    extra: dict = field(default_factory=dict)
+
+
+class Scheduler:
+    """Owns the shared llama.cpp context and its loop thread."""
+
+    def __init__(self, llm: LlamaModel, *, n_ctx: int, n_seq: int, head_ids: list[int], position_bytes: int,
+                 host_bytes: int, threads: int | None = None, kv_f32: bool = False, n_batch: int = 512,
+                 head_cache: bool = True) -> None:
+        if n_seq < 2:
+            raise InputError(f"the scheduler needs at least 2 sequences, not {n_seq}", "use parallel >= 1")
+        self.llm = llm
+        self.ctx = SharedContext(llm, n_ctx, n_seq, n_batch, threads, kv_f32)
+        self.n_ctx, self.n_batch = self.ctx.n_ctx, n_batch
+        self.head_ids, self.head_cache = list(head_ids), head_cache
+        # One budget: the context's cells, then the host's bytes, a quarter of them for encoded images.
+        self.images = ImageCache(host_bytes // 4)
+        self.conversations = ConversationCache()
+        self.position_bytes, self.host_bytes = position_bytes, host_bytes - host_bytes // 4
+        self._free_ids = list(range(n_seq - 1, 0, -1))  # 0 is the prompt head
+        self._seqs: set[Sequence] = set()
+        self._cells = 0  # cells held by resident sequences beyond the shared head
+        self._reserved = 0  # cells promised to admitted jobs, not yet fed
+        self._parked_bytes = 0
+        self._commands: deque = deque()
+        self._waiting: deque[Job] = deque()  # admitted in order when there is room
+        self._prefill: deque[Job] = deque()
+        self._decoding: list[Job] = []
+        self._cv = threading.Condition()
+        self._closing = False
+        self.steps = self.rows = self.max_rows = self.parks = self.drops = 0
+        self.head_len = 0
+        if head_cache and head_ids:  # the prompt before <image>, computed once
+            for start in range(0, len(head_ids), n_batch):
+                chunk = head_ids[start:start + n_batch]
+                self.ctx.decode_tokens([(0, start + i, t, False) for i, t in enumerate(chunk)])
+            self.head_len = len(head_ids)
+        self._thread = threading.Thread(target=self._loop, name="mqt-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- calls from any thread -----------------------------------------------------------------------
+    def open(self, droppable: bool = False) -> Sequence:
+        """A new sequence holding the prompt head (shared cells), resident."""
+        seq = Sequence(self, droppable)
+        self.call(lambda: self._open(seq))
+        return seq
+
+    def submit(self, seq: Sequence, keep: int, parts: list, *, logits: bool = False, max_new: int = 0,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+               deadline: float | None = None) -> Job:
+        """Cut `seq` back to `keep` positions, prefill `parts`, and (max_new > 0) generate."""
+        gen = None
+        if max_new > 0:
+            gen = _Gen(max_new, float(temperature), float(top_p), np.random.default_rng(seed), self.llm.is_eog)
+        job = Job(seq, keep, parts, logits, gen, deadline)
+        if job.need - (gen.max_new if gen else 0) + keep > self.n_ctx - 1:
+            raise InputError(f"{keep} + {job.need} positions exceed the shared context of {self.n_ctx}",
+                             "use fewer visual tokens or a smaller max_tokens")
+        with self._cv:
+            self._check_open()
+            seq.busy += 1
+            self._waiting.append(job)
+            self._cv.notify_all()
+        return job
+
+    def call(self, fn: Callable[[], object], wait: bool = True):
+        """Run `fn` on the loop thread between steps (memory edits); its result or exception."""
+        box: dict = {}
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # handed to the caller
+                box["error"] = exc
+            done.set()
+
+        with self._cv:
+            if self._closing:
+                if not wait:
+                    return None
+                self._check_open()
+            self._commands.append(run)
+            self._cv.notify_all()
+        if not wait:
+            return None
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    def stats(self) -> Stats:
+        def read() -> Stats:
+            seqs = list(self._seqs)
+            return Stats(self.n_ctx, self.ctx.n_seq, self.position_bytes, self.head_len + self._cells,
+                         sum(s.resident for s in seqs), sum(s.parked is not None for s in seqs),
+                         self._parked_bytes, self.host_bytes, self.steps, self.rows, self.max_rows,
+                         self.parks, self.drops)
+        return self.call(read)
+
+    def close(self) -> None:
+        with self._cv:
+            if self._closing:
+                return
+            self._closing = True
+            self._cv.notify_all()
+        self._thread.join()
+        self.ctx.close()
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise ClosedError("the pipeline is closed", "use it inside its `with Pipeline.load(...)` block")
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    def _resume(self, job: Job) -> None:
+        with self._cv:
+            if job.gen is not None and job.gen.paused:
+                job.gen.paused = False
+                self._cv.notify_all()
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(self._has_work)
+                if self._closing:
+                    break
+                commands, self._commands = self._commands, deque()
+            for run in commands:
+                run()
+            try:
+                self._admit()
+                self._step()
+            except MQTEdgeError as exc:  # llama.cpp refused a batch: fail what was in it, keep serving
+                log.error("batch failed: %s", exc)
+                for job in list(self._prefill) + self._decoding:
+                    self._finish(job, exc)
+        self._shutdown()
+
+    def _has_work(self) -> bool:
+        return bool(self._closing or self._commands or self._waiting or self._prefill
+                    or any(not j.gen.paused or j.cancelled for j in self._decoding))
+
+    def _shutdown(self) -> None:
+        exc = ClosedError("the pipeline is closed", "load the bundle again (Pipeline.load)")
+        for run in self._commands:
+            run()
+        for job in list(self._waiting) + list(self._prefill) + self._decoding:
+            job._fail(exc)
+
+    def _admit(self) -> None:
+        """Move waiting jobs to prefill in order, while their sequences fit (parking idle ones)."""
+        now = time.monotonic()
+        while self._waiting:
+            job = self._waiting[0]
+            if job.cancelled or (job.deadline is not None and now > job.deadline) or job.seq.closed:
+                self._waiting.popleft()
+                self._finish(job, InputError("the request was cancelled before it started", "send it again"))
+                continue
+            if not self._place(job):
+                return  # waits for room; later jobs wait behind it (no starvation)
+            self._waiting.popleft()
+            if job.parts:
+                self._prefill.append(job)
+            else:  # only a cut back to `keep`
+                self._finish(job)
+
+    def _place(self, job: Job) -> bool:
+        seq = job.seq
+        if not seq.resident and not self._make_resident(seq):
+            return False
+        if job.keep < seq.n_past:
+            self.ctx.seq_rm(seq.id, job.keep, -1)
+            cut = seq.n_past - job.keep
+            seq.own -= cut
+            self._cells -= cut
+            seq.n_past = job.keep
+        if not self._room(job.need, keep=seq):
+            return False
+        job.reserved = job.need
+        self._reserved += job.need
+        seq.used = next(_order)
+        return True
+
+    def _room(self, need: int, keep: Sequence | None = None) -> bool:
+        while self.head_len + self._cells + self._reserved + need > self.n_ctx - 1:
+            if not self._park_one(keep):
+                return False
+        return True
+
+    def _make_resident(self, seq: Sequence) -> bool:
+        if not self._free_ids and not self._park_one(seq):
+            return False
+        if seq.parked is None:  # dropped while parked: the caller must start again
+            raise ClosedError("this conversation was dropped from the cache", "start it again")
+        if not self._room(seq.n_past, keep=seq):  # restored cells are its own: the head is not shared then
+            return False
+        seq.id = self._free_ids.pop()
+        if not self.ctx.seq_restore(seq.id, seq.parked):
+            self._free_ids.append(seq.id)
+            seq.id = None
+            return False
+        seq.own = seq.n_past
+        self._cells += seq.own
+        self._parked_bytes -= seq.parked.size
+        seq.parked = None
+        return True
+
+    def _park_one(self, keep: Sequence | None) -> bool:
+        """Park the least recently used idle resident sequence on the host; False if none."""
+        idle = [s for s in self._seqs if s.resident and not s.busy and s is not keep]
+        if not idle:
+            return False
+        seq = min(idle, key=lambda s: s.used)
+        state = self.ctx.seq_save(seq.id, seq.n_past)
+        self._release_cells(seq)
+        seq.parked = state
+        self._parked_bytes += state.size
+        self.parks += 1
+        self._trim_host()
+        return True
+
+    def _trim_host(self) -> None:
+        while self._parked_bytes > self.host_bytes:
+            parked = [s for s in self._seqs if s.parked is not None and s.droppable]
+            if not parked:
+                return
+            self._drop(min(parked, key=lambda s: s.used))
+
+    def _drop(self, seq: Sequence) -> None:
+        self._forget(seq)
+        self.drops += 1
+        if seq.on_drop is not None:
+            seq.on_drop()
+
+    def _release_cells(self, seq: Sequence) -> None:
+        self.ctx.seq_rm(seq.id, 0, -1)
+        self._cells -= seq.own
+        seq.own = 0
+        self._free_ids.append(seq.id)
+        seq.id = None
+
+    def _open(self, seq: Sequence) -> None:
+        self._seqs.add(seq)
+        seq.busy += 1  # not parked before its first job
+        try:
+            if not self._free_ids and not self._park_one(None):
+                raise MQTEdgeError(f"all {self.ctx.n_seq - 1} sequences are in use",
+                                   "close sessions you no longer need, or load with a larger parallel")
+            seq.id = self._free_ids.pop()
+            if self.head_len:
+                self.ctx.seq_cp(0, seq.id, 0, self.head_len)
+            seq.n_past, seq.own = self.head_len, 0
+            if not self.head_len and self.head_ids:  # head cache off: each sequence prefills the head
+                seq.n_past = 0
+        except BaseException:
+            self._seqs.discard(seq)
+            raise
+        finally:
+            seq.busy -= 1
+
+    def _forget(self, seq: Sequence) -> None:
+        seq.closed = True
+        if seq not in self._seqs:
+            return
+        for job in [j for j in self._waiting if j.seq is seq]:
+            self._waiting.remove(job)
+            self._finish(job, ClosedError("this session is closed", "start a new one"))
+        if seq.resident and not seq.busy:
+            self._release_cells(seq)
+        if seq.parked is not None:
+            self._parked_bytes -= seq.parked.size
+            seq.parked = None
+        if not seq.busy:
+            self._seqs.discard(seq)
+
+    def _finish(self, job: Job, exc: BaseException | None = None) -> None:
+        seq = job.seq
+        if job in self._prefill:
+            self._prefill.remove(job)
+        if job in self._decoding:
+            self._decoding.remove(job)
+        self._reserved -= job.reserved  # what it did not feed goes back to the pool
+        job.reserved = 0
+        seq.busy -= 1
+        seq.used = next(_order)
+        if exc is not None:
+            job._fail(exc)
+        else:
+            job.prefilled.set()
+            job._put(None)
+        if seq.closed and not seq.busy and seq in self._seqs:
+            self._forget(seq)
+
+    # -- one step ------------------------------------------------------------------------------------
+    def _step(self) -> None:
+        for job in [j for j in self._decoding if j.cancelled]:
+            self._finish(job)
+        rows, owners = [], []
+        for job in self._decoding:
+            if not job.gen.paused:
+                rows.append((job.seq.id, job.seq.n_past, job.gen.last, True))
+                owners.append((job, 1, True))
+        limit = self.n_batch if not rows else min(self.n_batch, len(rows) + PREFILL_WHILE_DECODING)
+        self._embed_limit = self.n_batch if not rows else PREFILL_WHILE_DECODING
+        for job in list(self._prefill):
+            if len(rows) >= limit:
+                break
+            if job.cancelled:
+                self._finish(job)
+                continue
+            kind, ids = job.parts[0]
+            if kind != "ids":
+                continue
+            take = ids[: limit - len(rows)]
+            last = len(take) == len(ids) and len(job.parts) == 1
+            for i, t in enumerate(take):
+                rows.append((job.seq.id, job.seq.n_past + i, int(t), job.logits and last and i == len(take) - 1))
+            owners.append((job, len(take), job.logits and last))
+        if rows:
+            self._count(len(rows))
+            logits = iter(self.ctx.decode_tokens(rows))
+            for job, n, want in owners:
+                self._advance(job, n, next(logits) if want else None)
+        self._embeddings()
+
+    def _embeddings(self) -> None:
+        parts, owners, room = [], [], self._embed_limit
+        for job in list(self._prefill):
+            if room <= 0:
+                break
+            kind, emb = job.parts[0] if job.parts else ("", None)
+            if kind != "emb" or job.cancelled:
+                continue
+            take = emb[:room]
+            last = len(take) == len(emb) and len(job.parts) == 1
+            want = job.logits and last
+            parts.append((job.seq.id, job.seq.n_past, take, want))
+            owners.append((job, len(take), want))
+            room -= len(take)
+        if parts:
+            self._count(self._embed_limit - room)
+            logits = iter(self.ctx.decode_embeddings(parts))
+            for job, n, want in owners:
+                self._advance(job, n, next(logits) if want else None)
+
+    def _count(self, n: int) -> None:
+        self.steps += 1
+        self.rows += n
+        self.max_rows = max(self.max_rows, n)
+
+    def _advance(self, job: Job, n: int, logits: np.ndarray | None) -> None:
+        job.seq.n_past += n
+        job.seq.own += n
+        self._cells += n
+        fed = min(n, job.reserved)
+        job.reserved -= fed
+        self._reserved -= fed
+        if job in self._decoding:  # one generated token was fed
+            self._sample(job, logits)
+            return
+        kind, data = job.parts[0]
+        if n < len(data):
+            job.parts[0] = (kind, data[n:])
+            return
+        job.parts.popleft()
+        if job.parts:
+            return
+        self._prefill.remove(job)
+        job.last_logits = logits
+        if job.gen is None:
+            self._finish(job)
+            return
+        g = job.gen
+        g.first = g.last = pick(logits, g.temperature, g.top_p, g.rng)
+        g.first_prob = first_prob(logits, g.first)
+        self._decoding.append(job)
+        job.prefilled.set()  # the caller sees the first token; decoding waits for tokens()
+        self._emit(job)
+
+    def _sample(self, job: Job, logits: np.ndarray) -> None:
+        g = job.gen
+        g.last = pick(logits, g.temperature, g.top_p, g.rng)
+        self._emit(job)
+
+    def _emit(self, job: Job) -> None:
+        """Hand the last picked token to the caller, or end the generation (the token is not fed)."""
+        g = job.gen
+        if g.is_eog(g.last) or (job.deadline is not None and time.monotonic() > job.deadline):
+            self._finish(job)
+            return
+        job._put(g.last)
+        g.emitted += 1
+        if g.emitted >= g.max_new:
+            self._finish(job)
