@@ -132,15 +132,16 @@ class Pipeline:
         """Size the scheduler's caches (before its first use): `budget_bytes` for the KV cells of the
         shared context and the host's parked conversations; None: room for twice `parallel`
         conversations of `reserve` positions each beyond the visual prefix."""
+        conv = self.conversation_positions(reserve)
+        if budget_bytes is None:
+            budget_bytes = (len(self.prefix_ids) + 2 * self.parallel * conv) * self.position_bytes
+        plan = plan_cache(int(budget_bytes), self.position_bytes, conv, self.parallel, len(self.prefix_ids))
         with self._sched_lock:
-            if self._scheduler is not None:
-                raise InputError("the cache is already in use", "configure it right after Pipeline.load")
-            conv = self.conversation_positions(reserve)
-            if budget_bytes is None:
-                budget_bytes = (len(self.prefix_ids) + 2 * self.parallel * conv) * self.position_bytes
-            self._cache_plan = plan_cache(int(budget_bytes), self.position_bytes, conv, self.parallel,
-                                          len(self.prefix_ids))
-            return self._cache_plan
+            if self._scheduler is not None and plan != self._cache_plan:
+                raise InputError("the cache is already in use with another size",
+                                 "configure it right after Pipeline.load, before the first request")
+            self._cache_plan = plan
+            return plan
 
     @property
     def conversations(self) -> ConversationCache:

@@ -38,13 +38,12 @@ def plan_startup(pipe: Pipeline, cfg: ServeConfig) -> Startup:
 
     choice = pipe.choose_tokens(None, cfg.max_new_tokens, cfg.ttft_ms, cfg.memory_mb)  # the library's policy
     budget = cache_budget_bytes(pipe, choice.m, cfg.max_new_tokens, cfg.memory_mb, cfg.cache_mb)
-    try:
-        plan = pipe.configure_cache(budget, cfg.conversation_tokens)
-    except ValueError:
-        need = (len(pipe.prefix_ids) + cfg.parallel * pipe.conversation_positions(cfg.conversation_tokens))
+    need = (len(pipe.prefix_ids) + cfg.parallel * pipe.conversation_positions(cfg.conversation_tokens))
+    if budget < need * pipe.position_bytes:
         raise PlanError(f"--parallel {cfg.parallel} needs {need * pipe.position_bytes / 2**20:,.1f} MB of KV cache, "
                         f"but the cache budget is {budget / 2**20:,.1f} MB",
-                        "lower --parallel or --conversation-tokens, or raise --memory-mb / --cache-mb") from None
+                        "lower --parallel or --conversation-tokens, or raise --memory-mb / --cache-mb")
+    plan = pipe.configure_cache(budget, cfg.conversation_tokens)
     return Startup(choice.m, choice.profile, choice.predicted["reason"], plan.conversation_positions,
                    plan.conversation_bytes, plan.budget_bytes, plan.budget_bytes // plan.conversation_bytes,
                    cfg.max_new_tokens)

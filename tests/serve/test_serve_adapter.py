@@ -1,5 +1,5 @@
-"""The server's adapter without HTTP: a continued conversation's KV cache holds exactly the ids a fresh
-one would, the session cache evicts least recently used first, and stop sequences cut across pieces."""
+"""The server's adapter and the API's conversations without HTTP: a continued conversation's KV cache
+holds exactly the ids a fresh one would, and stop sequences cut across pieces."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 
 from conftest import scene
 from mqt_edge.pipeline import Pipeline
-from mqt_edge.runtimes.llama import LlamaContext
+from mqt_edge.conversation import Conversation, ConversationCache, StopScan
+from mqt_edge.runtimes.llama import SharedContext
 from mqt_edge.serve import ServeConfig, policy
-from mqt_edge.serve.cache import SessionCache
 
 Q = "What color is the circle?"
 
@@ -25,36 +25,65 @@ def tiny(tiny_f32_bundle):
 
 @pytest.fixture
 def mirrored(monkeypatch):
-    """Each LlamaContext keeps `mirror`: what its KV cache holds, position by position (ids, or a visual
-    token's bytes)."""
-    feed_t, feed_e, cut = LlamaContext.feed_tokens, LlamaContext.feed_embeddings, LlamaContext.truncate
-    restore_seq = LlamaContext.restore_sequence
+    """The shared context keeps `mirror[seq]`: what each sequence holds, position by position (ids, a
+    visual token's bytes, or the prompt head's shared cells)."""
+    real = {k: getattr(SharedContext, k) for k in ("decode_tokens", "decode_embeddings", "seq_rm", "seq_cp",
+                                                   "seq_save", "seq_restore")}
 
-    def tokens(self, ids, logits=True):
-        feed_t(self, ids, logits)
-        self.__dict__.setdefault("mirror", []).extend(int(i) for i in ids)
+    def mirror(ctx, seq):
+        return ctx.__dict__.setdefault("mirror", {}).setdefault(seq, [])
 
-    def embeddings(self, emb, logits=False):
-        feed_e(self, emb, logits)
-        self.__dict__.setdefault("mirror", []).extend(("v", bytes(np.asarray(row, np.float32).tobytes())) for row in emb)
+    def put(ctx, seq, pos, item):
+        m = mirror(ctx, seq)
+        del m[pos:]
+        assert len(m) == pos, "a position fed out of order"
+        m.append(item)
 
-    def truncate(self, n):
-        cut(self, n)
-        del self.__dict__.setdefault("mirror", [])[n:]
+    def decode_tokens(self, rows):
+        out = real["decode_tokens"](self, rows)
+        for seq, pos, tok, _ in rows:
+            put(self, seq, pos, int(tok))
+        return out
 
-    def restore(self, state):  # the pipeline's prompt head, copied in: one saved state for every session
-        restore_seq(self, state)
-        self.__dict__["mirror"] = [("head", id(state), i) for i in range(state.n_past)]
+    def decode_embeddings(self, parts):
+        out = real["decode_embeddings"](self, parts)
+        for seq, pos, emb, _ in parts:
+            for i, row in enumerate(emb):
+                put(self, seq, pos + i, ("v", np.asarray(row, np.float32).tobytes()))
+        return out
 
-    monkeypatch.setattr(LlamaContext, "feed_tokens", tokens)
-    monkeypatch.setattr(LlamaContext, "feed_embeddings", embeddings)
-    monkeypatch.setattr(LlamaContext, "truncate", truncate)
-    monkeypatch.setattr(LlamaContext, "restore_sequence", restore)
+    def seq_rm(self, seq, p0=0, p1=-1):
+        real["seq_rm"](self, seq, p0, p1)
+        del mirror(self, seq)[p0:]
+
+    def seq_cp(self, src, dst, p0=0, p1=-1):
+        real["seq_cp"](self, src, dst, p0, p1)
+        self.__dict__.setdefault("mirror", {})[dst] = [("head", i) for i in range(p0, p1)]
+
+    def seq_save(self, seq, n_past):
+        state = real["seq_save"](self, seq, n_past)
+        state.mirror = list(mirror(self, seq))
+        return state
+
+    def seq_restore(self, seq, state):
+        ok = real["seq_restore"](self, seq, state)
+        self.__dict__.setdefault("mirror", {})[seq] = list(state.mirror)
+        return ok
+
+    for k, fn in dict(decode_tokens=decode_tokens, decode_embeddings=decode_embeddings, seq_rm=seq_rm,
+                      seq_cp=seq_cp, seq_save=seq_save, seq_restore=seq_restore).items():
+        monkeypatch.setattr(SharedContext, k, fn)
 
 
-def setup(pipe, capacity=4):
+def held(conv) -> list:
+    """What a conversation's sequence holds, up to the end of its last turn."""
+    ctx = conv.session.pipe.scheduler.ctx
+    return list(ctx.mirror[conv.session.seq.id][: conv.ends[-1]])
+
+
+def setup(pipe):
     start = policy.plan_startup(pipe, ServeConfig(bundle=str(pipe.bundle.root), conversation_tokens=256))
-    return start, SessionCache(capacity, start.session_bytes)
+    return start, ConversationCache()
 
 
 def request(im, turns, question, **kw) -> policy.Ask:
@@ -84,20 +113,20 @@ def test_a_continued_conversation_holds_the_ids_of_a_fresh_one(tiny, mirrored, s
         (entry,) = cache._idle.values()
         kept_end = entry.ends[-1]
         turns.append((q, out.text))
-    continued = list(entry.session.ctx.mirror[: entry.ends[-1]])
+    continued = held(entry)
 
     _, fresh_cache = setup(tiny)
     last = run(tiny, fresh_cache, start, request(im, turns[:-1], QUESTIONS[-1], stop=stop))
     (fresh,) = fresh_cache._idle.values()
     assert not last.info["cache_hit"] and last.text == turns[-1][1]
     assert fresh.ends == entry.ends
-    assert fresh.session.ctx.mirror[: fresh.ends[-1]] == continued  # the same ids at the same positions
+    assert held(fresh) == continued  # the same ids at the same positions
 
-    ids, _ = policy.turn_ids(tiny, turns[:-1], QUESTIONS[-1], first=True)
+    ids, _ = fresh.turn_ids(turns[:-1], QUESTIONS[-1], first=True)
     n0 = len(tiny.prefix_ids) + 8
-    head = [("head", id(tiny.prompt_head()), i) for i in range(len(tiny.prefix_ids))]  # restored, not re-fed
+    head = [("head", i) for i in range(len(tiny.prefix_ids))]  # the head's cells, shared, not re-fed
     assert continued[:len(tiny.prefix_ids)] == head and continued[n0:n0 + len(ids)] == ids
-    eos = policy._eos(tiny)
+    eos = tiny.llm.eos
     assert continued.count(eos) == 2  # one </s> closes each earlier answer, as in training
     cache.clear()
     fresh_cache.clear()
@@ -113,37 +142,27 @@ def test_refining_a_continued_conversation_refeeds_its_turns(tiny, mirrored):
     same = run(tiny, fresh_cache, start, request(im, [(Q, a1)], "Is it red?", m=32))
     assert same.text == out.text
     (a,), (b,) = cache._idle.values(), fresh_cache._idle.values()
-    assert a.session.ctx.mirror[: a.ends[-1]] == b.session.ctx.mirror[: b.ends[-1]]
+    assert held(a) == held(b)
     cache.clear()
     fresh_cache.clear()
 
 
-def test_the_cache_evicts_least_recently_used_and_counts_it(tiny):
-    evicted = []
-    start = policy.plan_startup(tiny, ServeConfig(bundle=str(tiny.bundle.root), conversation_tokens=64))
-    cache = SessionCache(2, start.session_bytes, on_evict=lambda: evicted.append(1))
-    ims = [scene(seed=s) for s in (10, 11, 12)]
-    for im in ims[:2]:
-        run(tiny, cache, start, request(im, [], Q))
-    run(tiny, cache, start, request(ims[0], [], Q))  # ims[0] is now the most recent
-    run(tiny, cache, start, request(ims[2], [], Q))  # room for it: ims[1] goes
-    assert len(evicted) == 1 and cache.idle == 2 and cache.busy == 0
-    assert {e.image for e in cache._idle.values()} == {"img-" + str(id(ims[0])), "img-" + str(id(ims[2]))}
-    assert run(tiny, cache, start, request(ims[0], [], Q)).info["cache_hit"]
-    assert not run(tiny, cache, start, request(ims[1], [], Q)).info["cache_hit"]
-    cache.clear()
-
-
-def test_the_session_budget_follows_the_memory_limit(tiny):
-    base = ServeConfig(bundle=str(tiny.bundle.root), conversation_tokens=128)
-    start = policy.plan_startup(tiny, base)
-    small = policy.plan_startup(tiny, base.with_(cache_mb=3 * start.session_bytes / 2**20))
-    assert small.capacity == 3
-    with pytest.raises(Exception, match="--parallel 4 needs 4 sessions"):
-        policy.plan_startup(tiny, base.with_(cache_mb=3 * start.session_bytes / 2**20, parallel=4))
-    # a context's bytes: KV of n_ctx positions (f32 here) + buffers
-    f = tiny.bundle.manifest.llm
-    assert start.session_bytes >= start.n_ctx * f.layers * 2 * f.kv_heads * f.head_dim * 4
+def test_the_cache_budget_follows_the_memory_limit(tiny_f32_bundle):
+    base = ServeConfig(bundle=str(tiny_f32_bundle), conversation_tokens=128)
+    with Pipeline.load(tiny_f32_bundle, threads=1) as one:
+        start = policy.plan_startup(one, base)
+        f = one.bundle.manifest.llm  # f32 K/V here: 4 bytes
+        assert one.position_bytes == f.layers * 2 * f.kv_heads * f.head_dim * 4
+        assert start.conversation_bytes == one.conversation_positions(128) * one.position_bytes
+        plan = one._cache_plan  # llama.cpp may round its context up (to 256 cells); the plan is the budget
+        assert start.budget_bytes == plan.n_ctx * one.position_bytes + plan.host_bytes
+        assert one.scheduler.ctx.n_ctx >= plan.n_ctx
+    with Pipeline.load(tiny_f32_bundle, threads=1, parallel=4) as four:
+        small = base.with_(cache_mb=3 * start.conversation_bytes / 2**20, parallel=4)
+        with pytest.raises(Exception, match="--parallel 4 needs"):
+            policy.plan_startup(four, small)
+        fits = policy.plan_startup(four, base.with_(cache_mb=5 * start.conversation_bytes / 2**20, parallel=4))
+        assert fits.capacity == 4  # whole conversations at their longest (the prompt head takes a little)
 
 
 @pytest.mark.parametrize("pieces, stops, want", [
@@ -152,7 +171,7 @@ def test_the_session_budget_follows_the_memory_limit(tiny):
     (["a", "bc", "d"], ("bcd",), ("a", True)),
 ])
 def test_stop_scan_cuts_across_pieces(pieces, stops, want):
-    scan, text, stopped = policy.StopScan(stops), "", False
+    scan, text, stopped = StopScan(stops), "", False
     for p in pieces:
         t, stopped = scan.feed(p)
         text += t
@@ -192,7 +211,7 @@ def test_generate_ids_continues_the_cache_and_refuses_misuse(tiny):
         with pytest.raises(InputError, match="outside the cached"):
             s.generate_ids([1], keep=s.n_prefix - 1)
         with pytest.raises(InputError, match="outside the cached"):
-            s.generate_ids([1], keep=s.ctx.n_ctx + 1)
+            s.generate_ids([1], keep=s.n_ctx + 1)
         assert s.ask(Q, max_new_tokens=5).token_ids == plain.token_ids  # still usable after the refusals
 
 
