@@ -162,7 +162,7 @@ def test_the_cache_budget_follows_the_memory_limit(tiny_f32_bundle):
         with pytest.raises(Exception, match="--parallel 4 needs"):
             policy.plan_startup(four, small)
         fits = policy.plan_startup(four, base.with_(cache_mb=5 * start.conversation_bytes / 2**20, parallel=4))
-        assert fits.capacity == 4  # whole conversations at their longest (the prompt head takes a little)
+        assert fits.capacity == 5  # conversations at their longest that the budget holds
 
 
 @pytest.mark.parametrize("pieces, stops, want", [
