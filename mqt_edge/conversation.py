@@ -240,13 +240,19 @@ class ConversationCache:
                     n = c.common(turns)
                     if n > best_n:
                         best, best_n = k, n
-            return None if best is None else self._idle.pop(best)
+            if best is None:
+                return None
+            conv = self._idle.pop(best)
+            conv.session.seq.droppable = False  # a caller holds it again
+            return conv
 
     def put(self, conv: Conversation) -> None:
         """Keep `conv` for a later turn; its sequence may be parked on the host or dropped."""
+        seq = conv.session.seq
+        seq.on_drop = lambda: self._dropped(conv)
         with self._lock:
             self._idle[id(conv)] = conv
-        conv.session.seq.on_drop = lambda: self._dropped(conv)
+        seq.droppable = True  # the cache's now: the scheduler may drop it when the host budget is spent
 
     def _dropped(self, conv: Conversation) -> None:
         with self._lock:

@@ -130,11 +130,11 @@ class Pipeline:
 
     def configure_cache(self, budget_bytes: int | None = None, reserve: int = QUESTION_RESERVE) -> CachePlan:
         """Size the scheduler's caches (before its first use): `budget_bytes` for the KV cells of the
-        shared context and the host's parked conversations; None: room for twice `parallel`
-        conversations of `reserve` positions each beyond the visual prefix."""
+        shared context and the host's parked conversations; None: room for four times `parallel`
+        conversations of `reserve` positions each beyond the visual prefix, half of it on the host."""
         conv = self.conversation_positions(reserve)
-        if budget_bytes is None:
-            budget_bytes = (len(self.prefix_ids) + 2 * self.parallel * conv) * self.position_bytes
+        if budget_bytes is None:  # the context holds twice `parallel` conversations, the host as much again
+            budget_bytes = (len(self.prefix_ids) + 4 * self.parallel * conv) * self.position_bytes
         plan = plan_cache(int(budget_bytes), self.position_bytes, conv, self.parallel, len(self.prefix_ids))
         with self._sched_lock:
             if self._scheduler is not None and plan != self._cache_plan:
@@ -156,10 +156,11 @@ class Pipeline:
             if self._scheduler is None:
                 plan = self._cache_plan
                 if plan is None:
-                    conv = self.conversation_positions()
-                    plan = plan_cache((len(self.prefix_ids) + 2 * self.parallel * conv) * self.position_bytes,
-                                      self.position_bytes, conv, self.parallel, len(self.prefix_ids))
-                    self._cache_plan = plan
+                    self._sched_lock.release()  # configure_cache takes it
+                    try:
+                        plan = self.configure_cache()
+                    finally:
+                        self._sched_lock.acquire()
                 self._scheduler = Scheduler(self.llm, n_ctx=plan.n_ctx, n_seq=plan.n_seq, head_ids=self.prefix_ids,
                                             position_bytes=plan.position_bytes, host_bytes=plan.host_bytes,
                                             threads=self.threads, kv_f32=self.kv_f32, head_cache=self.head_cache)

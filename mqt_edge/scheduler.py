@@ -178,7 +178,7 @@ class Scheduler:
             raise InputError(f"the scheduler needs at least 2 sequences, not {n_seq}", "use parallel >= 1")
         self.llm = llm
         self.ctx = SharedContext(llm, n_ctx, n_seq, n_batch, threads, kv_f32)
-        self.n_ctx, self.n_batch = self.ctx.n_ctx, n_batch
+        self.n_ctx, self.n_batch = min(n_ctx, self.ctx.n_ctx), n_batch  # the budget, not llama.cpp's rounding
         self.head_ids, self.head_cache = list(head_ids), head_cache
         # One budget: the context's cells, then the host's bytes, a quarter of them for encoded images.
         self.images = ImageCache(host_bytes // 4)
