@@ -236,8 +236,7 @@ class Watch:
     def _answer(self, job: _Job) -> WatchAnswer:
         start = time.perf_counter()
         reserve = self.pipe.reserve_for(job.question, self.gen["max_new_tokens"])
-        with Session(self.pipe, job.encoded, None, reserve, refinable=self.refine is not None,
-                     threads=self.llm_threads) as s:
+        with Session(self.pipe, job.encoded, None, reserve, refinable=self.refine is not None) as s:
             answer = s.answer(job.question, refine_to=self.refine, confidence=self.confidence, **self.gen)
         answer.predicted = self.predicted
         done = self._last_at = time.perf_counter()
