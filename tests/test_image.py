@@ -65,7 +65,7 @@ def test_rgba_and_greyscale_are_converted_like_the_release(tmp_path):
 
 def test_unreadable_files_are_one_line_errors(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
-    with pytest.raises(ImageError, match="cannot read image"):
+    with pytest.raises(ImageError, match="is not a JPEG, PNG, BMP or WebP image"):
         load_image(tmp_path / "bad.jpg")
     with pytest.raises(ImageError, match="image not found"):
         load_image(tmp_path / "missing.png")
