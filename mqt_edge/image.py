@@ -192,7 +192,8 @@ def _identify(fp: BinaryIO, what: str, max_pixels: int, check: SizeCheck = None)
     if (declared := _webp_size(head)) is not None:
         _check_pixels(declared, max_pixels, what, check)
     for fmt, factory, accept in _plugins():
-        if accept is None or accept(head) is True:
+        verdict = accept is None or accept(head)
+        if verdict and not isinstance(verdict, str):  # a str says why it cannot be opened (no libwebp)
             fp.seek(0)
             try:
                 im = factory(fp, "")
