@@ -13,7 +13,10 @@ tests/test_image.py holds it to transformers' CLIPImageProcessor bit for bit.
 Memory: the work is bounded by what preprocessing will allocate, computed from the image header
 before any pixel is decoded (`preprocess_pixels`): the decoded input, the padded square (a tall
 image), or the one-axis-resized strip (a wide image) must each stay within `max_pixels` (64 MP, so
-at most ~192 MB per RGB buffer at the default). A wide image is never padded at full size: Pillow's
+at most ~256 MB per RGB buffer at the default: Pillow keeps RGB at 4 bytes a pixel). The header is
+read by our own probe over Pillow's JPEG, PNG, BMP and WebP openers (`_identify`), so our limit, not
+Pillow's bomb check, answers at any declared size; after a big decode the freed memory is handed
+back to the OS (`give_back_memory`). A wide image is never padded at full size: Pillow's
 bicubic resize runs a horizontal pass then a vertical one, rows independent of each other, so
 resizing the image's rows horizontally and adding the pad rows (a pad row resized once) gives
 exactly the padded square's intermediate; the vertical pass then runs on that S x L strip. A tall
@@ -197,7 +200,8 @@ def _identify(fp: BinaryIO, what: str, max_pixels: int, check: SizeCheck = None)
             fp.seek(0)
             try:
                 im = factory(fp, "")
-            except Image.DecompressionBombError:  # only WebP's opener checks, and only past 2x Pillow's limit
+            except Image.DecompressionBombError:  # WebP's opener checks past 2x Pillow's limit: only
+                # reached with max_pixels raised above that, and its canvas is not allocated then
                 raise ImageTooLargeError(f"{what} is a WebP image over Pillow's own pixel limit",
                                          "convert it to PNG or JPEG, or downscale it") from None
             except _PILLOW_ERRORS as exc:
@@ -352,7 +356,7 @@ def give_back_memory() -> None:
 
     Pillow allocates an image in 16 MB blocks; after the first is freed, glibc's adaptive mmap
     threshold rises above that size and the later blocks come from the heap (a worker thread's
-    arena, in the server), where freed pages stay resident for reuse: a 64 MP decode kept ~300 MB.
+    arena, in the server), where freed pages stay resident for reuse: ~175-255 MB after 64 MP.
     malloc_trim(0) releases the free pages of every arena; it is a no-op off glibc."""
     trim = _malloc_trim()
     if trim is not None:

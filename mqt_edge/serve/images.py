@@ -10,7 +10,6 @@ import base64
 import binascii
 import contextlib
 import hashlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
