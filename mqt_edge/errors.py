@@ -31,6 +31,10 @@ class ImageError(MQTEdgeError):
     """An image cannot be read or is refused (too large, wrong shape)."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image is over the pixel limit, decided from its header before decoding (HTTP 413)."""
+
+
 class TokensError(MQTEdgeError, ValueError):
     """A number of visual tokens (m) or a set of query ids is out of range."""
 

@@ -65,7 +65,7 @@ def test_rgba_and_greyscale_are_converted_like_the_release(tmp_path):
 
 def test_unreadable_files_are_one_line_errors(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
-    with pytest.raises(ImageError, match="cannot read image"):
+    with pytest.raises(ImageError, match="is not a JPEG, PNG, BMP or WebP image"):
         load_image(tmp_path / "bad.jpg")
     with pytest.raises(ImageError, match="image not found"):
         load_image(tmp_path / "missing.png")
@@ -170,3 +170,65 @@ def test_a_truncated_file_opened_by_the_caller_is_an_image_error(tmp_path):
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageError, match="cannot read the PIL image"):
         preprocess(Image.open(tmp_path / "cut.png"), SPEC)
+
+
+# -- the pixel limit, decided from the header (issue 25, defect 5) ------------------------------------
+
+def declaring(fmt: str, w: int, h: int) -> bytes:
+    """A small real file of `fmt` whose header declares w x h (only the header is read before the check)."""
+    import io
+    import struct
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 8), (200, 30, 30)).save(buf, format=fmt)
+    raw = bytearray(buf.getvalue())
+    if fmt == "PNG":
+        import zlib
+
+        raw[16:24] = struct.pack(">II", w, h)
+        raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))  # IHDR's CRC
+    elif fmt == "JPEG":
+        sof = raw.index(b"\xff\xc0")
+        raw[sof + 5 : sof + 9] = struct.pack(">HH", h, w)
+    else:  # BMP
+        raw[18:26] = struct.pack("<ii", w, h)
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP"])
+@pytest.mark.parametrize("side", [9000, 13000, 14000, 20000, 65000])
+def test_the_pixel_limit_answers_at_any_declared_size(tmp_path, fmt, side):
+    """Above ~179 MP Pillow's own bomb check used to answer first, as an unreadable image."""
+    import warnings
+
+    from mqt_edge.errors import ImageTooLargeError
+
+    data = declaring(fmt, side, side)
+    (tmp_path / "big").write_bytes(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor Pillow's DecompressionBombWarning on the way
+        for source in (data, tmp_path / "big"):
+            with pytest.raises(ImageTooLargeError) as info:
+                preprocess(source, SPEC)
+            msg = str(info.value)
+            assert f"{side}x{side} = {side * side:,} pixels, over the limit of 64,000,000" in msg, msg
+            assert "downscale it first, or raise max_pixels" in msg and "\n" not in msg
+
+
+def test_a_raised_limit_is_not_overruled_by_pillows(tmp_path):
+    """15000 x 12000 (180 MP) is past Pillow's 179 MP: with max_pixels above it, the header is accepted
+    and the (truncated) data is what is refused. The declared buffer is never filled: a few MB."""
+    data = declaring("PNG", 15000, 12000)
+    with pytest.raises(ImageError, match="cannot read the image: image file is truncated"):
+        load_image(data, max_pixels=200_000_000)
+
+
+def test_other_formats_are_refused_by_name(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.gif")
+    with pytest.raises(ImageError, match=r"is not a JPEG, PNG, BMP or WebP image; convert it"):
+        load_image(tmp_path / "a.gif")
+
+
+def test_encoded_bytes_are_an_image_input(tmp_path):
+    scene().save(tmp_path / "a.png")
+    np.testing.assert_array_equal(preprocess((tmp_path / "a.png").read_bytes(), SPEC), preprocess(scene(), SPEC))

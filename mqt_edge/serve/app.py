@@ -190,7 +190,7 @@ async def _ask(engine: Engine, cfg: ServeConfig, req, conv: Conversation) -> pol
         raise APIError(422, f"mqt.refine {refine} is not above the m of {m}", "invalid_m", "mqt.refine")
     stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     seed = req.seed if req.seed is not None else secrets.randbits(31)
-    return policy.Ask(image=img.sha256, load_image=lambda: images.open_image(img, pipe.max_pixels),
+    return policy.Ask(image=img.sha256, load_image=lambda: img.data,
                       turns=conv.turns, question=conv.question, m=m, refine=refine,
                       confidence=opts.confidence if opts else 0.5,
                       max_new_tokens=req.max_completion_tokens or req.max_tokens,
@@ -201,7 +201,7 @@ async def _ask(engine: Engine, cfg: ServeConfig, req, conv: Conversation) -> pol
 def _fetch_checked(url: str, cfg: ServeConfig, max_pixels: int) -> images.ImageBytes:
     img = images.fetch(url, cfg.media_dir, cfg.allow_remote_images, cfg.remote_timeout_s,
                        int(cfg.max_body_mb * 2**20))
-    images.open_image(img, max_pixels)  # refuse bad or too large images before they wait for a slot
+    images.check_image(img, max_pixels)  # refuse bad or too large images before they wait for a slot
     return img
 
 

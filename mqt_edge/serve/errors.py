@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import ImageError, InputError, MQTEdgeError, TokensError
+from ..errors import ImageError, ImageTooLargeError, InputError, MQTEdgeError, TokensError
 
 log = logging.getLogger("mqt_edge.serve")
 
@@ -46,7 +46,7 @@ LIBRARY_ERRORS: list[tuple[type, int, str]] = [
 
 def from_library(exc: MQTEdgeError, param: str | None = None) -> APIError:
     text = str(exc)
-    if isinstance(exc, ImageError) and "over the limit" in text:
+    if isinstance(exc, ImageTooLargeError):
         return APIError(413, text, "image_too_large", param or "messages")
     if isinstance(exc, InputError) and "exceed the context" in text:
         return APIError(400, text, "context_length_exceeded", param or "max_tokens")

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import unquote, urlparse
 
 from PIL import Image
 
+from ..errors import ImageError, ImageTooLargeError
+from ..image import load_image, verify_image
 from .errors import APIError
 
 PARAM = "messages"
@@ -89,18 +92,29 @@ def fetch(url: str, media_dir: str | None, allow_remote: bool, remote_timeout_s:
     return ImageBytes(data, hashlib.sha256(data).hexdigest())
 
 
+def check_image(img: ImageBytes, max_pixels: int) -> None:
+    """Refuse a bad or too large image before the request waits for a slot; keep none of its pixels."""
+    with _as_api_error():
+        verify_image(img.data, max_pixels)
+
+
 def open_image(img: ImageBytes, max_pixels: int) -> Image.Image:
-    """Decode with the pixel limit checked on the header, before any pixel is unpacked."""
+    """Decode with the pixel limit checked on the header, before any pixel is unpacked.
+
+    The server hands pipelines `img.data` instead, so that preprocess owns the decoded pixels and
+    gives them back; this is for callers that want the picture itself."""
+    with _as_api_error():
+        return load_image(img.data, max_pixels)
+
+
+@contextlib.contextmanager
+def _as_api_error() -> Iterator[None]:
+    """The library's image errors, worded for a client: a size over the limit is a 413."""
     try:
-        im = Image.open(io.BytesIO(img.data))
-        w, h = im.size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        raise APIError(400, "the image is not a readable JPEG, PNG, BMP or WebP", "invalid_image", PARAM) from None
-    if w * h > max_pixels:
-        raise APIError(413, f"the image is {w}x{h} = {w * h:,} pixels, over the server's limit of {max_pixels:,}",
-                       "image_too_large", PARAM)
-    try:
-        im.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        raise APIError(400, "the image data is truncated or corrupt", "invalid_image", PARAM) from None
-    return im
+        yield
+    except ImageTooLargeError as exc:
+        raise APIError(413, f"{exc.problem}; downscale the image and send it again",
+                       "image_too_large", PARAM) from None
+    except ImageError as exc:
+        raise APIError(400, f"{exc.problem}; send a complete JPEG, PNG, BMP or WebP image",
+                       "invalid_image", PARAM) from None
