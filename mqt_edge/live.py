@@ -76,12 +76,14 @@ class _Reader:
     def __init__(self, source: Source, mailbox: Latest, every: int, speed: float) -> None:
         self.source, self.mailbox, self.every, self.speed = source, mailbox, every, speed
         self.error: BaseException | None = None
+        self.skipped = 0  # read but not offered (--every)
         self.thread = threading.Thread(target=self._run, name="mqt-edge-watch-source", daemon=True)
 
     def _run(self) -> None:
         try:
             for frame in self.source.frames(self.speed):
                 if (self.source.read - 1) % self.every:
+                    self.skipped += 1
                     continue
                 meta = {"index": self.source.read - 1, "t": frame.t, "name": frame.name}
                 if self.mailbox.put(frame.image, meta) < 0:
@@ -142,7 +144,7 @@ def run_watch(pipe: Any, source: Source, settings: WatchSettings, *, as_json: bo
     interrupted = stopped.is_set()
     if reader.error is not None and not interrupted:
         raise reader.error  # e.g. a video whose first frame does not decode: one line from the CLI
-    summary = _summary(watch, source, tally, interrupted)
+    summary = _summary(watch, source, reader.skipped, tally, interrupted)
     if as_json:
         print(json.dumps({"summary": summary}), flush=True)
     err.print(escape(_summary_line(summary)), soft_wrap=True)
@@ -174,9 +176,9 @@ def _ctrl_c(stopped: threading.Event, mailbox: Latest) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _summary(watch: Watch, source: Source, tally: Tally, interrupted: bool) -> dict:
+def _summary(watch: Watch, source: Source, every_skipped: int, tally: Tally, interrupted: bool) -> dict:
     stats = watch.stats
-    skipped = source.read - stats["frames"] + stats["skipped"]  # --every (never offered) and --rate
+    skipped = every_skipped + stats["skipped"]  # --every (never offered) and --rate (taken, not asked)
     lat = tally.latencies_ms
     return {"read": source.read, "answered": stats["answered"], "dropped": stats["dropped"], "skipped": skipped,
             "failed": stats["failed"],
