@@ -137,6 +137,8 @@ def run_watch(pipe: Any, source: Source, settings: WatchSettings, *, as_json: bo
                 tally.answered, tally.dropped = tally.answered + 1, tally.dropped + a.dropped
                 tally.latencies_ms.append(a.timings_ms["latency"])
                 show(a, tally, out)
+                if stopped.is_set():  # Ctrl-C: a frame still in the mailbox stays unanswered ("left")
+                    break
     except KeyboardInterrupt:  # off the main thread, or a second Ctrl-C during the first one's ending
         stopped.set()
     finally:

@@ -74,6 +74,8 @@ class Source:
             for frame in inner:
                 self.read += 1
                 yield frame
+            if self.read == 0 and self.kind != "images":  # e.g. a file cut short: FFmpeg says nothing
+                raise InputError(f"{self.kind} {self.spec} gave no frame", _fix(self.kind))
         finally:
             with self._lock:
                 self._reading = False

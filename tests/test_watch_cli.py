@@ -19,6 +19,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import cli, scene, stderr_lines
+from mqt_edge.errors import InputError
+from mqt_edge.sources import open_source
 
 Q = "What color is the circle?"
 EXAMPLE = Path(__file__).parent.parent / "examples" / "shapes.png"
@@ -203,22 +205,48 @@ def test_an_image_folder_answers_every_image_and_names_it(shipped_bundle, tmp_pa
     ("missing.mp4", "source missing.mp4 does not exist"),
     ("/dev/video97", "no camera at /dev/video97"),
     ("97", "no camera at /dev/video97"),
-    ("http://127.0.0.1:9/cam.mjpg", "cannot open stream http://127.0.0.1:9/cam.mjpg"),
+    ("http://127.0.0.1:9/cam.mjpg", "cannot open stream http://127.0.0.1:9/cam.mjpg (Connection refused)"),
     ("ftp://camera/x", "unsupported scheme ftp://"),
     ("nowhere/*.jpg", "no file matches nowhere/*.jpg"),
-    ("README.md", "cannot open video README.md"),
+    (str(Path(__file__).parent.parent / "README.md"), "cannot open video"),
+    ("", "the source is empty"),
 ])
-def test_a_source_that_cannot_be_opened_is_one_line_naming_it(source, named, tmp_path):
-    if source == "README.md":
-        source = str(Path(__file__).parent.parent / "README.md")
-        named = f"cannot open video {source}"
-    if source.startswith(("http", "README")) or source.endswith(".md"):
+def test_a_source_that_cannot_be_opened_names_itself_and_the_fix(source, named):
+    if source.startswith("http") or source.endswith(".md"):
         pytest.importorskip("av", reason="the video extra (PyAV) opens streams and videos")
-    # the bundle does not exist either: the source is checked first, before any bundle loads
+    with pytest.raises(InputError) as info:
+        open_source(source)
+    assert named in str(info.value) and info.value.fix
+
+
+def test_an_empty_folder_and_a_video_cut_before_its_first_frame(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="has no images"):
+        open_source(tmp_path / "empty")
+    av = pytest.importorskip("av", reason="the video extra (PyAV) writes the test video")
+    with av.open(str(tmp_path / "whole.mkv"), "w") as out:
+        stream = out.add_stream("mpeg4", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        for i in range(10):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(circle(i, 10), format="rgb24")))
+        out.mux(stream.encode())
+    # Matroska's header survives the cut, so FFmpeg opens the file and then finds no frame at all
+    (tmp_path / "cut.mkv").write_bytes((tmp_path / "whole.mkv").read_bytes()[:1000])
+    with open_source(tmp_path / "cut.mkv") as src, pytest.raises(InputError) as info:
+        list(src.frames())
+    assert str(info.value) == (f"video {tmp_path / 'cut.mkv'} gave no frame; check that the file is a video FFmpeg "
+                               "can read (ffprobe FILE)")
+
+
+@pytest.mark.parametrize("source", ["missing.mp4", "http://127.0.0.1:9/cam.mjpg"])
+def test_the_command_says_it_in_one_line_before_loading_a_bundle(source, tmp_path):
+    if source.startswith("http"):
+        pytest.importorskip("av", reason="the video extra (PyAV) opens streams")
+    # the bundle does not exist either: the source is checked first
     r = cli("watch", source, Q, "--bundle", tmp_path / "no-bundle")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     err = stderr_lines(r)
-    assert len(err) == 1 and named in err[0] and ";" in err[0], r.stderr
+    assert len(err) == 1 and source in err[0] and ";" in err[0], r.stderr
 
 
 def test_without_the_video_extra_a_video_says_what_to_install(tmp_path, video):
@@ -236,9 +264,7 @@ def test_without_the_video_extra_a_video_says_what_to_install(tmp_path, video):
     assert len(err) == 1 and "pip install 'mqt-edge[video]'" in err[0], r.stderr
 
 
-@pytest.mark.parametrize("args, named", [
-    (["--every", "0"], "--every"), (["--rate", "0"], "--rate"), (["--refine", "2", "-m", "4"], "refine=2"),
-])
+@pytest.mark.parametrize("args, named", [(["--rate", "0"], "--rate 0"), (["--refine", "2", "-m", "4"], "refine=2")])
 def test_bad_options_are_one_line(shipped_bundle, args, named):
     r = cli("watch", EXAMPLE, Q, "--bundle", shipped_bundle, *args)
     assert r.returncode == 2 and "Traceback" not in r.stderr
