@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -57,7 +57,6 @@ class Chat:
     tty: bool = False
     session: Any = None  # the conversation on the current image (opened at the next question)
     failures: int = 0
-    answers: list = field(default_factory=list)
 
     # -- the API: the two calls a multi-turn Conversation replaces ---------------------------------
     def _open(self) -> None:
@@ -164,7 +163,6 @@ class Chat:
             print(flush=True)
         else:
             print(json.dumps({"question": question} | answer.to_dict()), flush=True)
-        self.answers.append(answer)
         self.err.print(_stats(answer, self.tty), soft_wrap=True, highlight=False)
         return answer
 

@@ -202,8 +202,8 @@ def answer_record(a: WatchAnswer, read: int) -> dict:
     """One JSON line: the frame, its timestamp, the answer, m and every timing of its way through."""
     ans, meta = a.answer, a.meta or {}
     record = {"frame": meta.get("index", a.frame), "t": meta.get("t"), "name": meta.get("name"), "read": read,
-              "question": a.question, "answer": ans.answer, "m": ans.m, "dropped": a.dropped, "first_token_prob": ans.first_token_prob,
-              "prefilled": ans.prefilled, "timings_ms": ans.timings_ms | a.timings_ms}
+              "question": a.question, "answer": ans.answer, "m": ans.m, "dropped": a.dropped,
+              "first_token_prob": ans.first_token_prob, "prefilled": ans.prefilled, "timings_ms": ans.timings_ms | a.timings_ms}
     if ans.refined_from:
         record["refined_from"] = ans.refined_from
     return {k: v for k, v in record.items() if v is not None}
