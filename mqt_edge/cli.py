@@ -244,6 +244,96 @@ def run(
 
 
 @app.command()
+def watch(
+    source: str = typer.Argument(..., help="/dev/videoN (or N), a video file, an rtsp:// or http(s):// stream "
+                                 "(MJPEG too), an image folder or a quoted glob."),
+    question: str = typer.Argument(..., help="Question asked about the newest frame, again and again."),
+    bundle: Path = typer.Option(DEFAULT_BUNDLE, "--bundle", "-b", help="Bundle directory."),
+    m: Optional[int] = typer.Option(None, "--tokens", "-m", help="Visual tokens m (default: the planner's)."),
+    profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Device profile (default: auto)."),
+    every: int = typer.Option(1, min=1, help="Offer only every Nth frame read to the model."),
+    rate: Optional[float] = typer.Option(None, help="At most this many answers a second."),
+    refine: Optional[int] = typer.Option(None, help="Refine to this m when the first token is not confident."),
+    confidence: float = typer.Option(0.5, help="First-token probability below which --refine refines."),
+    speed: float = typer.Option(1.0, min=0.0, help="A video file plays at this times its frame rate (0: as fast "
+                                "as it decodes)."),
+    no_drop: Optional[bool] = typer.Option(None, "--no-drop/--drop", help="Answer every offered frame, holding "
+                                           "the reader (default: --no-drop for image folders, --drop otherwise)."),
+    max_new_tokens: int = typer.Option(32, help="Most tokens per answer."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (default: all cores)."),
+    vision_backend: str = typer.Option("auto", help=_BACKENDS_HELP),
+    n_gpu_layers: int = typer.Option(0, min=0, help="LLM layers offloaded to the GPU."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON line per answer, then one {\"summary\": ...}."),
+) -> None:
+    """Answer a question about a camera, video or stream, frame after frame (extra: video)."""
+    from dataclasses import replace
+
+    from .live import WatchSettings, run_watch
+    from .pipeline import Pipeline, check_confidence, check_sampling, check_threads
+    from .prompt import check_question
+    from .sources import open_source
+
+    check_question(question)
+    check_sampling(max_new_tokens, 0.0, 1.0)
+    check_threads(threads)
+    check_confidence(confidence, "--confidence")
+    settings = WatchSettings(question, m, refine, confidence, every, rate, speed, bool(no_drop), max_new_tokens,
+                             profile).check()
+    with open_source(source) as src:  # a source that cannot be opened fails before the bundle loads
+        if no_drop is None:
+            settings = replace(settings, no_drop=src.kind == "images")
+        with Pipeline.load(bundle, profile=profile, vision_backend=vision_backend, n_gpu_layers=n_gpu_layers,
+                           threads=threads) as pipe:
+            if profile is not None or m is None:
+                _profile_note(profile or "auto")
+            run_watch(pipe, src, settings, as_json=as_json, err=err)
+
+
+@app.command()
+def chat(
+    image: Optional[Path] = typer.Argument(None, help="Image to talk about (or /image PATH later)."),
+    bundle: Path = typer.Option(DEFAULT_BUNDLE, "--bundle", "-b", help="Bundle directory."),
+    m: Optional[int] = typer.Option(None, "--tokens", "-m", help="Visual tokens m (default: the planner's; /m N)."),
+    profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Device profile (default: auto)."),
+    refine: Optional[int] = typer.Option(None, help="Refine to this m when the first token is not confident."),
+    confidence: float = typer.Option(0.5, help="First-token probability below which --refine refines."),
+    max_new_tokens: int = typer.Option(128, help="Most tokens per answer."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (default: all cores)."),
+    vision_backend: str = typer.Option("auto", help=_BACKENDS_HELP),
+    n_gpu_layers: int = typer.Option(0, min=0, help="LLM layers offloaded to the GPU."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per answer instead of streaming."),
+) -> None:
+    """Ask about an image question after question, the bundle loaded once (/help lists the commands)."""
+    import time
+
+    from .chat import Chat, ChatSettings, run_chat
+    from .pipeline import Pipeline, check_confidence, check_sampling, check_threads
+
+    check_sampling(max_new_tokens, 0.0, 1.0)
+    check_threads(threads)
+    check_confidence(confidence, "--confidence")
+    if image is not None and not image.is_file():
+        raise InputError(f"no image at {image}", "give the path of an image file, or start without one and use /image")
+    tty = sys.stdin.isatty()
+    screen = Console(stderr=True, highlight=False, color_system="auto" if tty else None)
+    t0 = time.perf_counter()
+    with Pipeline.load(bundle, profile=profile, vision_backend=vision_backend, n_gpu_layers=n_gpu_layers,
+                       threads=threads) as pipe:
+        if profile is not None or m is None:
+            _profile_note(profile or "auto")
+        auto_m = pipe.choose_tokens(None, max_new_tokens).m if m is None else pipe.check_tokens(m)
+        settings = ChatSettings(str(image) if image else None, m, None, confidence, max_new_tokens, as_json)
+        session = Chat(pipe, settings, auto_m, screen, tty)
+        if refine is not None:
+            session.set_refine(str(refine))
+        screen.print(f"loaded {bundle} in {time.perf_counter() - t0:.1f} s; m = {session.m}"
+                     + ("; /help lists the commands" if tty else ""), soft_wrap=True)
+        code = run_chat(session)
+    if code:
+        sys.exit(code)
+
+
+@app.command()
 def serve(
     bundle: Path = typer.Option(DEFAULT_BUNDLE, "--bundle", "-b", help="Bundle directory."),
     profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Device profile (default: auto)."),

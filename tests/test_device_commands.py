@@ -76,6 +76,8 @@ COMMANDS = {
     "eval": lambda w: ["eval", "--data", w["data"], "--bundle", w["bundle"], "--tokens", "1,4", "--limit", "2",
                        "--timing-samples", "1", "--json"],
     "doctor": lambda w: ["doctor"],  # --json: test_doctor_reports_every_probe_without_torch
+    "watch": lambda w: ["watch", w["img"], "What is it?", "--bundle", w["bundle"], "-m", "2", "--max-new-tokens", "2",
+                        "--json"],
 }
 
 
@@ -86,6 +88,23 @@ def test_device_command_runs_without_torch(world, command):
     assert "Traceback" not in r.stderr
     if command in ("run", "run planned", "plan bundle", "eval"):
         json.loads(r.stdout)
+
+
+def test_chat_and_an_image_watch_need_neither_torch_nor_the_video_extra(world):
+    # PyAV (and OpenCV) absent too: only cameras, videos and streams need the `video` extra
+    body = ("import io\nsys.stdin = io.StringIO('What is it?\\n/m 2\\nWhat is it?\\n')\n"
+            f"sys.argv = ['mqt-edge', 'chat', {world['img']!r}, '--bundle', {world['bundle']!r}, '-m', '4',"
+            " '--max-new-tokens', '2', '--json']\nfrom mqt_edge.cli import main\nmain()")
+    code = WRAPPER.format(absent=ABSENT + ("av", "cv2"), body=body)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [json.loads(line)["m"] for line in r.stdout.splitlines()] == [4, 2]
+    body = (f"sys.argv = ['mqt-edge', 'watch', {str(world['root'] / '*.png')!r}, 'What is it?', '--bundle', "
+            f"{world['bundle']!r}, '-m', '2', '--max-new-tokens', '2', '--json']\nfrom mqt_edge.cli import main\nmain()")
+    r = subprocess.run([sys.executable, "-c", WRAPPER.format(absent=ABSENT + ("av", "cv2"), body=body)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.splitlines()[-1])["summary"]["answered"] == 1
 
 
 def test_calibrate_then_plan_with_the_profile_without_torch(world):
