@@ -109,8 +109,9 @@ class MqtEdgeNode:
                         for t in o.image_topics}
         self.node.add_on_set_parameters_callback(self._on_parameters)
         standing = f", standing query {o.query!r}" if o.query else ""
-        self.log.info(f"ready: bundle {o.bundle}, streams {', '.join(o.image_topics)}, "
-                      f"m {o.m or 'from the planner'}{standing}")
+        if self.node.context.ok():  # not after a signal during the load: rosout is gone then
+                self.log.info(f"ready: bundle {o.bundle}, streams {', '.join(o.image_topics)}, "
+                          f"m {o.m or 'from the planner'}{standing}")
 
     def _declare(self, options: NodeOptions) -> NodeOptions:
         """Each option is a ROS parameter whose default is the value given (CLI or caller)."""
@@ -233,17 +234,19 @@ def spin(executor: Any, context: Any, poll: float = SPIN_POLL_S) -> None:
 
 
 def main(options: NodeOptions = NodeOptions(), ros_args: list[str] | None = None) -> None:
-    """Run the node until a shutdown request (Ctrl-C, SIGTERM, the launch system's SIGINT)."""
+    """Run the node until a shutdown request (Ctrl-C, SIGTERM, the launch system's SIGINT), then
+    free the model and leave the ROS graph before returning."""
     rclpy = require("rclpy", "ros2")
     from rclpy.executors import SingleThreadedExecutor
 
     rclpy.init(args=["mqt_edge", *(ros_args or [])])  # installs rclpy's SIGINT/SIGTERM handlers
     context, node = rclpy.get_default_context(), None
+    executor = SingleThreadedExecutor(context=context)  # before a signal can invalidate the context
     try:
         node = MqtEdgeNode(options)
-        executor = SingleThreadedExecutor(context=context)
-        executor.add_node(node.node)
-        spin(executor, context)
+        if context.ok():  # else a signal came while the model loaded
+            executor.add_node(node.node)
+            spin(executor, context)
     except KeyboardInterrupt:
         pass
     except Exception:
@@ -252,7 +255,11 @@ def main(options: NodeOptions = NodeOptions(), ros_args: list[str] | None = None
     finally:
         if node is not None:
             node.close()
+        executor.shutdown(timeout_sec=0.5)
         rclpy.try_shutdown()
+        destroy = getattr(context, "destroy", None)  # rclpy >= 7 (Jazzy); older ones leave it to the GC
+        if destroy is not None:
+            destroy()  # the DDS participant says goodbye now, not at interpreter exit
 
 
 __all__ = ["MqtEdgeNode", "NodeOptions", "main", "spin"]
