@@ -66,6 +66,15 @@ def test_a_standing_query_runs_on_every_stream(default_bundle):
         h.close()
 
 
+def test_a_bad_topic_name_is_one_line_before_the_model_loads(default_bundle):
+    from conftest import cli, stderr_lines
+
+    r = cli("ros2", "--bundle", str(default_bundle), "--image-topic", "front", "--image-topic", "rear camera")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert stderr_lines(r) == ["error: image topic 'rear camera' is not a valid ROS topic name; use letters, digits, "
+                               "_ and /, not starting with a digit (e.g. front/image)"]
+
+
 def test_refusals_are_limited_per_kind_and_report_what_they_held_back():
     lines, published, now = [], [], [0.0]
     refuse = Refusals(lines.append, interval=2.0, on_change=published.append, clock=lambda: now[0])
