@@ -110,7 +110,7 @@ class MqtEdgeNode:
         self.node.add_on_set_parameters_callback(self._on_parameters)
         standing = f", standing query {o.query!r}" if o.query else ""
         if self.node.context.ok():  # not after a signal during the load: rosout is gone then
-                self.log.info(f"ready: bundle {o.bundle}, streams {', '.join(o.image_topics)}, "
+            self.log.info(f"ready: bundle {o.bundle}, streams {', '.join(o.image_topics)}, "
                           f"m {o.m or 'from the planner'}{standing}")
 
     def _declare(self, options: NodeOptions) -> NodeOptions:
