@@ -127,6 +127,8 @@ def test_the_stream_api_and_the_node_never_import_torch():
 @pytest.mark.parametrize("options, match", [
     (dict(overlap="maybe"), "overlap 'maybe'"), (dict(rate=-1.0), "negative"),
     (dict(rate=2.0, every_n=3), "both rate and every_n"), (dict(m=16, refine=8), "not above"),
+    (dict(image_topics=()), "distinct, non-empty"), (dict(image_topics=("front", " front ")), "distinct"),
+    (dict(image_topics=("front", "")), "non-empty"),
 ])
 def test_node_options_refuse_what_cannot_work(options, match):
     from mqt_edge.ros2.node import NodeOptions  # rclpy-free until the node starts

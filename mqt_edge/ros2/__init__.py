@@ -17,7 +17,12 @@ from ..image import DEFAULT_MAX_PIXELS, load_image
 
 
 class RosImageError(ImageError):
-    """A ROS image message the node cannot turn into RGB pixels."""
+    """A ROS image message the node cannot turn into RGB pixels; `kind` names the check that failed
+    (the node counts and rate-limits its log lines per kind)."""
+
+    def __init__(self, problem: str, fix: str | None = None, kind: str = "image") -> None:
+        super().__init__(problem, fix)
+        self.kind = kind
 
 
 # encoding -> (channels, bytes per channel, the channels that give R, G, B). The 16-bit encodings
@@ -56,19 +61,21 @@ def image_from_ros(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
     encoding = str(getattr(msg, "encoding", ""))
     if encoding not in ENCODINGS:
         raise RosImageError(f"image encoding '{encoding}' is not supported",
-                            f"publish one of {', '.join(ENCODINGS)}, or a jpeg/png CompressedImage")
+                            f"publish one of {', '.join(ENCODINGS)}, or a jpeg/png CompressedImage",
+                            "image_encoding")
     channels, depth, rgb = ENCODINGS[encoding]
     h, w, step = int(msg.height), int(msg.width), int(msg.step)
     if h < 1 or w < 1:
-        raise RosImageError(f"{encoding} image is empty ({w}x{h})", "publish an image with at least one pixel")
+        raise RosImageError(f"{encoding} image is empty ({w}x{h})", "publish an image with at least one pixel",
+                            "image_empty")
     row = w * channels * depth
     if step < row:
         raise RosImageError(f"{encoding} image has step {step}, less than width x pixel size = {row}",
-                            "set step to the row length in bytes")
+                            "set step to the row length in bytes", "image_step")
     data = _bytes(msg.data)
     if data.size < h * step:
         raise RosImageError(f"{encoding} image has {data.size} bytes of data, fewer than height x step = "
-                            f"{h} x {step} = {h * step}", "publish whole frames")
+                            f"{h} x {step} = {h * step}", "publish whole frames", "image_data")
     rows = data[: h * step].reshape(h, step)[:, :row]  # drop the padding at the end of each row
     if depth == 2:
         order = ">u2" if msg.is_bigendian else "<u2"
@@ -80,19 +87,20 @@ def image_from_ros(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
 def _from_compressed(msg: Any, max_pixels: int) -> np.ndarray:
     fmt = str(msg.format).lower()
     words = fmt.replace(";", " ").split()
-    kind = next((COMPRESSED[word] for word in words if word in COMPRESSED), None)
-    if kind is None:
-        raise RosImageError(f"compressed image format '{msg.format}' is not supported", "publish jpeg or png")
+    pil_format = next((COMPRESSED[word] for word in words if word in COMPRESSED), None)
+    if pil_format is None:
+        raise RosImageError(f"compressed image format '{msg.format}' is not supported", "publish jpeg or png",
+                            "compressed_format")
     from PIL import Image, UnidentifiedImageError
 
     try:
-        opened = Image.open(io.BytesIO(_bytes(msg.data).tobytes()), formats=[kind])
+        opened = Image.open(io.BytesIO(_bytes(msg.data).tobytes()), formats=[pil_format])
         return np.asarray(load_image(opened, max_pixels)).copy()
     except ImageError as exc:
-        raise RosImageError(f"compressed image: {exc.problem}", exc.fix) from None
+        raise RosImageError(f"compressed image: {exc.problem}", exc.fix, "compressed_data") from None
     except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise RosImageError(f"compressed image ({msg.format}, {len(msg.data)} bytes) cannot be decoded: {exc}",
-                            "publish a whole jpeg or png") from None
+                            "publish a whole jpeg or png", "compressed_data") from None
 
 
 __all__ = ["ENCODINGS", "RosImageError", "image_from_ros"]

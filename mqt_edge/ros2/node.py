@@ -1,22 +1,26 @@
 """The ROS 2 node: camera frames and questions in, answers out, on the latest-frame policy.
 
-Topics (relative, so a namespace or remapping moves them):
-  image           sensor_msgs/Image (rgb8, bgr8, rgba8, bgra8, mono8, 16-bit forms), sensor-data QoS
-  image/compressed  sensor_msgs/CompressedImage (jpeg, png), sensor-data QoS
-  query           std_msgs/String: answered once, about the newest frame
+Topics (relative, so a namespace or remapping moves them), for each image topic T of the parameter
+`image_topics` (default ["image"]):
+  T               sensor_msgs/Image (rgb8, bgr8, rgba8, bgra8, mono8, 16-bit forms), sensor-data QoS
+  T/compressed    sensor_msgs/CompressedImage (jpeg, png), sensor-data QoS
+and, shared by all streams:
+  query           std_msgs/String: answered once by every stream, about its newest frame
   answer          std_msgs/String: the answer text
-  answer_info     std_msgs/String: JSON with m, timings, first-token probability, frame stamp
+  answer_info     std_msgs/String: JSON with the stream (T), the text, m, timings, frame stamp, refusals
+  refused         std_msgs/String: JSON {kind: count} of refused input, sent on each refusal (latched)
 
-A standing query (parameter `query`) is answered continuously as frames allow, at most `rate`
-times a second, or on every `every_n`-th frame. The model work runs on a thread of its own
-(`Watch` on a one-slot mailbox), so callbacks only convert and store frames.
+A standing query (parameter `query`) is answered continuously on every stream as frames allow, at
+most `rate` times a second, or on every `every_n`-th frame. Each stream answers on a thread of its
+own (`Stream`, a `Watch` on a one-slot mailbox) over the one shared `Pipeline`, so callbacks only
+convert and store frames, and several cameras' answers run at the same time.
 
 rclpy is imported when the node starts, never at import time of mqt_edge.
 """
 
 from __future__ import annotations
 
-import collections
+import functools
 import json
 import threading
 import time
@@ -26,11 +30,13 @@ from typing import Any
 from ..bundle import DEFAULT_BUNDLE
 from ..errors import InputError, MQTEdgeError, require
 from ..prompt import check_question
-from . import image_from_ros
+from . import RosImageError, image_from_ros
+from .refusals import Refusals
+from .stream import OVERLAP, Stream
 
-OVERLAP = {"auto": None, "on": True, "off": False}
 LIVE = ("query", "rate", "every_n")  # parameters that may change while the node runs
-QUEUED_QUERIES = 8  # questions waiting for the model; older ones are dropped (and logged) beyond this
+SPIN_POLL_S = 0.2  # the executor's longest wait before it looks at the context again (see `spin`)
+CLOSE_WAIT_S = 1.5  # how long closing waits for an answer in flight before leaving it to the process exit
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,7 @@ class NodeOptions:
     """The node's ROS parameters (0 or "" means "not set": ROS parameters cannot be None)."""
 
     bundle: str = str(DEFAULT_BUNDLE)
+    image_topics: tuple[str, ...] = ("image",)  # one stream per topic (and its /compressed), one Pipeline
     m: int = 0  # fixed number of visual tokens; 0: the planner's m on `profile`
     profile: str = ""  # device profile for the planner ("" : auto)
     refine: int = 0  # refine to this m when the first token is not confident (0: never)
@@ -63,6 +70,10 @@ class NodeOptions:
             raise InputError(f"refine {self.refine} is not above m {self.m}", "refine to a larger m, or 0")
         if self.rate and self.every_n:
             raise InputError("both rate and every_n are set", "pace the standing query by one of them")
+        topics = [str(t).strip() for t in self.image_topics]
+        if not topics or not all(topics) or len(set(topics)) < len(topics):
+            raise InputError(f"image_topics {list(self.image_topics)} must be distinct, non-empty topic names",
+                             'give at least one, e.g. image_topics:="[front/image, rear/image]"')
         return self
 
 
@@ -71,40 +82,36 @@ class MqtEdgeNode:
 
     def __init__(self, options: NodeOptions = NodeOptions(), context: Any = None, name: str = "mqt_edge") -> None:
         rclpy = require("rclpy", "ros2")
-        from rclpy.qos import qos_profile_sensor_data
+        from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
         from sensor_msgs.msg import CompressedImage, Image
         from std_msgs.msg import String
+
+        from ..pipeline import Pipeline
 
         self.node = rclpy.create_node(name, context=context)
         self.log = self.node.get_logger()
         self.options = self._declare(options.check())
-        self._String = String
-        self._lock = threading.Lock()
-        self._queries: collections.deque[str] = collections.deque()
-        self._latest: tuple[Any, dict] | None = None
-        self._frames = 0  # images received (valid ones)
-        self._last_standing = 0.0
-        self.refused = 0  # images or queries refused, each logged in one line
-        self.answered = 0
-        from ..pipeline import Pipeline
-        from ..watch import Latest, Watch
-
-        o = self.options
-        self.pipe = Pipeline.load(o.bundle, profile=o.profile or None, vision_backend=o.vision_backend,
-                                  n_gpu_layers=o.n_gpu_layers, threads=o.threads or None)
-        self._Latest, self._Watch = Latest, Watch
-        self.mailbox = Latest()
-        self._stop = threading.Event()
+        self._String, self._publishing, self.answered = String, threading.Lock(), 0
         self.answer_pub = self.node.create_publisher(String, "answer", 10)
         self.info_pub = self.node.create_publisher(String, "answer_info", 10)
-        self.node.create_subscription(Image, "image", self._on_image, qos_profile_sensor_data)
-        self.node.create_subscription(CompressedImage, "image/compressed", self._on_image, qos_profile_sensor_data)
+        latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self.refused_pub = self.node.create_publisher(String, "refused", latched)
+        self.refusals = Refusals(self.log.warning, on_change=self._publish_refused)
+        o, self.streams = self.options, {}
+        for topic in o.image_topics:  # before the model loads, so that a bad topic name fails at once
+            on_image = functools.partial(self._on_image, topic)
+            _subscribe(self.node, Image, topic, on_image, qos_profile_sensor_data)
+            _subscribe(self.node, CompressedImage, f"{topic}/compressed", on_image, qos_profile_sensor_data)
         self.node.create_subscription(String, "query", self._on_query, 10)
+        self.pipe = Pipeline.load(o.bundle, profile=o.profile or None, vision_backend=o.vision_backend,
+                                  n_gpu_layers=o.n_gpu_layers, threads=o.threads or None)
+        self.streams = {t: Stream(t, self.pipe, lambda: self.options, self._publish, self.refusals, self.log).start()
+                        for t in o.image_topics}
         self.node.add_on_set_parameters_callback(self._on_parameters)
-        self._worker = threading.Thread(target=self._work, name="mqt-edge-ros2-worker", daemon=True)
-        self._worker.start()
         standing = f", standing query {o.query!r}" if o.query else ""
-        self.log.info(f"ready: bundle {o.bundle}, m {o.m or 'from the planner'}{standing}")
+        if self.node.context.ok():  # not after a signal during the load: rosout is gone then
+            self.log.info(f"ready: bundle {o.bundle}, streams {', '.join(o.image_topics)}, "
+                          f"m {o.m or 'from the planner'}{standing}")
 
     def _declare(self, options: NodeOptions) -> NodeOptions:
         """Each option is a ROS parameter whose default is the value given (CLI or caller)."""
@@ -114,50 +121,37 @@ class MqtEdgeNode:
             try:
                 param = self.node.declare_parameter(f.name, default)
             except Exception as exc:  # rclpy's InvalidParameterTypeException: -p rate:=2 for a double
-                raise InputError(f"ROS parameter {f.name}: {exc}",
-                                 f"give it a {type(default).__name__} value, like {f.name}:={default!r}") from None
+                kind, example = type(default).__name__, f"{f.name}:={default!r}"
+                if isinstance(default, tuple):
+                    kind, example = "list of strings", f'{f.name}:="[{", ".join(default)}]"'
+                raise InputError(f"ROS parameter {f.name}: {exc}", f"give it a {kind}, like {example}") from None
             values[f.name] = type(default)(param.value)
         return NodeOptions(**values).check()
 
     # -- callbacks (executor thread): convert, store, never raise ---------------------------------
-    def _on_image(self, msg: Any) -> None:
+    def _on_image(self, topic: str, msg: Any) -> None:
         try:
             rgb = image_from_ros(msg)
-        except MQTEdgeError as exc:
-            self._refuse(f"image refused: {exc}")
+        except RosImageError as exc:
+            self.refusals(exc.kind, f"{topic}: image refused: {exc}")
             return
-        meta = {"stamp": {"sec": msg.header.stamp.sec, "nanosec": msg.header.stamp.nanosec},
-                "frame_id": msg.header.frame_id}
-        with self._lock:
-            self._latest = (rgb, meta)
-            self._frames += 1
-            n, pending = self._frames, bool(self._queries)
-        o = self.options
-        standing = bool(o.query) and (not o.every_n or (n - 1) % o.every_n == 0)
-        if standing or pending:
-            self.mailbox.put(rgb, meta)
+        except MQTEdgeError as exc:
+            self.refusals("image", f"{topic}: image refused: {exc}")
+            return
+        stream = self.streams.get(topic)
+        if stream is not None:  # None while the model loads
+            stream.offer(rgb, {"stamp": {"sec": msg.header.stamp.sec, "nanosec": msg.header.stamp.nanosec},
+                               "frame_id": msg.header.frame_id})
 
     def _on_query(self, msg: Any) -> None:
         text = str(msg.data)
         try:
             check_question(text)
         except MQTEdgeError as exc:
-            self._refuse(f"query refused: {exc}")
+            self.refusals("query", f"query refused: {exc}")
             return
-        with self._lock:
-            if len(self._queries) == QUEUED_QUERIES:
-                self.log.warning(f"{QUEUED_QUERIES} queries already wait; dropping the oldest: "
-                                 f"{self._queries.popleft()!r}")
-            self._queries.append(text)
-            latest = self._latest
-        if latest is None:
-            self.log.warning(f"query {text!r} arrived before any image; it will be answered about the first one")
-        else:
-            self.mailbox.put(*latest)  # wake the model with the newest frame
-
-    def _refuse(self, line: str) -> None:
-        self.refused += 1
-        self.log.warning(line.replace("\n", " "), throttle_duration_sec=2.0)
+        for stream in self.streams.values():
+            stream.ask(text)
 
     def _on_parameters(self, params: list) -> Any:
         from rcl_interfaces.msg import SetParametersResult
@@ -176,80 +170,96 @@ class MqtEdgeNode:
         self.options = options
         return SetParametersResult(successful=True)
 
-    # -- the model's thread ----------------------------------------------------------------------
-    def _question(self, frame: Any) -> str | None:
-        """On-demand queries first; else the standing query if its pace allows."""
-        with self._lock:
-            if self._queries:
-                return self._queries.popleft()
-        o = self.options
-        if not o.query:
-            return None
-        now = time.monotonic()
-        if o.rate and now - self._last_standing < 1.0 / o.rate:
-            return None
-        self._last_standing = now
-        return o.query
-
-    def _work(self) -> None:
-        """Answer until shutdown; a failure of one frame is logged and the loop goes on."""
-        o = self.options
-        while not self._stop.is_set():
-            try:
-                watch = self._Watch(self.pipe, self.mailbox, self._question, m=o.m or None, profile=o.profile or None,
-                                    refine=o.refine or None, confidence=o.confidence,
-                                    overlap=OVERLAP[o.overlap], vision_threads=o.vision_threads or None,
-                                    llm_threads=o.llm_threads or None, max_new_tokens=o.max_new_tokens,
-                                    temperature=o.temperature,
-                                    on_error=lambda f, e: self._refuse(f"frame {f.index} not answered: {e}"))
-                with watch:
-                    for a in watch:
-                        self._publish(a)
-            except MQTEdgeError as exc:  # a setting that cannot work (e.g. refine <= m): say it, keep the node
-                self.log.error(f"cannot answer: {exc}", throttle_duration_sec=10.0)
-                self._stop.wait(5.0)
-            except Exception as exc:  # a bug: keep the node alive and say what happened
-                self.log.error(f"answering failed: {type(exc).__name__}: {exc}", throttle_duration_sec=10.0)
-                self._stop.wait(1.0)
-            if not self._stop.is_set():
-                self.mailbox = self._Latest()  # the old watch closed its mailbox
-
-    def _publish(self, a: Any) -> None:
+    # -- out ------------------------------------------------------------------------------------
+    def _publish(self, stream: Stream, a: Any) -> None:
+        """From a stream's thread: the text on `answer`, then everything on `answer_info`, the two
+        adjacent (a lock) so that a reader of both can pair them even with several streams."""
         ans = a.answer
-        info = {"frame": a.frame, "stamp": a.meta["stamp"], "frame_id": a.meta["frame_id"], "question": a.question,
-                "m": ans.m, "first_token_prob": ans.first_token_prob, "timings_ms": ans.timings_ms,
-                "stream_ms": a.timings_ms, "dropped": a.dropped, "token_ids": ans.token_ids,
-                "refined_from": ans.refined_from, "predicted": ans.predicted}
-        self.answer_pub.publish(self._String(data=ans.answer))
-        self.info_pub.publish(self._String(data=json.dumps(info)))
-        self.answered += 1
+        info = {"stream": stream.name, "answer": ans.answer, "frame": a.frame, "stamp": a.meta["stamp"],
+                "frame_id": a.meta["frame_id"], "question": a.question, "m": ans.m,
+                "first_token_prob": ans.first_token_prob, "timings_ms": ans.timings_ms, "stream_ms": a.timings_ms,
+                "dropped": a.dropped, "token_ids": ans.token_ids, "refined_from": ans.refined_from,
+                "predicted": ans.predicted, "refused": self.refusals.counts}
+        with self._publishing:
+            self.answer_pub.publish(self._String(data=ans.answer))
+            self.info_pub.publish(self._String(data=json.dumps(info)))
+            self.answered += 1
+
+    def _publish_refused(self, counts: dict[str, int]) -> None:
+        self.refused_pub.publish(self._String(data=json.dumps(counts)))
+
+    @property
+    def refused(self) -> int:
+        return self.refusals.total
 
     def close(self) -> None:
-        self._stop.set()
-        self.mailbox.close()
-        self._worker.join(timeout=60)
-        self.pipe.close()
+        """Stop every stream; the model is freed once no answer is in flight (else by the process exit)."""
+        for stream in self.streams.values():
+            stream.close()
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        idle = [s.join(max(0.0, deadline - time.monotonic())) for s in self.streams.values()]
+        if held := self.refusals.held_back():
+            self.log.info(f"refusals not logged line by line: {held}; in all: {self.refusals.counts}")
+        if all(idle):
+            self.pipe.close()
+        else:
+            self.log.warning(f"an answer was still running after {CLOSE_WAIT_S} s; leaving it to the process exit")
         self.node.destroy_node()
 
 
-def main(options: NodeOptions = NodeOptions(), ros_args: list[str] | None = None) -> None:
-    """Run the node until a shutdown request (Ctrl-C, `ros2 lifecycle`/launch shutdown, SIGTERM)."""
-    rclpy = require("rclpy", "ros2")
-    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+def _subscribe(node: Any, msg_type: Any, topic: str, callback: Any, qos: Any) -> None:
+    from rclpy.exceptions import InvalidTopicNameException
 
-    rclpy.init(args=["mqt_edge", *(ros_args or [])])
-    node = None
+    try:
+        node.create_subscription(msg_type, topic, callback, qos)
+    except InvalidTopicNameException:
+        raise InputError(f"image topic '{topic}' is not a valid ROS topic name",
+                         "use letters, digits, _ and /, not starting with a digit (e.g. front/image)") from None
+
+
+def spin(executor: Any, context: Any, poll: float = SPIN_POLL_S) -> None:
+    """Run callbacks until the context is shut down (a signal, or `rclpy.shutdown`).
+
+    Not `executor.spin()`: on SIGINT/SIGTERM rclpy's signal thread first wakes the executors (their
+    signal guard condition) and only then shuts the contexts down. An executor that wakes in between
+    sees a live context, goes back to an unbounded wait, and nothing wakes it again: the node survives
+    the signal until a second one. A bounded wait looks at the context at least every `poll` s."""
+    from rclpy.executors import ExternalShutdownException
+
+    try:
+        while context.ok():
+            executor.spin_once(timeout_sec=poll)
+    except ExternalShutdownException:
+        pass
+
+
+def main(options: NodeOptions = NodeOptions(), ros_args: list[str] | None = None) -> None:
+    """Run the node until a shutdown request (Ctrl-C, SIGTERM, the launch system's SIGINT), then
+    free the model and leave the ROS graph before returning."""
+    rclpy = require("rclpy", "ros2")
+    from rclpy.executors import SingleThreadedExecutor
+
+    rclpy.init(args=["mqt_edge", *(ros_args or [])])  # installs rclpy's SIGINT/SIGTERM handlers
+    context, node = rclpy.get_default_context(), None
+    executor = SingleThreadedExecutor(context=context)  # before a signal can invalidate the context
     try:
         node = MqtEdgeNode(options)
-        executor = SingleThreadedExecutor()
-        executor.add_node(node.node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
+        if context.ok():  # else a signal came while the model loaded
+            executor.add_node(node.node)
+            spin(executor, context)
+    except KeyboardInterrupt:
         pass
+    except Exception:
+        if context.ok():  # a signal during start-up shuts the context down and rclpy's next call raises
+            raise
     finally:
         if node is not None:
             node.close()
+        executor.shutdown(timeout_sec=0.5)
         rclpy.try_shutdown()
+        destroy = getattr(context, "destroy", None)  # rclpy >= 7 (Jazzy); older ones leave it to the GC
+        if destroy is not None:
+            destroy()  # the DDS participant says goodbye now, not at interpreter exit
 
 
-__all__ = ["MqtEdgeNode", "NodeOptions", "main"]
+__all__ = ["MqtEdgeNode", "NodeOptions", "main", "spin"]

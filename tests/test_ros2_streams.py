@@ -1,0 +1,92 @@
+"""Two cameras on one node: each stream's answers are about its own images, over one Pipeline."""
+
+import time
+
+import pytest
+
+pytest.importorskip("rclpy", reason="rclpy is not installed: pip install 'mqt-edge[ros2]' or source a ROS 2 install")
+from test_ros2_node import EXAMPLE, Q, Harness, image_msg  # noqa: E402  (skips with that module)
+
+from mqt_edge.ros2.refusals import Refusals  # noqa: E402
+
+RED = EXAMPLE  # a red circle (and a blue square)
+BLUE = EXAMPLE[..., ::-1].copy()  # red and blue swapped: a blue circle (and a red square)
+
+
+def colour(text: str) -> str:
+    return text.split()[0].lower().strip(".")
+
+
+@pytest.fixture
+def two(default_bundle):
+    h = Harness(default_bundle, image_topics=("front/image", "rear/image"), m=16, max_new_tokens=4)
+    yield h
+    h.close()
+
+
+def ask_both(h: Harness, front, rear, stamp: int) -> dict[str, dict]:
+    """Send one frame to each camera, then one query; the two answers by stream."""
+    seen = len(h.infos)
+    h.pubs["front/image"][0].publish(image_msg(front, stamp=stamp))
+    h.pubs["rear/image"][0].publish(image_msg(rear, "rgb8", stamp=stamp))
+    h.wait(lambda: all(s.frames >= stamp for s in h.vlm.streams.values()), "both frames")
+    h.queries.publish(h.queries.msg_type(data=Q))
+    h.wait(lambda: len(h.infos) >= seen + 2, "an answer from each stream")
+    time.sleep(0.2)  # a third answer would be a bug: one query, one answer per stream
+    new = h.infos[seen:]
+    assert sorted(i["stream"] for i in new) == ["front/image", "rear/image"], new
+    return {i["stream"]: i for i in new}
+
+
+def test_each_stream_answers_about_its_own_camera(two):
+    h = two
+    assert {s.worker.name for s in h.vlm.streams.values()} == {"mqt-edge-ros2-front/image",
+                                                              "mqt-edge-ros2-rear/image"}
+    assert all(s.pipe is h.vlm.pipe for s in h.vlm.streams.values())  # one model in memory
+    first = ask_both(h, RED, BLUE, stamp=1)
+    assert colour(first["front/image"]["answer"]) == "red" and colour(first["rear/image"]["answer"]) == "blue"
+    assert first["front/image"]["stamp"]["sec"] == first["rear/image"]["stamp"]["sec"] == 1
+
+    second = ask_both(h, BLUE, RED, stamp=2)  # the cameras swap pictures: so do the answers
+    assert colour(second["front/image"]["answer"]) == "blue" and colour(second["rear/image"]["answer"]) == "red"
+    assert sorted(colour(a) for a in h.answers) == ["blue", "blue", "red", "red"]
+
+
+def test_a_standing_query_runs_on_every_stream(default_bundle):
+    h = Harness(default_bundle, image_topics=("left", "right"), m=16, max_new_tokens=4, query=Q, overlap="off")
+    try:
+        for i in range(3):
+            h.pubs["left"][0].publish(image_msg(RED, stamp=i))
+            h.pubs["right"][0].publish(image_msg(BLUE, stamp=i))
+            time.sleep(0.1)
+        h.wait(lambda: {i["stream"] for i in h.infos} == {"left", "right"}, "answers from both streams")
+        for info in h.infos:
+            assert colour(info["answer"]) == {"left": "red", "right": "blue"}[info["stream"]], info
+    finally:
+        h.close()
+
+
+def test_a_bad_topic_name_is_one_line_before_the_model_loads(default_bundle):
+    from conftest import cli, stderr_lines
+
+    r = cli("ros2", "--bundle", str(default_bundle), "--image-topic", "front", "--image-topic", "rear camera")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert stderr_lines(r) == ["error: image topic 'rear camera' is not a valid ROS topic name; use letters, digits, "
+                               "_ and /, not starting with a digit (e.g. front/image)"]
+
+
+def test_refusals_are_limited_per_kind_and_report_what_they_held_back():
+    lines, published, now = [], [], [0.0]
+    refuse = Refusals(lines.append, interval=2.0, on_change=published.append, clock=lambda: now[0])
+    assert refuse("image_encoding", "bad encoding") and refuse("query", "empty query\nsecond line")
+    assert not refuse("image_encoding", "bad encoding") and not refuse("image_encoding", "bad encoding")
+    now[0] = 1.9
+    assert not refuse("image_encoding", "bad encoding")
+    assert refuse.held_back() == {"image_encoding": 3}
+    now[0] = 2.1
+    assert refuse("image_encoding", "bad encoding")
+    assert lines == ["bad encoding [image_encoding: 1 refused in all]", "empty query second line [query: 1 refused in all]",
+                     "bad encoding [image_encoding: 5 refused in all; 3 more refused as image_encoding since its "
+                     "last line]"]
+    assert published[-1] == refuse.counts == {"image_encoding": 5, "query": 1} and len(published) == 6
+    assert refuse.held_back() == {} and refuse.total == 6
