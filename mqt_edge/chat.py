@@ -1,9 +1,11 @@
 """`mqt-edge chat`: questions about an image, one after another, with the bundle loaded once.
 
-This module only reads lines, parses commands and prints. The conversation itself is the API's:
-`pipe.look(image, m)` encodes the image once and keeps its prefix in the KV cache, and each
-`session.answer(question)` prefills only its own turn (`Answer.prefilled` says how many positions).
-`_open` and `_answer` are the two calls that touch it.
+This module only reads lines, parses commands and prints. The conversation itself is the API's
+(`mqt_edge.conversation.Conversation`): `pipe.conversation(image, m)` encodes the image once and
+keeps the prompt, the image and every turn in the KV cache, so each question prefills only its own
+turn (`Answer.prefilled` says how many positions) and sees the earlier answers. A refinement grows
+m exactly and starts the turns again at the new m. `_open` and `_answer` are the two calls that
+touch it.
 
 On a terminal: a prompt, line editing, colours, and Ctrl-C stops the answer being written. Piped
 (stdin not a TTY, e.g. a script): no prompt and no ANSI codes, one plain line per answer and per
@@ -58,13 +60,13 @@ class Chat:
     session: Any = None  # the conversation on the current image (opened at the next question)
     failures: int = 0
 
-    # -- the API: the two calls a multi-turn Conversation replaces ---------------------------------
+    # -- the API: the two calls that touch the conversation ----------------------------------------
     def _open(self) -> None:
-        self.session = self.pipe.look(self.settings.image, m=self.m, refinable=True)
+        self.session = self.pipe.conversation(self.settings.image, m=self.m)
 
     def _answer(self, question: str, on_piece: Callable[[str], None] | None) -> Answer:
-        return self.session.answer(question, refine_to=self.settings.refine, confidence=self.settings.confidence,
-                                   on_piece=on_piece, max_new_tokens=self.settings.max_new_tokens)
+        return self.session.reply(question, refine_to=self.settings.refine, confidence=self.settings.confidence,
+                                  on_piece=on_piece, max_new_tokens=self.settings.max_new_tokens).answer
 
     # -- commands ---------------------------------------------------------------------------------
     @property

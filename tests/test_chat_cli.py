@@ -41,9 +41,12 @@ def chat(script: str, *args, timeout: float = 120) -> subprocess.CompletedProces
 
 @pytest.fixture(scope="module")
 def turn_ids(shipped_bundle):
-    """Positions each question's turn takes (its ids and the template's tail), from the API."""
-    with Pipeline.load(shipped_bundle, threads=1) as pipe:
-        return {q: len(pipe.question_ids(q)) for q in (Q1, Q2, Q3)}
+    """Positions each question's turn takes, from the API: as a first turn (its ids and the template's
+    tail) and as a later one ("</s>USER: ... ASSISTANT:", after the earlier answer)."""
+    with Pipeline.load(shipped_bundle, threads=1) as pipe, pipe.conversation(EXAMPLE, m=4) as conv:
+        first = {q: len(pipe.question_ids(q)) for q in (Q1, Q2, Q3)}
+        later = {q: len(conv.turn_ids([], q, first=False)[0]) for q in (Q1, Q2, Q3)}
+        return first | {("later", q): n for q, n in later.items()}
 
 
 def stats(stderr: str) -> list[dict]:
@@ -61,7 +64,7 @@ def test_a_piped_script_loads_once_and_later_questions_prefill_only_their_turn(s
     assert [x["m"] for x in s] == [4, 4, 4], r.stderr
     # the first turn also feeds the image's 4 visual tokens; the next ones only themselves
     assert s[0]["prefilled"] == 4 + turn_ids[Q1]
-    assert s[1]["prefilled"] == turn_ids[Q2] and s[2]["prefilled"] == turn_ids[Q3]
+    assert s[1]["prefilled"] == turn_ids["later", Q2] and s[2]["prefilled"] == turn_ids["later", Q3]
     assert "\x1b" not in r.stdout + r.stderr and "> " not in r.stdout  # no ANSI, no prompt when piped
 
 
@@ -74,7 +77,7 @@ def test_json_answers_and_a_new_image(shipped_bundle, turn_ids, tmp_path):
     assert [a["question"] for a in records] == [Q1] * 4 and records[0]["answer"] == "red"
     # a new image and /reset each start a conversation: its first turn feeds the image again
     full = 8 + turn_ids[Q1]
-    assert [a["prefilled"] for a in records] == [full, full, full, turn_ids[Q1]]
+    assert [a["prefilled"] for a in records] == [full, full, full, turn_ids["later", Q1]]
     assert all(a["m"] == 8 and a["timings_ms"]["ttft"] > 0 for a in records)
     assert "image " + str(tmp_path / "other.png") in r.stderr and "new conversation" in r.stderr
 
