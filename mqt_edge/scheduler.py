@@ -168,301 +168,145 @@ class Stats:
     extra: dict = field(default_factory=dict)
 
 
-class Scheduler:
-    """Owns the shared llama.cpp context and its loop thread."""
+class SequencePool:
+    """The memory side of the scheduler: sequence ids, the context's cells (one pool, unified), and the
+    host's parked sequences. Only the loop thread calls it."""
 
-    def __init__(self, llm: LlamaModel, *, n_ctx: int, n_seq: int, head_ids: list[int], position_bytes: int,
-                 host_bytes: int, threads: int | None = None, kv_f32: bool = False, n_batch: int = 512,
-                 head_cache: bool = True) -> None:
-        if n_seq < 2:
-            raise InputError(f"the scheduler needs at least 2 sequences, not {n_seq}", "use parallel >= 1")
-        self.llm = llm
-        self.ctx = SharedContext(llm, n_ctx, n_seq, n_batch, threads, kv_f32)
-        self.n_ctx, self.n_batch = min(n_ctx, self.ctx.n_ctx), n_batch  # the budget, not llama.cpp's rounding
-        self.head_ids, self.head_cache = list(head_ids), head_cache
-        # One budget: the context's cells, then the host's bytes, a quarter of them for encoded images.
-        self.images = ImageCache(host_bytes // 4)
-        self.conversations = ConversationCache()
-        self.position_bytes, self.host_bytes = position_bytes, host_bytes - host_bytes // 4
-        self._free_ids = list(range(n_seq - 1, 0, -1))  # 0 is the prompt head
-        self._seqs: set[Sequence] = set()
-        self._cells = 0  # cells held by resident sequences beyond the shared head
-        self._reserved = 0  # cells promised to admitted jobs, not yet fed
-        self._parked_bytes = 0
-        self._commands: deque = deque()
-        self._waiting: deque[Job] = deque()  # admitted in order when there is room
-        self._prefill: deque[Job] = deque()
-        self._decoding: list[Job] = []
-        self._cv = threading.Condition()
-        self._closing = False
-        self.steps = self.rows = self.max_rows = self.parks = self.drops = 0
-        self.head_len = 0
-        if head_cache and head_ids:  # the prompt before <image>, computed once
-            for start in range(0, len(head_ids), n_batch):
-                chunk = head_ids[start:start + n_batch]
-                self.ctx.decode_tokens([(0, start + i, t, False) for i, t in enumerate(chunk)])
-            self.head_len = len(head_ids)
-        self._thread = threading.Thread(target=self._loop, name="mqt-scheduler", daemon=True)
-        self._thread.start()
+    def __init__(self, ctx: SharedContext, n_ctx: int, n_seq: int, head_len: int, head_ids: list[int],
+                 host_bytes: int, on_forget: Callable[[Sequence], None]) -> None:
+        self.ctx, self.n_ctx, self.head_len, self.head_ids = ctx, n_ctx, head_len, head_ids
+        self.host_bytes, self.on_forget = host_bytes, on_forget
+        self.free_ids = list(range(n_seq - 1, 0, -1))  # 0 is the prompt head
+        self.seqs: set[Sequence] = set()
+        self.cells = 0  # cells held by resident sequences beyond the shared head
+        self.reserved = 0  # cells promised to admitted jobs, not yet fed
+        self.parked_bytes = 0
+        self.parks = self.drops = 0
 
-    # -- calls from any thread -----------------------------------------------------------------------
-    def open(self, droppable: bool = False) -> Sequence:
-        """A new sequence holding the prompt head (shared cells), resident."""
-        seq = Sequence(self, droppable)
-        self.call(lambda: self._open(seq))
-        return seq
-
-    def submit(self, seq: Sequence, keep: int, parts: list, *, logits: bool = False, max_new: int = 0,
-               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-               deadline: float | None = None) -> Job:
-        """Cut `seq` back to `keep` positions, prefill `parts`, and (max_new > 0) generate."""
-        gen = None
-        if max_new > 0:
-            gen = _Gen(max_new, float(temperature), float(top_p), np.random.default_rng(seed), self.llm.is_eog)
-        job = Job(seq, keep, parts, logits, gen, deadline)
-        if job.need - (gen.max_new if gen else 0) + keep > self.n_ctx - 1:
-            raise InputError(f"{keep} + {job.need} positions exceed the shared context of {self.n_ctx}",
-                             "use fewer visual tokens or a smaller max_tokens")
-        with self._cv:
-            self._check_open()
-            seq.busy += 1
-            self._waiting.append(job)
-            self._cv.notify_all()
-        return job
-
-    def call(self, fn: Callable[[], object], wait: bool = True):
-        """Run `fn` on the loop thread between steps (memory edits); its result or exception."""
-        box: dict = {}
-        done = threading.Event()
-
-        def run() -> None:
-            try:
-                box["value"] = fn()
-            except BaseException as exc:  # handed to the caller
-                box["error"] = exc
-            done.set()
-
-        with self._cv:
-            if self._closing:
-                if not wait:
-                    return None
-                self._check_open()
-            self._commands.append(run)
-            self._cv.notify_all()
-        if not wait:
-            return None
-        done.wait()
-        if "error" in box:
-            raise box["error"]
-        return box.get("value")
-
-    def stats(self) -> Stats:
-        def read() -> Stats:
-            seqs = list(self._seqs)
-            return Stats(self.n_ctx, self.ctx.n_seq, self.position_bytes, self.head_len + self._cells,
-                         sum(s.resident for s in seqs), sum(s.parked is not None for s in seqs),
-                         self._parked_bytes, self.host_bytes, self.steps, self.rows, self.max_rows,
-                         self.parks, self.drops)
-        return self.call(read)
-
-    def close(self) -> None:
-        with self._cv:
-            if self._closing:
-                return
-            self._closing = True
-            self._cv.notify_all()
-        self._thread.join()
-        self.ctx.close()
-
-    def _check_open(self) -> None:
-        if self._closing:
-            raise ClosedError("the pipeline is closed", "use it inside its `with Pipeline.load(...)` block")
-
-    def _wake(self) -> None:
-        with self._cv:
-            self._cv.notify_all()
-
-    def _resume(self, job: Job) -> None:
-        with self._cv:
-            if job.gen is not None and job.gen.paused:
-                job.gen.paused = False
-                self._cv.notify_all()
-
-    # -- the loop ------------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
-            with self._cv:
-                self._cv.wait_for(self._has_work)
-                if self._closing:
-                    break
-                commands, self._commands = self._commands, deque()
-            for run in commands:
-                run()
-            try:
-                self._admit()
-                self._step()
-            except MQTEdgeError as exc:  # llama.cpp refused a batch: fail what was in it, keep serving
-                log.error("batch failed: %s", exc)
-                for job in list(self._prefill) + self._decoding:
-                    self._finish(job, exc)
-        self._shutdown()
-
-    def _has_work(self) -> bool:
-        return bool(self._closing or self._commands or self._waiting or self._prefill
-                    or any(not j.gen.paused or j.cancelled for j in self._decoding))
-
-    def _shutdown(self) -> None:
-        exc = ClosedError("the pipeline is closed", "load the bundle again (Pipeline.load)")
-        for run in self._commands:
-            run()
-        for job in list(self._waiting) + list(self._prefill) + self._decoding:
-            job._fail(exc)
-
-    def _admit(self) -> None:
-        """Move waiting jobs to prefill in order, while their sequences fit (parking idle ones)."""
-        now = time.monotonic()
-        while self._waiting:
-            job = self._waiting[0]
-            if job.cancelled or (job.deadline is not None and now > job.deadline) or job.seq.closed:
-                self._waiting.popleft()
-                self._finish(job, InputError("the request was cancelled before it started", "send it again"))
-                continue
-            if not self._place(job):
-                return  # waits for room; later jobs wait behind it (no starvation)
-            self._waiting.popleft()
-            if job.parts:
-                self._prefill.append(job)
-            else:  # only a cut back to `keep`
-                self._finish(job)
-
-    def _place(self, job: Job) -> bool:
+    def place(self, job: Job) -> bool:
         seq = job.seq
-        if not seq.resident and not self._make_resident(seq):
+        if not seq.resident and not self.make_resident(seq):
             return False
         if job.keep < seq.n_past:
             self.ctx.seq_rm(seq.id, job.keep, -1)
             cut = seq.n_past - job.keep
             seq.own -= cut
-            self._cells -= cut
+            self.cells -= cut
             seq.n_past = job.keep
-        if not self._room(job.need, keep=seq):
+        if not self.room(job.need, keep=seq):
             return False
         job.reserved = job.need
-        self._reserved += job.need
+        self.reserved += job.need
         seq.used = next(_order)
         return True
 
-    def _room(self, need: int, keep: Sequence | None = None) -> bool:
-        while self.head_len + self._cells + self._reserved + need > self.n_ctx - 1:
-            if not self._park_one(keep):
+    def room(self, need: int, keep: Sequence | None = None) -> bool:
+        while self.head_len + self.cells + self.reserved + need > self.n_ctx - 1:
+            if not self.park_one(keep):
                 return False
         return True
 
-    def _make_resident(self, seq: Sequence) -> bool:
-        if not self._free_ids and not self._park_one(seq):
+    def make_resident(self, seq: Sequence) -> bool:
+        if not self.free_ids and not self.park_one(seq):
             return False
         if seq.parked is None:  # dropped while parked: the caller must start again
             raise ClosedError("this conversation was dropped from the cache", "start it again")
-        if not self._room(seq.n_past, keep=seq):  # restored cells are its own: the head is not shared then
+        if not self.room(seq.n_past, keep=seq):  # restored cells are its own: the head is not shared then
             return False
-        seq.id = self._free_ids.pop()
+        seq.id = self.free_ids.pop()
         if not self.ctx.seq_restore(seq.id, seq.parked):
-            self._free_ids.append(seq.id)
+            self.free_ids.append(seq.id)
             seq.id = None
             return False
         seq.own = seq.n_past
-        self._cells += seq.own
-        self._parked_bytes -= seq.parked.size
+        self.cells += seq.own
+        self.parked_bytes -= seq.parked.size
         seq.parked = None
         return True
 
-    def _park_one(self, keep: Sequence | None) -> bool:
+    def park_one(self, keep: Sequence | None) -> bool:
         """Park the least recently used idle resident sequence on the host; False if none."""
-        idle = [s for s in self._seqs if s.resident and not s.busy and s is not keep]
+        idle = [s for s in self.seqs if s.resident and not s.busy and s is not keep]
         if not idle:
             return False
         seq = min(idle, key=lambda s: s.used)
         state = self.ctx.seq_save(seq.id, seq.n_past)
-        self._release_cells(seq)
+        self.release_cells(seq)
         seq.parked = state
-        self._parked_bytes += state.size
+        self.parked_bytes += state.size
         self.parks += 1
-        self._trim_host()
+        self.trim_host()
         return True
 
-    def _trim_host(self) -> None:
-        while self._parked_bytes > self.host_bytes:
-            parked = [s for s in self._seqs if s.parked is not None and s.droppable]
+    def trim_host(self) -> None:
+        while self.parked_bytes > self.host_bytes:
+            parked = [s for s in self.seqs if s.parked is not None and s.droppable]
             if not parked:
                 return
-            self._drop(min(parked, key=lambda s: s.used))
+            self.drop(min(parked, key=lambda s: s.used))
 
-    def _drop(self, seq: Sequence) -> None:
-        self._forget(seq)
+    def drop(self, seq: Sequence) -> None:
+        self.on_forget(seq)
         self.drops += 1
         if seq.on_drop is not None:
             seq.on_drop()
 
-    def _release_cells(self, seq: Sequence) -> None:
+    def release_cells(self, seq: Sequence) -> None:
         self.ctx.seq_rm(seq.id, 0, -1)
-        self._cells -= seq.own
+        self.cells -= seq.own
         seq.own = 0
-        self._free_ids.append(seq.id)
+        self.free_ids.append(seq.id)
         seq.id = None
 
-    def _open(self, seq: Sequence) -> None:
-        self._seqs.add(seq)
+    def open(self, seq: Sequence) -> None:
+        self.seqs.add(seq)
         seq.busy += 1  # not parked before its first job
         try:
-            if not self._free_ids and not self._park_one(None):
+            if not self.free_ids and not self.park_one(None):
                 raise MQTEdgeError(f"all {self.ctx.n_seq - 1} sequences are in use",
                                    "close sessions you no longer need, or load with a larger parallel")
-            seq.id = self._free_ids.pop()
+            seq.id = self.free_ids.pop()
             if self.head_len:
                 self.ctx.seq_cp(0, seq.id, 0, self.head_len)
             seq.n_past, seq.own = self.head_len, 0
             if not self.head_len and self.head_ids:  # head cache off: each sequence prefills the head
                 seq.n_past = 0
         except BaseException:
-            self._seqs.discard(seq)
+            self.seqs.discard(seq)
             raise
         finally:
             seq.busy -= 1
 
-    def _forget(self, seq: Sequence) -> None:
-        seq.closed = True
-        if seq not in self._seqs:
-            return
-        for job in [j for j in self._waiting if j.seq is seq]:
-            self._waiting.remove(job)
-            self._finish(job, ClosedError("this session is closed", "start a new one"))
+    def discard(self, seq: Sequence) -> None:
+        """Free what a closed sequence holds (its cells once no job uses it, its host bytes)."""
         if seq.resident and not seq.busy:
-            self._release_cells(seq)
+            self.release_cells(seq)
         if seq.parked is not None:
-            self._parked_bytes -= seq.parked.size
+            self.parked_bytes -= seq.parked.size
             seq.parked = None
         if not seq.busy:
-            self._seqs.discard(seq)
+            self.seqs.discard(seq)
 
-    def _finish(self, job: Job, exc: BaseException | None = None) -> None:
-        seq = job.seq
-        if job in self._prefill:
-            self._prefill.remove(job)
-        if job in self._decoding:
-            self._decoding.remove(job)
-        self._reserved -= job.reserved  # what it did not feed goes back to the pool
+    def fed(self, job: Job, n: int) -> None:
+        """`n` positions of `job` went into its sequence: they leave its reservation for its cells."""
+        job.seq.n_past += n
+        job.seq.own += n
+        self.cells += n
+        n = min(n, job.reserved)
+        job.reserved -= n
+        self.reserved -= n
+
+    def release(self, job: Job) -> None:
+        """What a finished job reserved and did not feed goes back."""
+        self.reserved -= job.reserved
         job.reserved = 0
-        seq.busy -= 1
-        seq.used = next(_order)
-        if exc is not None:
-            job._fail(exc)
-        else:
-            job.prefilled.set()
-            job._put(None)
-        if seq.closed and not seq.busy and seq in self._seqs:
-            self._forget(seq)
 
-    # -- one step ------------------------------------------------------------------------------------
+
+class _Batches:
+    """How the loop builds each step's batches and hands their logits back (the Scheduler's half that
+    talks to llama.cpp every step). Expects the Scheduler's ctx, pool, n_batch, _prefill, _decoding
+    and _finish."""
+
     def _step(self) -> None:
         for job in [j for j in self._decoding if j.cancelled]:
             self._finish(job)
@@ -520,12 +364,7 @@ class Scheduler:
         self.max_rows = max(self.max_rows, n)
 
     def _advance(self, job: Job, n: int, logits: np.ndarray | None) -> None:
-        job.seq.n_past += n
-        job.seq.own += n
-        self._cells += n
-        fed = min(n, job.reserved)
-        job.reserved -= fed
-        self._reserved -= fed
+        self.pool.fed(job, n)
         if job in self._decoding:  # one generated token was fed
             self._sample(job, logits)
             return
@@ -563,3 +402,200 @@ class Scheduler:
         g.emitted += 1
         if g.emitted >= g.max_new:
             self._finish(job)
+
+
+    def _has_work(self) -> bool:
+        return bool(self._closing or self._commands or self._waiting or self._prefill
+                    or any(not j.gen.paused or j.cancelled for j in self._decoding))
+
+
+    def _shutdown(self) -> None:
+        exc = ClosedError("the pipeline is closed", "load the bundle again (Pipeline.load)")
+        for run in self._commands:
+            run()
+        for job in list(self._waiting) + list(self._prefill) + self._decoding:
+            job._fail(exc)
+
+
+    def _admit(self) -> None:
+        """Move waiting jobs to prefill in order, while their sequences fit (parking idle ones)."""
+        now = time.monotonic()
+        while self._waiting:
+            job = self._waiting[0]
+            if job.cancelled or (job.deadline is not None and now > job.deadline) or job.seq.closed:
+                self._waiting.popleft()
+                self._finish(job, InputError("the request was cancelled before it started", "send it again"))
+                continue
+            if not self.pool.place(job):
+                return  # waits for room; later jobs wait behind it (no starvation)
+            self._waiting.popleft()
+            if job.parts:
+                self._prefill.append(job)
+            else:  # only a cut back to `keep`
+                self._finish(job)
+
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+
+    def _resume(self, job: Job) -> None:
+        with self._cv:
+            if job.gen is not None and job.gen.paused:
+                job.gen.paused = False
+                self._cv.notify_all()
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise ClosedError("the pipeline is closed", "use it inside its `with Pipeline.load(...)` block")
+
+
+class Scheduler(_Batches):
+    """Owns the shared llama.cpp context and its loop thread."""
+
+    def __init__(self, llm: LlamaModel, *, n_ctx: int, n_seq: int, head_ids: list[int], position_bytes: int,
+                 host_bytes: int, threads: int | None = None, kv_f32: bool = False, n_batch: int = 512,
+                 head_cache: bool = True) -> None:
+        if n_seq < 2:
+            raise InputError(f"the scheduler needs at least 2 sequences, not {n_seq}", "use parallel >= 1")
+        self.llm = llm
+        self.ctx = SharedContext(llm, n_ctx, n_seq, n_batch, threads, kv_f32)
+        self.n_ctx, self.n_batch = min(n_ctx, self.ctx.n_ctx), n_batch  # the budget, not llama.cpp's rounding
+        self.head_ids, self.head_cache = list(head_ids), head_cache
+        # One budget: the context's cells, then the host's bytes, a quarter of them for encoded images.
+        self.images = ImageCache(host_bytes // 4)
+        self.conversations = ConversationCache()
+        self.position_bytes, self.host_bytes = position_bytes, host_bytes - host_bytes // 4
+        self._commands: deque = deque()
+        self._waiting: deque[Job] = deque()  # admitted in order when there is room
+        self._prefill: deque[Job] = deque()
+        self._decoding: list[Job] = []
+        self._cv = threading.Condition()
+        self._closing = False
+        self.steps = self.rows = self.max_rows = 0
+        self.head_len = 0
+        if head_cache and head_ids:  # the prompt before <image>, computed once
+            for start in range(0, len(head_ids), n_batch):
+                chunk = head_ids[start:start + n_batch]
+                self.ctx.decode_tokens([(0, start + i, t, False) for i, t in enumerate(chunk)])
+            self.head_len = len(head_ids)
+        self.pool = SequencePool(self.ctx, self.n_ctx, n_seq, self.head_len, self.head_ids, self.host_bytes,
+                                 self._forget)
+        self._thread = threading.Thread(target=self._loop, name="mqt-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- calls from any thread -----------------------------------------------------------------------
+    def open(self, droppable: bool = False) -> Sequence:
+        """A new sequence holding the prompt head (shared cells), resident."""
+        seq = Sequence(self, droppable)
+        self.call(lambda: self.pool.open(seq))
+        return seq
+
+    def submit(self, seq: Sequence, keep: int, parts: list, *, logits: bool = False, max_new: int = 0,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+               deadline: float | None = None) -> Job:
+        """Cut `seq` back to `keep` positions, prefill `parts`, and (max_new > 0) generate."""
+        gen = None
+        if max_new > 0:
+            gen = _Gen(max_new, float(temperature), float(top_p), np.random.default_rng(seed), self.llm.is_eog)
+        job = Job(seq, keep, parts, logits, gen, deadline)
+        if job.need - (gen.max_new if gen else 0) + keep > self.n_ctx - 1:
+            raise InputError(f"{keep} + {job.need} positions exceed the shared context of {self.n_ctx}",
+                             "use fewer visual tokens or a smaller max_tokens")
+        with self._cv:
+            self._check_open()
+            seq.busy += 1
+            self._waiting.append(job)
+            self._cv.notify_all()
+        return job
+
+    def call(self, fn: Callable[[], object], wait: bool = True):
+        """Run `fn` on the loop thread between steps (memory edits); its result or exception."""
+        box: dict = {}
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # handed to the caller
+                box["error"] = exc
+            done.set()
+
+        with self._cv:
+            if self._closing:
+                if not wait:
+                    return None
+                self._check_open()
+            self._commands.append(run)
+            self._cv.notify_all()
+        if not wait:
+            return None
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    def stats(self) -> Stats:
+        def read() -> Stats:
+            pool, seqs = self.pool, list(self.pool.seqs)
+            return Stats(self.n_ctx, self.ctx.n_seq, self.position_bytes, self.head_len + pool.cells,
+                         sum(s.resident for s in seqs), sum(s.parked is not None for s in seqs),
+                         pool.parked_bytes, self.host_bytes, self.steps, self.rows, self.max_rows,
+                         pool.parks, pool.drops)
+        return self.call(read)
+
+    def close(self) -> None:
+        with self._cv:
+            if self._closing:
+                return
+            self._closing = True
+            self._cv.notify_all()
+        self._thread.join()
+        self.ctx.close()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(self._has_work)
+                if self._closing:
+                    break
+                commands, self._commands = self._commands, deque()
+            for run in commands:
+                run()
+            try:
+                self._admit()
+                self._step()
+            except MQTEdgeError as exc:  # llama.cpp refused a batch: fail what was in it, keep serving
+                log.error("batch failed: %s", exc)
+                for job in list(self._prefill) + self._decoding:
+                    self._finish(job, exc)
+        self._shutdown()
+
+    def _forget(self, seq: Sequence) -> None:
+        seq.closed = True
+        if seq not in self.pool.seqs:
+            return
+        for job in [j for j in self._waiting if j.seq is seq]:
+            self._waiting.remove(job)
+            self._finish(job, ClosedError("this session is closed", "start a new one"))
+        self.pool.discard(seq)
+
+    def _finish(self, job: Job, exc: BaseException | None = None) -> None:
+        seq = job.seq
+        if job in self._prefill:
+            self._prefill.remove(job)
+        if job in self._decoding:
+            self._decoding.remove(job)
+        self.pool.release(job)
+        seq.busy -= 1
+        seq.used = next(_order)
+        if exc is not None:
+            job._fail(exc)
+        else:
+            job.prefilled.set()
+            job._put(None)
+        if seq.closed and not seq.busy and seq in self.pool.seqs:
+            self._forget(seq)

@@ -25,16 +25,13 @@ import codecs
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from .checks import DEFAULT_CONFIDENCE, check_confidence, check_sampling
 from .errors import ClosedError, InputError, TokensError
 from .image import ImageInput
-
-if TYPE_CHECKING:
-    from .pipeline import Pipeline
 
 QUESTION_RESERVE = 512  # context a session keeps for question + answer, beyond its visual prefix
 
@@ -207,7 +204,7 @@ class Session:
     droppable: the session belongs to a cache (a server's conversations), which may drop it when
     the host budget is spent; a session a caller holds is parked, never dropped."""
 
-    def __init__(self, pipe: Pipeline, image: ImageInput | EncodedImage, m: int | None, reserve: int,
+    def __init__(self, pipe, image: ImageInput | EncodedImage, m: int | None, reserve: int,
                  refinable: bool = True, droppable: bool = False) -> None:
         self.pipe = pipe
         self._closed = False

@@ -22,12 +22,13 @@ from pathlib import Path
 LAYERS: dict[str, tuple[str, ...]] = {
     "entry": ("__main__", "ros2/__main__"),
     "front ends": ("cli", "serve", "ros2", "doctor", "live", "chat"),
-    "API": ("watch", "evaluate", "calibrate", "pipeline", "__init__"),
+    "API": ("watch", "evaluate", "calibrate", "pipeline", "__init__", "session", "conversation", "scheduler",
+            "caches"),
     "build host": ("exporters", "train", "model"),
     "runtimes": ("runtimes",),
     "profiles": ("profiles",),
     "ground": ("bundle", "atomic", "image", "prompt", "vqa", "presets", "quants", "costs", "device",
-               "defaults", "errors", "_version", "backends", "sources"),
+               "defaults", "errors", "_version", "backends", "sources", "checks", "sampling"),
 }
 # What each layer may import besides itself. Device code (everything but the build host) never
 # imports the build host; runtimes and profiles stand side by side on the ground.
