@@ -53,8 +53,173 @@ class TokenChoice:
     predicted: dict | None = None  # memory_mb, ttft_ms, total_ms, reason: when the planner chose m
 
 
+class _Policy:
+    """Which m, and one-shot requests (ask, stream, answer with refinement): every front end calls
+    these, none re-implements them. Part of Pipeline (its bundle, profile and sessions)."""
+
+    def device_profile(self):
+        """The Profile the planner uses (loaded once): the one given at load, else `auto`."""
+        if self._device_profile is None:
+            from .profiles import load_profile
+
+            self._device_profile = load_profile(self.profile or "auto", self.mode)
+        return self._device_profile
+
+    def choose_tokens(self, m: int | None = None, max_new_tokens: int = 128, ttft_ms: float | None = None,
+                      memory_mb: float | None = None, profile: str | None = None) -> TokenChoice:
+        """m for one request: `m` when given, else the planner's choice for this device
+        (`profile` overrides the pipeline's for this call)."""
+        check_limit("ttft_ms", ttft_ms)
+        check_limit("memory_mb", memory_mb)
+        check_sampling(max_new_tokens, 0.0, 1.0)
+        if m is not None and profile is None and self.profile is None and self._device_profile is None:
+            return TokenChoice(self.check_tokens(m))
+        from .profiles import load_profile
+        from .profiles.planner import ModelFacts, Options, PlanError, plan
+
+        prof = self.device_profile() if profile is None else load_profile(profile, self.mode)
+        name = prof.name + (f" ({prof.mode})" if prof.mode else "")
+        if m is not None:
+            return TokenChoice(self.check_tokens(m), name)
+        facts = ModelFacts.from_bundle(self.bundle)
+        options = Options.for_run(self.vision_backend, self.n_gpu_layers, self.sequential, facts, self.vision_precision)
+        result = plan(prof, facts, ttft_ms, memory_mb, max_new_tokens, options)
+        if result.chosen_m is None:
+            tip = result.suggestions[0]
+            raise PlanError(f"{result.reason} on {name}",
+                            f"would fit: {tip['change']} (m = {tip['m']}); or pass m (--tokens)")
+        c = next(c for c in result.candidates if c.m == result.chosen_m)
+        predicted = {"memory_mb": c.memory_mb, "ttft_ms": c.ttft_ms, "total_ms": c.total_ms, "reason": result.reason}
+        return TokenChoice(result.chosen_m, name, predicted)
+
+    def resolve_m(self, m: int | None, max_new_tokens: int = 128) -> int:
+        """m as given (checked), or the planner's choice when None: the one meaning of m=None."""
+        return self.check_tokens(m) if m is not None else self.choose_tokens(None, max_new_tokens).m
+
+    def answer(self, image: ImageInput, question: str, m: int | None = None, refine_to: int | None = None,
+               confidence: float = DEFAULT_CONFIDENCE, ttft_ms: float | None = None,
+               memory_mb: float | None = None, on_piece: Callable[[str], None] | None = None, **gen) -> Answer:
+        """One request with the library's policy: m given or from the planner (within `ttft_ms` /
+        `memory_mb`); with `refine_to`, `Session.answer`'s refinement, whose refined answer is the one
+        a fresh request at m = `refine_to` gives. `on_piece(text)` receives the text as it is decoded.
+        gen: max_new_tokens, temperature, top_p, seed."""
+        gen = sampling(gen)
+        confidence = check_confidence(confidence)
+        check_question(question)
+        check_refine(refine_to, m, self.max_tokens)
+        choice = self.choose_tokens(m, gen["max_new_tokens"], ttft_ms, memory_mb)
+        reserve = self.reserve_for(question, gen["max_new_tokens"])
+        with self.look(image, m=choice.m, reserve=reserve, refinable=refine_to is not None) as session:
+            result = session.answer(question, refine_to=refine_to, confidence=confidence, on_piece=on_piece, **gen)
+        result.profile, result.predicted = choice.profile, choice.predicted
+        return result
+
+    def stream(self, image: ImageInput, question: str, m: int | None = None, **kw) -> Iterator[str]:
+        kw = sampling(kw)  # checked at the call, before the first piece is asked for
+        check_question(question)
+        return self._stream(image, question, m, kw)
+
+    def _stream(self, image: ImageInput, question: str, m: int | None, kw: dict) -> Iterator[str]:
+        with Session(self, image, m, self.reserve_for(question, kw["max_new_tokens"]), refinable=False) as s:
+            yield from s.stream(question, **kw)
+
+    def ask(self, image: ImageInput, question: str, m: int | None = None, **kw) -> Answer:
+        kw = sampling(kw)
+        check_question(question)
+        with Session(self, image, m, self.reserve_for(question, kw["max_new_tokens"]), refinable=False) as s:
+            return s.ask(question, **kw)
+
+    def reserve_for(self, question: str, max_new_tokens: int = 128) -> int:
+        """Context a one-shot session needs beyond its visual prefix: the question's ids (with the
+        template's tail) and the answer. Front ends that open sessions themselves size them with it."""
+        check_sampling(max_new_tokens, 0.0, 1.0)
+        return len(self.question_ids(question)) + max_new_tokens
+
+
+class _Caches:
+    """The scheduler and its one byte budget (KV cells, parked conversations, encoded images), and
+    encoding through the image cache. Part of Pipeline."""
+
+    @property
+    def position_bytes(self) -> int:
+        """KV bytes of one position of this bundle's LLM (costs.position_bytes)."""
+        llm = self.llm
+        return position_bytes(llm.n_layer, llm.n_head_kv, llm.n_embd // llm.n_head, self.kv_f32)
+
+    def conversation_positions(self, reserve: int = QUESTION_RESERVE) -> int:
+        """Positions of one conversation at its longest: the prompt head, the largest m, `reserve`."""
+        return min(self.context_length, len(self.prefix_ids) + self.max_tokens + reserve)
+
+    def configure_cache(self, budget_bytes: int | None = None, reserve: int = QUESTION_RESERVE) -> CachePlan:
+        """Size the scheduler's caches (before its first use): `budget_bytes` for the KV cells of the
+        shared context and the host's parked conversations; None: room for four times `parallel`
+        conversations of `reserve` positions each beyond the visual prefix, half of it on the host."""
+        conv = self.conversation_positions(reserve)
+        if budget_bytes is None:  # the context holds twice `parallel` conversations, the host as much again
+            budget_bytes = (len(self.prefix_ids) + 4 * self.parallel * conv) * self.position_bytes
+        plan = plan_cache(int(budget_bytes), self.position_bytes, conv, self.parallel, len(self.prefix_ids))
+        with self._sched_lock:
+            if self._scheduler is not None and plan != self._cache_plan:
+                raise InputError("the cache is already in use with another size",
+                                 "configure it right after Pipeline.load, before the first request")
+            self._cache_plan = plan
+            return plan
+
+    @property
+    def conversations(self) -> ConversationCache:
+        """Idle conversations kept for front ends that receive whole histories (the server)."""
+        return self.scheduler.conversations
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The one llama.cpp context every request of this pipeline goes through (made on first use)."""
+        with self._sched_lock:
+            self._check_open()
+            if self._scheduler is None:
+                plan = self._cache_plan
+                if plan is None:
+                    self._sched_lock.release()  # configure_cache takes it
+                    try:
+                        plan = self.configure_cache()
+                    finally:
+                        self._sched_lock.acquire()
+                self._scheduler = Scheduler(self.llm, n_ctx=plan.n_ctx, n_seq=plan.n_seq, head_ids=self.prefix_ids,
+                                            position_bytes=plan.position_bytes, host_bytes=plan.host_bytes,
+                                            threads=self.threads, kv_f32=self.kv_f32, head_cache=self.head_cache)
+            return self._scheduler
+
+    def encode(self, image: ImageInput, m: int | None = None, runner: object | None = None) -> EncodedImage:
+        """Vision and MQT only (what look() does before the LLM); look() or a Session takes the result.
+        Encoded images are cached by content: the same image again costs its preprocessing only, and a
+        cached larger m covers a smaller one (the tokens are nested).
+
+        runner: another activated vision runner of this bundle (one with its own thread budget), used
+        without the pipeline's vision lock by the one thread that owns it."""
+        m = self.resolve_m(m)
+        t0 = time.perf_counter()
+        pixels = preprocess(image, self.image_spec, self.max_pixels)
+        t1 = time.perf_counter()
+        images = self.scheduler.images
+        key = images.key(pixels)
+        features, visual = images.get(key)
+        if visual is not None and len(visual) >= m:
+            return EncodedImage(features, visual[:m], (t1 - t0, 0.0, 0.0))
+        with self._vision() if runner is None else contextlib.nullcontext():
+            vision = runner or self.vision
+            if features is None:
+                features = vision.features(pixels)
+            t2 = time.perf_counter()
+            have = 0 if visual is None else len(visual)
+            new = vision.tokens(features, np.arange(have, m))[0]  # only the queries not cached yet
+            visual = new if visual is None else np.concatenate([visual, new])
+            if self.sequential and runner is None:  # free the vision graph before the LLM allocates its context
+                self.vision.free_vision()
+        images.put(key, features, visual)
+        return EncodedImage(features, visual, (t1 - t0, t2 - t1, time.perf_counter() - t2))
+
+
 @dataclass
-class Pipeline:
+class Pipeline(_Policy, _Caches):
     bundle: Bundle
     vision: object
     llm: LlamaModel
@@ -119,54 +284,6 @@ class Pipeline:
         return self.bundle.manifest.llm.quant == "f32"
 
     @property
-    def position_bytes(self) -> int:
-        """KV bytes of one position of this bundle's LLM (costs.position_bytes)."""
-        llm = self.llm
-        return position_bytes(llm.n_layer, llm.n_head_kv, llm.n_embd // llm.n_head, self.kv_f32)
-
-    def conversation_positions(self, reserve: int = QUESTION_RESERVE) -> int:
-        """Positions of one conversation at its longest: the prompt head, the largest m, `reserve`."""
-        return min(self.context_length, len(self.prefix_ids) + self.max_tokens + reserve)
-
-    def configure_cache(self, budget_bytes: int | None = None, reserve: int = QUESTION_RESERVE) -> CachePlan:
-        """Size the scheduler's caches (before its first use): `budget_bytes` for the KV cells of the
-        shared context and the host's parked conversations; None: room for four times `parallel`
-        conversations of `reserve` positions each beyond the visual prefix, half of it on the host."""
-        conv = self.conversation_positions(reserve)
-        if budget_bytes is None:  # the context holds twice `parallel` conversations, the host as much again
-            budget_bytes = (len(self.prefix_ids) + 4 * self.parallel * conv) * self.position_bytes
-        plan = plan_cache(int(budget_bytes), self.position_bytes, conv, self.parallel, len(self.prefix_ids))
-        with self._sched_lock:
-            if self._scheduler is not None and plan != self._cache_plan:
-                raise InputError("the cache is already in use with another size",
-                                 "configure it right after Pipeline.load, before the first request")
-            self._cache_plan = plan
-            return plan
-
-    @property
-    def conversations(self) -> ConversationCache:
-        """Idle conversations kept for front ends that receive whole histories (the server)."""
-        return self.scheduler.conversations
-
-    @property
-    def scheduler(self) -> Scheduler:
-        """The one llama.cpp context every request of this pipeline goes through (made on first use)."""
-        with self._sched_lock:
-            self._check_open()
-            if self._scheduler is None:
-                plan = self._cache_plan
-                if plan is None:
-                    self._sched_lock.release()  # configure_cache takes it
-                    try:
-                        plan = self.configure_cache()
-                    finally:
-                        self._sched_lock.acquire()
-                self._scheduler = Scheduler(self.llm, n_ctx=plan.n_ctx, n_seq=plan.n_seq, head_ids=self.prefix_ids,
-                                            position_bytes=plan.position_bytes, host_bytes=plan.host_bytes,
-                                            threads=self.threads, kv_f32=self.kv_f32, head_cache=self.head_cache)
-            return self._scheduler
-
-    @property
     def max_tokens(self) -> int:
         return self.bundle.max_tokens
 
@@ -209,92 +326,6 @@ class Pipeline:
 
 
     # -- policy: which m, when to refine (every front end calls these, none re-implements them) ----
-    def device_profile(self):
-        """The Profile the planner uses (loaded once): the one given at load, else `auto`."""
-        if self._device_profile is None:
-            from .profiles import load_profile
-
-            self._device_profile = load_profile(self.profile or "auto", self.mode)
-        return self._device_profile
-
-    def choose_tokens(self, m: int | None = None, max_new_tokens: int = 128, ttft_ms: float | None = None,
-                      memory_mb: float | None = None, profile: str | None = None) -> TokenChoice:
-        """m for one request: `m` when given, else the planner's choice for this device
-        (`profile` overrides the pipeline's for this call)."""
-        check_limit("ttft_ms", ttft_ms)
-        check_limit("memory_mb", memory_mb)
-        check_sampling(max_new_tokens, 0.0, 1.0)
-        if m is not None and profile is None and self.profile is None and self._device_profile is None:
-            return TokenChoice(self.check_tokens(m))
-        from .profiles import load_profile
-        from .profiles.planner import ModelFacts, Options, PlanError, plan
-
-        prof = self.device_profile() if profile is None else load_profile(profile, self.mode)
-        name = prof.name + (f" ({prof.mode})" if prof.mode else "")
-        if m is not None:
-            return TokenChoice(self.check_tokens(m), name)
-        facts = ModelFacts.from_bundle(self.bundle)
-        options = Options.for_run(self.vision_backend, self.n_gpu_layers, self.sequential, facts, self.vision_precision)
-        result = plan(prof, facts, ttft_ms, memory_mb, max_new_tokens, options)
-        if result.chosen_m is None:
-            tip = result.suggestions[0]
-            raise PlanError(f"{result.reason} on {name}",
-                            f"would fit: {tip['change']} (m = {tip['m']}); or pass m (--tokens)")
-        c = next(c for c in result.candidates if c.m == result.chosen_m)
-        predicted = {"memory_mb": c.memory_mb, "ttft_ms": c.ttft_ms, "total_ms": c.total_ms, "reason": result.reason}
-        return TokenChoice(result.chosen_m, name, predicted)
-
-    def answer(self, image: ImageInput, question: str, m: int | None = None, refine_to: int | None = None,
-               confidence: float = DEFAULT_CONFIDENCE, ttft_ms: float | None = None,
-               memory_mb: float | None = None, on_piece: Callable[[str], None] | None = None, **gen) -> Answer:
-        """One request with the library's policy: m given or from the planner (within `ttft_ms` /
-        `memory_mb`); with `refine_to`, `Session.answer`'s refinement, whose refined answer is the one
-        a fresh request at m = `refine_to` gives. `on_piece(text)` receives the text as it is decoded.
-        gen: max_new_tokens, temperature, top_p, seed."""
-        gen = sampling(gen)
-        confidence = check_confidence(confidence)
-        check_question(question)
-        check_refine(refine_to, m, self.max_tokens)
-        choice = self.choose_tokens(m, gen["max_new_tokens"], ttft_ms, memory_mb)
-        reserve = self.reserve_for(question, gen["max_new_tokens"])
-        with self.look(image, m=choice.m, reserve=reserve, refinable=refine_to is not None) as session:
-            result = session.answer(question, refine_to=refine_to, confidence=confidence, on_piece=on_piece, **gen)
-        result.profile, result.predicted = choice.profile, choice.predicted
-        return result
-
-    def resolve_m(self, m: int | None, max_new_tokens: int = 128) -> int:
-        """m as given (checked), or the planner's choice when None: the one meaning of m=None."""
-        return self.check_tokens(m) if m is not None else self.choose_tokens(None, max_new_tokens).m
-
-    def encode(self, image: ImageInput, m: int | None = None, runner: object | None = None) -> EncodedImage:
-        """Vision and MQT only (what look() does before the LLM); look() or a Session takes the result.
-        Encoded images are cached by content: the same image again costs its preprocessing only, and a
-        cached larger m covers a smaller one (the tokens are nested).
-
-        runner: another activated vision runner of this bundle (one with its own thread budget), used
-        without the pipeline's vision lock by the one thread that owns it."""
-        m = self.resolve_m(m)
-        t0 = time.perf_counter()
-        pixels = preprocess(image, self.image_spec, self.max_pixels)
-        t1 = time.perf_counter()
-        images = self.scheduler.images
-        key = images.key(pixels)
-        features, visual = images.get(key)
-        if visual is not None and len(visual) >= m:
-            return EncodedImage(features, visual[:m], (t1 - t0, 0.0, 0.0))
-        with self._vision() if runner is None else contextlib.nullcontext():
-            vision = runner or self.vision
-            if features is None:
-                features = vision.features(pixels)
-            t2 = time.perf_counter()
-            have = 0 if visual is None else len(visual)
-            new = vision.tokens(features, np.arange(have, m))[0]  # only the queries not cached yet
-            visual = new if visual is None else np.concatenate([visual, new])
-            if self.sequential and runner is None:  # free the vision graph before the LLM allocates its context
-                self.vision.free_vision()
-        images.put(key, features, visual)
-        return EncodedImage(features, visual, (t1 - t0, t2 - t1, time.perf_counter() - t2))
-
     def look(self, image: ImageInput | EncodedImage, m: int | None = None, reserve: int = QUESTION_RESERVE,
              refinable: bool = True, droppable: bool = False) -> Session:
         """Encode an image once; its session answers many questions and can refine.
@@ -309,27 +340,6 @@ class Pipeline:
                      reserve: int = QUESTION_RESERVE) -> Conversation:
         """A multi-turn conversation about one image: each turn prefills only itself."""
         return Conversation(self.look(image, m=m, reserve=reserve, refinable=True))
-
-    def stream(self, image: ImageInput, question: str, m: int | None = None, **kw) -> Iterator[str]:
-        kw = sampling(kw)  # checked at the call, before the first piece is asked for
-        check_question(question)
-        return self._stream(image, question, m, kw)
-
-    def _stream(self, image: ImageInput, question: str, m: int | None, kw: dict) -> Iterator[str]:
-        with Session(self, image, m, self.reserve_for(question, kw["max_new_tokens"]), refinable=False) as s:
-            yield from s.stream(question, **kw)
-
-    def ask(self, image: ImageInput, question: str, m: int | None = None, **kw) -> Answer:
-        kw = sampling(kw)
-        check_question(question)
-        with Session(self, image, m, self.reserve_for(question, kw["max_new_tokens"]), refinable=False) as s:
-            return s.ask(question, **kw)
-
-    def reserve_for(self, question: str, max_new_tokens: int = 128) -> int:
-        """Context a one-shot session needs beyond its visual prefix: the question's ids (with the
-        template's tail) and the answer. Front ends that open sessions themselves size them with it."""
-        check_sampling(max_new_tokens, 0.0, 1.0)
-        return len(self.question_ids(question)) + max_new_tokens
 
     def close(self) -> None:
         """Free the backends. Calls in flight on other threads finish or raise ClosedError; later

@@ -198,7 +198,49 @@ class Generation:
         )
 
 
-class Session:
+class _Refinement:
+    """The one refinement decision (part of Session): answer at m, and when the first token is unsure,
+    grow to a larger m exactly and answer again."""
+
+    def answer(self, question: str, *, refine_to: int | None = None, confidence: float = DEFAULT_CONFIDENCE,
+               on_piece: Callable[[str], None] | None = None, max_new_tokens: int = 128,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Answer:
+        """Answer `question` with the library's refinement policy (`refine_step`): with `refine_to`,
+        an answer whose first token's probability is below `confidence` is dropped before any text,
+        this session grows to m = `refine_to` and answers again (its `refined_from` says so).
+        `on_piece(text)` receives the text as it is decoded."""
+        check_sampling(max_new_tokens, temperature, top_p, seed)
+        gen = self.refine_step(lambda: self.generate(question, max_new_tokens, temperature, top_p, seed),
+                               refine_to, confidence)
+        for piece in gen:
+            if on_piece is not None:
+                on_piece(piece)
+        return gen.answer
+
+    def refine_step(self, start: Callable[[], Generation], refine_to: int | None,
+                    confidence: float = DEFAULT_CONFIDENCE) -> Generation:
+        """The one refinement decision, for front ends that build their own prompts (a server's
+        conversation turns): `start()` begins a generation on this session; when refine_to > m and its
+        first token's probability is below `confidence`, it is cancelled, the session refines to
+        `refine_to` and `start()` runs again on the grown prefix. Returns the generation to read; its
+        `refined_from` (and its answer's) records the dropped attempt: m, first_token_prob, timings_ms
+        and prefilled."""
+        if refine_to is not None:
+            refine_to = self.pipe.check_tokens(refine_to)
+        confidence = check_confidence(confidence)
+        gen = start()
+        if refine_to is None or refine_to <= self.m or gen.first_token_prob >= confidence:
+            return gen
+        gen.cancel()
+        first = gen.answer
+        self.refine(refine_to)
+        gen = start()
+        gen.refined_from = {"m": first.m, "first_token_prob": first.first_token_prob,
+                            "timings_ms": first.timings_ms, "prefilled": first.prefilled}
+        return gen
+
+
+class Session(_Refinement):
     """An image encoded once, its prompt prefix kept in a sequence of the shared context.
 
     droppable: the session belongs to a cache (a server's conversations), which may drop it when
@@ -261,43 +303,6 @@ class Session:
         for _ in g:
             pass
         return g.answer
-
-    def answer(self, question: str, *, refine_to: int | None = None, confidence: float = DEFAULT_CONFIDENCE,
-               on_piece: Callable[[str], None] | None = None, max_new_tokens: int = 128,
-               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Answer:
-        """Answer `question` with the library's refinement policy (`refine_step`): with `refine_to`,
-        an answer whose first token's probability is below `confidence` is dropped before any text,
-        this session grows to m = `refine_to` and answers again (its `refined_from` says so).
-        `on_piece(text)` receives the text as it is decoded."""
-        check_sampling(max_new_tokens, temperature, top_p, seed)
-        gen = self.refine_step(lambda: self.generate(question, max_new_tokens, temperature, top_p, seed),
-                               refine_to, confidence)
-        for piece in gen:
-            if on_piece is not None:
-                on_piece(piece)
-        return gen.answer
-
-    def refine_step(self, start: Callable[[], Generation], refine_to: int | None,
-                    confidence: float = DEFAULT_CONFIDENCE) -> Generation:
-        """The one refinement decision, for front ends that build their own prompts (a server's
-        conversation turns): `start()` begins a generation on this session; when refine_to > m and its
-        first token's probability is below `confidence`, it is cancelled, the session refines to
-        `refine_to` and `start()` runs again on the grown prefix. Returns the generation to read; its
-        `refined_from` (and its answer's) records the dropped attempt: m, first_token_prob, timings_ms
-        and prefilled."""
-        if refine_to is not None:
-            refine_to = self.pipe.check_tokens(refine_to)
-        confidence = check_confidence(confidence)
-        gen = start()
-        if refine_to is None or refine_to <= self.m or gen.first_token_prob >= confidence:
-            return gen
-        gen.cancel()
-        first = gen.answer
-        self.refine(refine_to)
-        gen = start()
-        gen.refined_from = {"m": first.m, "first_token_prob": first.first_token_prob,
-                            "timings_ms": first.timings_ms, "prefilled": first.prefilled}
-        return gen
 
     def refine(self, m: int) -> None:
         """Grow the visual prefix from self.m to `m` by computing only the new queries."""

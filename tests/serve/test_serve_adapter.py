@@ -10,7 +10,7 @@ import pytest
 
 from conftest import scene
 from mqt_edge.pipeline import Pipeline
-from mqt_edge.conversation import Conversation, ConversationCache, StopScan
+from mqt_edge.conversation import ConversationCache, StopScan
 from mqt_edge.runtimes.llama import SharedContext
 from mqt_edge.serve import ServeConfig, policy
 
