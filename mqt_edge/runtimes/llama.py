@@ -439,9 +439,12 @@ class SharedContext:
             batch.logits[i] = want
         batch.n_tokens = len(rows)
         rc = self.lib.llama_decode(self.ptr, batch)
+        if rc == 1:  # no room for the batch in the KV cache
+            raise LlamaError(f"the shared context has no room for a batch of {len(rows)} positions",
+                             "lower --parallel or raise the cache budget (--cache-mb)")
         if rc != 0:
-            raise LlamaError(f"llama_decode failed ({rc}) on a batch of {len(rows)} positions",
-                             "the shared context is full: lower --parallel or raise the cache budget")
+            raise LlamaError(f"llama_decode refused a batch of {len(rows)} positions ({rc})",
+                             "report this with `mqt-edge doctor`")
 
     def _logits(self, rows: list[tuple[int, int, bool]]) -> list[np.ndarray]:
         out = []
