@@ -239,6 +239,11 @@ class SequenceState:
         self.data, self.size, self.n_past = data, size, n_past
 
 
+def supports_gpu_offload() -> bool:
+    """Whether this llama.cpp build can put layers on a GPU (a CUDA, Metal or Vulkan build)."""
+    return bool(_lib().llama_supports_gpu_offload())
+
+
 def _offloaded(lib, model_ptr, requested: int) -> int:
     """Layers llama.cpp really put on a GPU: none on a build without GPU offload, else at most
     every repeating layer plus the output layer (llama.cpp clamps a larger request)."""
