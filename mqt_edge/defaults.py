@@ -9,9 +9,15 @@ wait on a thread the scheduler has taken away, and fewer threads than cores answ
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default-model"
+
+# on: let idle llama.cpp (OpenMP) and onnxruntime threads spin, the libraries' own default. Off (the
+# default) they sleep at once: a spinning thread waits on a core another process holds, which made
+# TTFT 3-15x longer on shared cores (docs/benchmarks.md, "Threads on a busy CPU").
+SPIN_ENV = "MQT_EDGE_SPIN"
 
 # Other processes' share of the cores, in cores, from which `doctor` says to pass fewer threads:
 # one whole core's worth of the 1-minute load average.
@@ -36,3 +42,17 @@ def threads_for_load(load_1m: float, cores: int, host_cores: int | None = None) 
     if taken < BUSY_CORES:
         return None
     return max(1, math.floor(cores - taken))
+
+
+def spinning() -> bool:
+    """Whether idle worker threads may spin (MQT_EDGE_SPIN=on), as llama.cpp and onnxruntime do by
+    default, rather than sleep."""
+    return os.environ.get(SPIN_ENV, "off").strip().lower() in ("on", "1", "true", "yes")
+
+
+def quiet_waits() -> None:
+    """Make llama.cpp's OpenMP threads sleep when they wait (OMP_WAIT_POLICY=PASSIVE), unless
+    MQT_EDGE_SPIN=on or the user set OMP_WAIT_POLICY. libgomp reads its environment once, when it
+    loads, so this runs before llama.cpp's libraries are first loaded."""
+    if not spinning():
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
