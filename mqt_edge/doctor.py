@@ -18,7 +18,7 @@ import sys
 from typing import Callable
 
 from . import __version__, device
-from .defaults import busy_cores, threads_for_load
+from .defaults import SPIN_ENV, spinning, threads_for_load
 from .runtimes import BACKENDS, backend_info
 
 # Distributions whose versions matter in a bug report (read from metadata: nothing is imported).
@@ -183,11 +183,22 @@ def _note_busy(p: dict) -> str | None:
     threads = threads_for_load(load["1m"], load["cores"], load["host_cores"])
     if threads is None:
         return None
-    taken = busy_cores(load["1m"], load["cores"], load["host_cores"])
-    return (f"the CPU is busy: 1-minute load average {load['1m']:g}, about {taken:.1f} of this process's "
-            f"{load['cores']} cores taken by other work; pass --threads {threads} (Python: "
-            f"Pipeline.load(..., threads={threads})) so no thread waits on a core another process holds "
-            "(docs/benchmarks.md, \"Threads on a busy CPU\")")
+    host = f" of the host's {load['host_cores']}" if load["host_cores"] not in (None, load["cores"]) else ""
+    busy = f"the CPU is busy (1-minute load average {load['1m']:g} for {load['cores']} usable cores{host})"
+    how = f"pass --threads {threads} (Python: Pipeline.load(..., threads={threads}))"
+    if spin_on():
+        return (f"{busy} and idle threads spin ({spin_on()}): a spinning thread waits on a core another process "
+                f"holds; unset it, or {how} (docs/benchmarks.md, \"Threads on a busy CPU\")")
+    return (f"{busy}: answers will be slower than on an idle machine; to leave that work its cores, {how} "
+            "(all cores stay the faster choice for mqt-edge itself: docs/benchmarks.md, \"Threads on a busy CPU\")")
+
+
+def spin_on() -> str | None:
+    """The setting that makes idle llama.cpp/onnxruntime threads spin, or None (they sleep)."""
+    if spinning():
+        return f"{SPIN_ENV}={os.environ[SPIN_ENV]}"
+    policy = os.environ.get("OMP_WAIT_POLICY", "")
+    return f"OMP_WAIT_POLICY={policy}" if policy.strip().lower() == "active" else None
 
 
 def _note_uncalibrated(p: dict) -> str | None:

@@ -120,6 +120,8 @@ def test_notes_say_why_it_may_be_slow():
     (12.0, 2, 16, 1),
 ])
 def test_doctor_says_what_to_pass_when_the_load_is_high(monkeypatch, load, cores, host_cores, threads):
+    monkeypatch.delenv("MQT_EDGE_SPIN", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.setattr(doctor.os, "getloadavg", lambda: (load, 0.5, 0.5))
     monkeypatch.setattr(doctor.os, "cpu_count", lambda: host_cores)
     monkeypatch.setattr(device, "usable_cores", lambda: cores)
@@ -133,6 +135,23 @@ def test_doctor_says_what_to_pass_when_the_load_is_high(monkeypatch, load, cores
         assert len(busy) == 1 and f"--threads {threads} " in busy[0] and f"threads={threads})" in busy[0]
         assert f"load average {load:g}" in busy[0]
     assert f"load {load:g} on {cores} cores" in doctor.summary(rep)
+
+
+@pytest.mark.parametrize("env, named", [({"MQT_EDGE_SPIN": "on"}, "MQT_EDGE_SPIN=on"),
+                                        ({"OMP_WAIT_POLICY": "ACTIVE"}, "OMP_WAIT_POLICY=ACTIVE"),
+                                        ({"OMP_WAIT_POLICY": "PASSIVE"}, None), ({}, None)])
+def test_on_a_busy_cpu_doctor_names_the_setting_that_makes_threads_spin(monkeypatch, env, named):
+    for key in ("MQT_EDGE_SPIN", "OMP_WAIT_POLICY"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    probes = _probes(load={"ok": True, "1m": 3.0, "5m": 3.0, "15m": 3.0, "cores": 2, "host_cores": 2})
+    (note,) = [n for n in _notes(probes) if n.startswith("the CPU is busy")]
+    assert "--threads 1" in note
+    if named:
+        assert f"idle threads spin ({named})" in note
+    else:
+        assert "spin" not in note and "all cores stay the faster choice" in note
 
 
 def test_gpus_from_nvidia_smi_when_nvml_is_missing(monkeypatch):
