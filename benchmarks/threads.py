@@ -7,10 +7,11 @@ Each configuration is (threads, busy, wait):
 - threads: llama.cpp's and onnxruntime's thread count (all cores, all but one, one);
 - busy: how many cores another process keeps busy (`while True: pass` subprocesses, started before
   the measurement and killed after it), as ROS nodes and perception do on a robot;
-- wait: how idle threads wait. `spin` is the libraries' default: llama-cpp-python's wheels build ggml
-  with OpenMP, whose barriers spin (libgomp's default spin count) before sleeping, and onnxruntime's
-  intra-op pool spins too. `passive` sets OMP_WAIT_POLICY=PASSIVE (libgomp sleeps at once) and
-  onnxruntime's `session.intra_op.allow_spinning` = 0. (ggml's own threadpool `poll` level only
+- wait: how idle threads wait. `spin` is the libraries' default (MQT_EDGE_SPIN=on): llama-cpp-python's
+  wheels build ggml with OpenMP, whose barriers spin (libgomp's default spin count) before sleeping,
+  and onnxruntime's intra-op pool spins too. `passive` (mqt-edge's default since issue 24) sets
+  OMP_WAIT_POLICY=PASSIVE (libgomp sleeps at once) and onnxruntime's
+  `session.intra_op.allow_spinning` = 0. (ggml's own threadpool `poll` level only
   applies to builds without OpenMP; `llama_print_system_info` says which: OPENMP = 1.)
 
 Every configuration runs in a fresh process (libgomp reads its environment once, when it loads).
@@ -102,9 +103,11 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 def run_one(bundle: str, cfg: tuple[int, int, str], args) -> dict:
     threads, busy, wait = cfg
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "MQT_EDGE_SPIN")}
     if wait == "passive":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
+    else:  # the libraries' own spinning, which mqt-edge turns off unless MQT_EDGE_SPIN=on
+        env["MQT_EDGE_SPIN"] = "on"
     cmd = [sys.executable, __file__, "--child", "--bundle", bundle, "--threads", str(threads), "--wait", wait,
            "--requests", str(args.requests), "--tokens", str(args.tokens), "--decode", str(args.decode)]
     procs = _busy(busy)
