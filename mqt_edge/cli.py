@@ -186,7 +186,7 @@ def engine(
 def check_gpu_layers(n_gpu_layers: int) -> None:
     """--n-gpu-layers on a llama.cpp that cannot offload is an error, as a --vision-backend this
     machine lacks is: llama.cpp would ignore it and run every layer on the CPU, and the planner would
-    still choose m as if those layers were on a GPU (docs/runtime.md)."""
+    still choose m as if those layers were on a GPU (README, `run`)."""
     if n_gpu_layers <= 0:
         return
     from .runtimes.llama import supports_gpu_offload
