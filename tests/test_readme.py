@@ -22,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 BLOCK = re.compile(r"```python\n(.*?)```", re.S)
-SKIP: dict[str, str] = {}  # first line of a snippet -> why it cannot run in a test
+SKIP: dict[str, str] = {}  # _name(snippet) -> why it cannot run in a test
 
 
 def snippets() -> list[str]:
@@ -30,7 +30,9 @@ def snippets() -> list[str]:
 
 
 def _name(code: str) -> str:
-    return next(line for line in code.splitlines() if line.strip())[:60]
+    """A snippet's first statement that is not an import (its imports are alike)."""
+    lines = [line for line in code.splitlines() if line.strip()]
+    return next((line for line in lines if not line.startswith(("import ", "from "))), lines[0])[:60]
 
 
 @pytest.fixture(scope="module")
