@@ -183,6 +183,20 @@ def engine(
         err.print(f"{e.path}: {e.bytes / 2**20:,.1f} MiB, TensorRT {e.tensorrt} on {e.gpu}")
 
 
+def check_gpu_layers(n_gpu_layers: int) -> None:
+    """--n-gpu-layers on a llama.cpp that cannot offload is an error, as a --vision-backend this
+    machine lacks is: llama.cpp would ignore it and run every layer on the CPU, and the planner would
+    still choose m as if those layers were on a GPU (README, `run`)."""
+    if n_gpu_layers <= 0:
+        return
+    from .runtimes.llama import supports_gpu_offload
+
+    if not supports_gpu_offload():
+        raise InputError(f"--n-gpu-layers {n_gpu_layers}: this llama.cpp is built without GPU offload",
+                         "drop --n-gpu-layers to run the LLM on the CPU, or reinstall llama-cpp-python with "
+                         "CMAKE_ARGS=\"-DGGML_CUDA=on\" (README, Install)")
+
+
 @app.command()
 def run(
     image: Path = typer.Argument(..., help="Image file."),
@@ -219,6 +233,7 @@ def run(
     check_confidence(confidence, "--confidence")
     check_limit("--ttft-ms", ttft_ms)
     check_limit("--memory-mb", memory_mb)
+    check_gpu_layers(n_gpu_layers)
     gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
     def show(piece: str) -> None:
@@ -231,16 +246,38 @@ def run(
             _profile_note(profile or "auto")
         answer = pipe.answer(image, question, m=m, refine_to=refine, confidence=confidence,
                              ttft_ms=ttft_ms, memory_mb=memory_mb, on_piece=None if as_json else show, **gen)
-    attempt = answer.refined_from
+    out = run_record(answer)
     if as_json:
-        print(json.dumps(answer.to_dict()))
+        print(json.dumps(out))
         return
     print()
-    t = answer.timings_ms
+    attempt = answer.refined_from
     speed = f", {answer.decode_tokens_per_s:.1f} tok/s" if answer.decode_tokens_per_s else ""
     refined = f" (refined from m={attempt['m']}, p={attempt['first_token_prob']:.2f})" if attempt else ""
+    ttft = f"TTFT {out['request_ttft_ms']:.0f} ms"
+    if attempt:
+        ttft += f" ({attempt['timings_ms']['ttft']:.0f} first attempt + {answer.timings_ms['ttft']:.0f} refined)"
     err.print(f"m={answer.m}{refined} · vision {answer.backends['vision']} · llm {answer.backends['llm']} · "
-              f"TTFT {t['ttft']:.0f} ms{speed}", highlight=False)
+              f"{ttft}{speed}", highlight=False)
+
+
+# `run --json`: every key always present, null when unknown (no decode speed for a one-token answer,
+# no prediction when m was given, no refined_from when the first attempt was kept), so a script can
+# index it without checking. request_ttft_ms is the whole request's time to its first kept token:
+# with --refine, the dropped attempt's TTFT plus the refined one's (refined_from has the first's own).
+RUN_JSON_KEYS = ("answer", "token_ids", "m", "profile", "backends", "timings_ms", "request_ttft_ms",
+                 "decode_tokens_per_s", "first_token_prob", "prefilled", "predicted", "refined_from")
+
+
+def run_record(answer) -> dict:
+    """An `Answer` as `run --json` prints it: RUN_JSON_KEYS, in that order."""
+    from dataclasses import asdict
+
+    fields = asdict(answer)
+    first = answer.refined_from
+    request = answer.timings_ms["ttft"] + (first["timings_ms"]["ttft"] if first else 0.0)
+    fields["request_ttft_ms"] = round(request, 2)
+    return {k: fields.get(k) for k in RUN_JSON_KEYS}
 
 
 @app.command()

@@ -18,6 +18,7 @@ import sys
 from typing import Callable
 
 from . import __version__, device
+from .defaults import SPIN_ENV, spinning, threads_for_load
 from .runtimes import BACKENDS, backend_info
 
 # Distributions whose versions matter in a bug report (read from metadata: nothing is imported).
@@ -46,6 +47,14 @@ def probe_cpu() -> dict:
     return {"model": info.model, "arch": info.arch, "cores": info.cores, "host_cores": os.cpu_count(),
             "features": info.features, "ram_gb": round(total / 1e9, 1) if total else None,
             "available_gb": round(available / 1e9, 1) if available else None}
+
+
+def probe_load() -> dict:
+    """The load averages (runnable processes, over the host's cores) against the cores this process
+    may use: other work on the cores makes llama.cpp's and onnxruntime's threads wait."""
+    one, five, fifteen = os.getloadavg()
+    return {"1m": round(one, 2), "5m": round(five, 2), "15m": round(fifteen, 2),
+            "cores": device.usable_cores(), "host_cores": os.cpu_count()}
 
 
 def probe_llama() -> dict:
@@ -101,6 +110,7 @@ def probe_profile() -> dict:
 PROBES: dict[str, Callable[[], dict]] = {
     "versions": probe_versions,
     "cpu": probe_cpu,
+    "load": probe_load,
     "llama.cpp": probe_llama,
     "onnxruntime": probe_onnxruntime,
     "tensorrt": probe_tensorrt,
@@ -166,6 +176,31 @@ def _note_cores(p: dict) -> str | None:
     return None
 
 
+def _note_busy(p: dict) -> str | None:
+    load = p["load"]
+    if not load["ok"]:
+        return None
+    threads = threads_for_load(load["1m"], load["cores"], load["host_cores"])
+    if threads is None:
+        return None
+    host = f" of the host's {load['host_cores']}" if load["host_cores"] not in (None, load["cores"]) else ""
+    busy = f"the CPU is busy (1-minute load average {load['1m']:g} for {load['cores']} usable cores{host})"
+    how = f"pass --threads {threads} (Python: Pipeline.load(..., threads={threads}))"
+    if spin_on():
+        return (f"{busy} and idle threads spin ({spin_on()}): a spinning thread waits on a core another process "
+                f"holds; unset it, or {how} (docs/benchmarks.md, \"Threads on a busy CPU\")")
+    return (f"{busy}: answers will be slower than on an idle machine; to leave that work its cores, {how} "
+            "(all cores stay the faster choice for mqt-edge itself: docs/benchmarks.md, \"Threads on a busy CPU\")")
+
+
+def spin_on() -> str | None:
+    """The setting that makes idle llama.cpp/onnxruntime threads spin, or None (they sleep)."""
+    if spinning():
+        return f"{SPIN_ENV}={os.environ[SPIN_ENV]}"
+    policy = os.environ.get("OMP_WAIT_POLICY", "")
+    return f"OMP_WAIT_POLICY={policy}" if policy.strip().lower() == "active" else None
+
+
 def _note_uncalibrated(p: dict) -> str | None:
     prof = p["profile"]
     if prof["ok"] and not prof["calibrated"]:
@@ -174,7 +209,8 @@ def _note_uncalibrated(p: dict) -> str | None:
     return None
 
 
-NOTES = (_note_vision_on_cpu, _note_llm_on_cpu, _note_no_avx2, _note_amx_guard, _note_cores, _note_uncalibrated)
+NOTES = (_note_vision_on_cpu, _note_llm_on_cpu, _note_no_avx2, _note_amx_guard, _note_cores, _note_busy,
+         _note_uncalibrated)
 
 
 def report() -> dict:
@@ -199,6 +235,10 @@ def _short_versions(v: dict) -> str:
 def _short_cpu(c: dict) -> str:
     ram = f", {c['ram_gb']:g} GB RAM" if c["ram_gb"] else ""
     return f"{c['model']} ({c['arch']}, {c['cores']} cores, {' '.join(c['features']) or 'no SIMD flags'}){ram}"
+
+
+def _short_load(x: dict) -> str:
+    return f"load {x['1m']:g} on {x['cores']} cores"
 
 
 def _short_llama(x: dict) -> str:
@@ -230,7 +270,7 @@ def _short_profile(x: dict) -> str:
 
 
 SHORT: dict[str, Callable[[dict], str]] = {
-    "versions": _short_versions, "cpu": _short_cpu, "llama.cpp": _short_llama, "onnxruntime": _short_ort,
+    "versions": _short_versions, "cpu": _short_cpu, "load": _short_load, "llama.cpp": _short_llama, "onnxruntime": _short_ort,
     "tensorrt": _short_trt, "gpus": _short_gpus, "jetson": _short_jetson, "profile": _short_profile,
 }
 

@@ -1,11 +1,15 @@
 """The CLI's own promises: every command's --help renders (each usage error points the user at it)."""
 
+import json
+from pathlib import Path
+
 import pytest
 import typer
 from typer.testing import CliRunner
 
 from conftest import cli
-from mqt_edge.cli import app
+from mqt_edge.cli import RUN_JSON_KEYS, app
+from mqt_edge.errors import InputError
 
 
 def command_paths(group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -49,3 +53,64 @@ def test_usage_errors_are_one_line_naming_the_help_to_run(args, message, where):
     lines = [line for line in r.stderr.splitlines() if line.strip() and "DeprecationWarning" not in line]
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert message in lines[0] and lines[0].endswith(where) and "Usage:" not in r.stderr
+
+
+# ---- run --json: the same keys every time -----------------------------------------------------------
+SHAPES = str(Path(__file__).resolve().parents[1] / "examples" / "shapes.png")
+CIRCLE = "What color is the circle?"
+
+
+def _run_json(bundle, *args) -> dict:
+    r = CliRunner().invoke(app, ["run", SHAPES, CIRCLE, "--bundle", str(bundle), "--json", *args])
+    assert r.exit_code == 0, (r.output, r.exception)
+    return json.loads(r.stdout)
+
+
+def test_run_json_keys_are_fixed_and_null_when_unknown(shipped_bundle):
+    one = _run_json(shipped_bundle, "--tokens", "2", "--max-new-tokens", "1")
+    assert list(one) == list(RUN_JSON_KEYS)
+    # one token: no decode speed; m given: no prediction; not refined
+    assert one["decode_tokens_per_s"] is None and one["predicted"] is None and one["refined_from"] is None
+    assert one["request_ttft_ms"] == one["timings_ms"]["ttft"]
+    planned = _run_json(shipped_bundle, "--max-new-tokens", "8")  # the planner picks m
+    assert list(planned) == list(RUN_JSON_KEYS)
+    assert set(planned["predicted"]) >= {"memory_mb", "ttft_ms", "reason"} and planned["profile"]
+    assert set(planned["timings_ms"]) == set(one["timings_ms"])
+
+
+def test_a_refined_answer_reports_the_whole_request_and_each_attempt(shipped_bundle):
+    out = _run_json(shipped_bundle, "--tokens", "2", "--refine", "16", "--confidence", "1.01",
+                    "--max-new-tokens", "4")
+    first = out["refined_from"]
+    assert out["m"] == 16 and first["m"] == 2 and list(out) == list(RUN_JSON_KEYS)
+    assert first["timings_ms"]["vision"] > 0 and out["timings_ms"]["vision"] == 0  # the image was encoded once
+    assert out["request_ttft_ms"] == pytest.approx(first["timings_ms"]["ttft"] + out["timings_ms"]["ttft"], abs=0.02)
+    assert out["request_ttft_ms"] > out["timings_ms"]["ttft"]
+    r = CliRunner().invoke(app, ["run", SHAPES, CIRCLE, "--bundle", str(shipped_bundle), "--tokens", "2",
+                                 "--refine", "16", "--confidence", "1.01", "--max-new-tokens", "4"])
+    assert r.exit_code == 0 and "first attempt +" in r.stderr and "refined from m=2" in r.stderr, r.output
+
+
+def test_gpu_layers_on_a_cpu_only_llama_cpp_is_a_one_line_error(shipped_bundle, monkeypatch):
+    from mqt_edge.runtimes import llama
+
+    monkeypatch.setattr(llama, "supports_gpu_offload", lambda: False)
+    r = CliRunner().invoke(app, ["run", SHAPES, CIRCLE, "--bundle", str(shipped_bundle), "--n-gpu-layers", "10"])
+    # in-process the error reaches the runner; `main()` prints it as one line (the real-process test)
+    assert isinstance(r.exception, InputError) and r.stdout == "", r.output
+    text = str(r.exception)
+    assert "\n" not in text and "--n-gpu-layers 10" in text and "without GPU offload" in text and "GGML_CUDA" in text
+    monkeypatch.setattr(llama, "supports_gpu_offload", lambda: True)  # a GPU build passes the check
+    r = CliRunner().invoke(app, ["run", SHAPES, CIRCLE, "--bundle", str(shipped_bundle), "--n-gpu-layers", "10",
+                                 "--tokens", "2", "--max-new-tokens", "2", "--json"])
+    assert r.exit_code == 0, r.output
+
+
+def test_gpu_layers_on_this_llama_cpp_in_a_real_process(shipped_bundle):
+    from mqt_edge.runtimes.llama import supports_gpu_offload
+
+    if supports_gpu_offload():
+        pytest.skip("this llama.cpp offloads to a GPU: --n-gpu-layers is honoured")
+    r = cli("run", SHAPES, CIRCLE, "--bundle", str(shipped_bundle), "--n-gpu-layers", "1")
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "without GPU offload" in lines[0] and "Traceback" not in r.stderr

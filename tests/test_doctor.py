@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from mqt_edge import device, doctor
@@ -48,6 +49,7 @@ def _break_everything(monkeypatch):
     monkeypatch.setattr(profiles, "detect", boom)
     monkeypatch.setattr(doctor.platform, "python_version", boom)
     monkeypatch.setattr(doctor.importlib.util, "find_spec", boom)
+    monkeypatch.setattr(doctor.os, "getloadavg", boom)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import now raises ImportError
 
 
@@ -81,6 +83,7 @@ def _probes(**over):
     base = {
         "versions": {"ok": True}, "tensorrt": {"ok": True, "present": False},
         "cpu": {"ok": True, "arch": "x86_64", "features": ["AVX2"], "cores": 2, "host_cores": 2},
+        "load": {"ok": True, "1m": 0.3, "5m": 0.3, "15m": 0.3, "cores": 2, "host_cores": 2},
         "llama.cpp": {"ok": True, "gpu_offload": True, "amx_guard": False},
         "onnxruntime": {"ok": True, "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]},
         "gpus": {"ok": True, "count": 1}, "jetson": {"ok": True, "present": False},
@@ -105,6 +108,50 @@ def test_notes_say_why_it_may_be_slow():
     # without a GPU, a CPU-only onnxruntime and llama.cpp are what they should be
     assert _notes(_probes(gpus={"ok": True, "count": 0}, onnxruntime={"ok": True, "providers": ["CPUExecutionProvider"]},
                           **{"llama.cpp": {"ok": True, "gpu_offload": False, "amx_guard": False}})) == []
+
+
+@pytest.mark.parametrize("load, cores, host_cores, threads", [
+    (0.3, 2, 2, None),  # a quiet machine: all cores
+    (0.99, 2, 2, None),  # less than one core's worth taken
+    (1.0, 2, 2, 1),
+    (2.4, 2, 2, 1),  # the machine: more work than cores, still one thread
+    (3.4, 8, 8, 4),  # 4.6 cores left: the whole ones
+    (4.0, 2, 16, None),  # a 2-core container on a 16-core host: 0.5 of its cores taken
+    (12.0, 2, 16, 1),
+])
+def test_doctor_says_what_to_pass_when_the_load_is_high(monkeypatch, load, cores, host_cores, threads):
+    monkeypatch.delenv("MQT_EDGE_SPIN", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(doctor.os, "getloadavg", lambda: (load, 0.5, 0.5))
+    monkeypatch.setattr(doctor.os, "cpu_count", lambda: host_cores)
+    monkeypatch.setattr(device, "usable_cores", lambda: cores)
+    rep = doctor.report()
+    assert rep["probes"]["load"] == {"ok": True, "1m": load, "5m": 0.5, "15m": 0.5, "cores": cores,
+                                     "host_cores": host_cores}
+    busy = [n for n in rep["notes"] if n.startswith("the CPU is busy")]
+    if threads is None:
+        assert busy == []
+    else:
+        assert len(busy) == 1 and f"--threads {threads} " in busy[0] and f"threads={threads})" in busy[0]
+        assert f"load average {load:g}" in busy[0]
+    assert f"load {load:g} on {cores} cores" in doctor.summary(rep)
+
+
+@pytest.mark.parametrize("env, named", [({"MQT_EDGE_SPIN": "on"}, "MQT_EDGE_SPIN=on"),
+                                        ({"OMP_WAIT_POLICY": "ACTIVE"}, "OMP_WAIT_POLICY=ACTIVE"),
+                                        ({"OMP_WAIT_POLICY": "PASSIVE"}, None), ({}, None)])
+def test_on_a_busy_cpu_doctor_names_the_setting_that_makes_threads_spin(monkeypatch, env, named):
+    for key in ("MQT_EDGE_SPIN", "OMP_WAIT_POLICY"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    probes = _probes(load={"ok": True, "1m": 3.0, "5m": 3.0, "15m": 3.0, "cores": 2, "host_cores": 2})
+    (note,) = [n for n in _notes(probes) if n.startswith("the CPU is busy")]
+    assert "--threads 1" in note
+    if named:
+        assert f"idle threads spin ({named})" in note
+    else:
+        assert "spin" not in note and "all cores stay the faster choice" in note
 
 
 def test_gpus_from_nvidia_smi_when_nvml_is_missing(monkeypatch):

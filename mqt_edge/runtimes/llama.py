@@ -34,6 +34,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ..defaults import quiet_waits
 from ..device import cpu_info
 from ..errors import ClosedError, InputError, MQTEdgeError, require
 
@@ -45,6 +46,7 @@ class LlamaError(MQTEdgeError):
 
 
 def _lib():
+    quiet_waits()  # before libgomp loads with llama.cpp (docs/benchmarks.md, "Threads on a busy CPU")
     llama_cpp = require("llama_cpp", "cpu")
     from llama_cpp import _logger  # noqa: F401  (installs the log callback we silence below)
 
@@ -241,6 +243,11 @@ class SequenceState:
 
     def __init__(self, data, size: int, n_past: int) -> None:
         self.data, self.size, self.n_past = data, size, n_past
+
+
+def supports_gpu_offload() -> bool:
+    """Whether this llama.cpp build can put layers on a GPU (a CUDA, Metal or Vulkan build)."""
+    return bool(_lib().llama_supports_gpu_offload())
 
 
 def _offloaded(lib, model_ptr, requested: int) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import Bundle, BundleError
+from ..defaults import spinning
 from ..errors import InputError, require
 from ..quants import check_vision_precision
 from . import BACKENDS, backend_info
@@ -102,6 +103,8 @@ class OnnxRuntimeVision:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.threads:
             so.intra_op_num_threads = self.threads
+        if not spinning():  # a spinning worker waits on cores other processes hold (defaults.py)
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = lambda path: _load(ort, path, so, providers)  # noqa: E731
         self.mqt = self._session(self.bundle.path("mqt"))
         self.provider = self.mqt.get_providers()[0]
