@@ -7,7 +7,6 @@ device can still import mqt_edge.runtimes. Its execution providers are rows of `
 
 from __future__ import annotations
 
-import os
 
 from pathlib import Path
 
@@ -97,10 +96,6 @@ class OnnxRuntimeVision:
             providers = have
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        # No spinning after a run: the vision threads would keep the cores that llama.cpp's decode
-        # needs next (onnxruntime spins by default; docs/benchmarks.md has the measurement).
-        if os.environ.get("MQT_EDGE_ORT_SPIN", "0") != "1":
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.threads:
             so.intra_op_num_threads = self.threads
         if not spinning():  # a spinning worker waits on cores other processes hold (defaults.py)
