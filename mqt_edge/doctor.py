@@ -60,10 +60,9 @@ def probe_load() -> dict:
 def probe_llama() -> dict:
     from .runtimes import llama
 
-    lib = llama._lib()
     on, why = llama.amx_guard()
-    return {"version": getattr(lib, "__version__", None), "system_info": llama.system_info(),
-            "gpu_offload": bool(lib.llama_supports_gpu_offload()), "amx_guard": on, "amx_guard_why": why}
+    return {"version": llama.binding_version(), "system_info": llama.system_info(),
+            "gpu_offload": llama.supports_gpu_offload(), "amx_guard": on, "amx_guard_why": why}
 
 
 def probe_onnxruntime() -> dict:

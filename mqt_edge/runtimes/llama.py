@@ -245,6 +245,11 @@ class SequenceState:
         self.data, self.size, self.n_past = data, size, n_past
 
 
+def binding_version() -> str | None:
+    """The installed llama-cpp-python's version."""
+    return getattr(_lib(), "__version__", None)
+
+
 def supports_gpu_offload() -> bool:
     """Whether this llama.cpp build can put layers on a GPU (a CUDA, Metal or Vulkan build)."""
     return bool(_lib().llama_supports_gpu_offload())
