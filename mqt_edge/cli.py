@@ -174,7 +174,7 @@ def engine(
     max_batch: int = typer.Option(4, help="Largest batch of the TensorRT profiles."),
 ) -> None:
     """Build FP16 TensorRT engines for a bundle, on the device that will run them."""
-    from .exporters import build_engines_in_bundle
+    from .runtimes.engines import build_engines_in_bundle
 
     with err.status("building TensorRT engines"):
         b = build_engines_in_bundle(bundle, opt_tokens, max_batch)

@@ -312,8 +312,7 @@ def test_engine_builds_stage_per_process_and_leave_nothing(q4_bundle, tmp_path, 
     import dataclasses
     import os
 
-    import mqt_edge.exporters as exporters
-    import mqt_edge.exporters.tensorrt as trt_export
+    import mqt_edge.runtimes.engines as engines
     from mqt_edge.bundle import artifact_entry
 
     b = shutil.copytree(q4_bundle.root, tmp_path / "b")
@@ -329,10 +328,9 @@ def test_engine_builds_stage_per_process_and_leave_nothing(q4_bundle, tmp_path, 
         return {role: dataclasses.replace(artifact_entry(dst, name), tensorrt="0", gpu="fake", opt_tokens=opt_tokens)
                 for role, name in (("vision_trt", "vision.engine"), ("mqt_trt", "mqt.engine"))}
 
-    monkeypatch.setitem(exporters.FORMATS, "tensorrt", dataclasses.replace(exporters.FORMATS["tensorrt"],
-                                                                           probe=lambda: None))
-    monkeypatch.setattr(trt_export, "build_engines", fake_build)
-    built = exporters.build_engines_in_bundle(b, opt_tokens=8)
+    monkeypatch.setattr(engines, "load_tensorrt", lambda: None)  # no TensorRT here
+    monkeypatch.setattr(engines, "build_engines", fake_build)
+    built = engines.build_engines_in_bundle(b, opt_tokens=8)
     assert staged == [b / f".engines.partial-{os.getpid()}"]
     assert built.manifest.artifacts["mqt_trt"].gpu == "fake" and (b / "mqt.engine").read_bytes() == b"engine"
     assert not [p.name for p in b.iterdir() if ".partial-" in p.name]

@@ -16,17 +16,17 @@ from __future__ import annotations
 import errno
 import os
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from importlib import import_module
 from pathlib import Path
 from typing import Callable
 
-from ..atomic import atomic_dir
 from ..bundle import DEFAULT_BUNDLE, Bundle, check_output_dir, remove_stale_staging, staging, write_manifest
 from ..errors import InputError, TokensError
 from ..quants import get_quant
 from .job import ExportError, ExportJob, job_manifest, timed
 from .source import check_disk, load_job
+from ..runtimes.engines import build_engines_in_bundle  # noqa: F401  (export's public name)
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def _nothing(job: ExportJob) -> None:
 
 
 def _tensorrt_here() -> None:
-    from .tensorrt import load_tensorrt
+    from ..runtimes.tensorrt import load_tensorrt
 
     load_tensorrt()  # also needs a GPU; says how to install TensorRT on Jetson
 
@@ -248,27 +248,6 @@ def _export(opts: ExportOptions, on_stage: Callable[[str], None]) -> ExportResul
                               "free some space or choose another --out; nothing was written") from None
         raise
     return ExportResult(Bundle.open(out, verify=False), job.seconds)
-
-
-def build_engines_in_bundle(bundle_dir: Path, opt_tokens: int = 64, max_batch: int = 4) -> Bundle:
-    """`mqt-edge engine`: add TensorRT engines to an existing bundle, on the target device; the
-    same engine build as the "tensorrt" format's, reading the ONNX graphs in place."""
-    from .tensorrt import build_engines
-
-    FORMATS["tensorrt"].require()
-    bundle = Bundle.open(bundle_dir)
-    # Staged in this process's own hidden directory inside the bundle (a dead build's is removed on the
-    # next run), so two builds never share one; the engines join the bundle only once both are built.
-    with atomic_dir(bundle_dir / "engines", install=_keep_in_place) as tmp:
-        entries = build_engines(bundle_dir, tmp, bundle.manifest.graphs, bundle.max_tokens, opt_tokens, max_batch)
-        for entry in entries.values():
-            os.replace(tmp / entry.path, bundle_dir / entry.path)
-        write_manifest(bundle_dir, replace(bundle.manifest, artifacts={**bundle.manifest.artifacts, **entries}))
-    return Bundle.open(bundle_dir)
-
-
-def _keep_in_place(tmp: Path, out: Path) -> None:
-    """The engines were moved into the bundle inside the block: nothing is left to install."""
 
 
 __all__ = ["FORMATS", "ExportError", "ExportJob", "ExportOptions", "ExportResult", "Format", "Step",
