@@ -53,13 +53,15 @@ def free_port() -> int:
 class Server:
     """`mqt-edge serve` from a source tree (this one, or a baseline worktree) as a subprocess."""
 
-    def __init__(self, tree: Path, bundle: str, parallel: int, threads: int | None, label: str) -> None:
+    def __init__(self, tree: Path, bundle: str, parallel: int, threads: int | None, label: str,
+                 extra: list[str] | None = None) -> None:
         self.port, self.label = free_port(), label
         env = dict(os.environ, PYTHONPATH=str(tree))
         cmd = [sys.executable, "-m", "mqt_edge", "serve", "--bundle", bundle, "--port", str(self.port),
                "--parallel", str(parallel), "--queue", "32", "--model-name", "bench"]
         if threads:
             cmd += ["--threads", str(threads)]
+        cmd += extra or []
         self.proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:

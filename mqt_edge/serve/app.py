@@ -147,7 +147,8 @@ def _health(state: _State):
             "cache": {"budget_bytes": s.budget_bytes, "conversation_bytes": s.conversation_bytes,
                       "position_bytes": held.position_bytes, "context_positions": held.n_ctx,
                       "positions_used": held.cells_used, "in_context": held.resident, "on_host": held.parked,
-                      "host_bytes": held.parked_bytes, "idle": engine.cache.idle, "dropped": held.drops}}
+                      "host_bytes": held.parked_bytes, "image_bytes": engine.pipe.scheduler.images.bytes,
+                      "idle": engine.cache.idle, "dropped": held.drops}}
 
 
 def _model_card(state: _State) -> dict:
