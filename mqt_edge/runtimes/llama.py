@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import sys
 import threading
 from functools import lru_cache
 import weakref
@@ -53,6 +54,7 @@ def _lib():
     import logging
 
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    _quiet_log(llama_cpp)
     have = getattr(llama_cpp, "__version__", "?")
     if have.split(".")[:2] != LLAMA_CPP_PYTHON_VERSION.split(".")[:2]:
         raise MQTEdgeError(
@@ -61,6 +63,22 @@ def _lib():
             f"pip install llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} (with CMAKE_ARGS for CUDA builds)",
         )
     return llama_cpp
+
+
+_LOG_CALLBACK = None  # kept alive: llama.cpp holds the pointer
+
+
+def _quiet_log(llama_cpp) -> None:
+    """llama.cpp's own log: errors only, on stderr. Its warnings are not the user's to act on (e.g. the
+    shared context's n_ctx_seq above n_ctx_train: each sequence stays within the model's context)."""
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is None:
+        def log(level: int, text: bytes, _user) -> None:
+            if level == 4:  # GGML_LOG_LEVEL_ERROR in this ggml (NONE, DEBUG, INFO, WARN, ERROR, CONT)
+                sys.stderr.write(text.decode(errors="replace"))
+
+        _LOG_CALLBACK = llama_cpp.llama_log_callback(log)
+        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
 
 
 EXTRA_BUFFERS_ENV = "MQT_EDGE_EXTRA_BUFFERS"  # auto (default) | on | off
