@@ -46,6 +46,7 @@ from .image import DEFAULT_MAX_PIXELS, ImageInput, ImageSpec, preprocess
 from .prompt import PromptTemplate, check_question
 from .runtimes import make_vision
 from .runtimes.llama import LlamaModel
+from .sampling import pick
 
 QUESTION_RESERVE = 512  # context a session keeps for question + answer, beyond its visual prefix
 
@@ -229,18 +230,7 @@ class Generation:
         self._started = False
 
     def _pick(self, logits: np.ndarray) -> int:
-        if self.temperature == 0:
-            return int(np.argmax(logits))
-        z = (logits - logits.max()) / self.temperature
-        p = np.exp(z)
-        p /= p.sum()
-        if self.top_p < 1:
-            order = np.argsort(-p)
-            keep = np.cumsum(p[order]) - p[order] < self.top_p
-            mask = np.zeros_like(p)
-            mask[order[keep]] = p[order[keep]]
-            p = mask / mask.sum()
-        return int(self.rng.choice(len(p), p=p))
+        return pick(logits, self.temperature, self.top_p, self.rng)  # never NaN, for any accepted value
 
     def __iter__(self) -> Iterator[str]:
         self.session._check_open()  # closing a session cancels its unread answer: say why
