@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -33,13 +33,13 @@ class ImageURL(_Loose):
 
 
 class ContentPart(_Loose):
-    type: str = Field(description="text or image_url")
+    type: Literal["text", "image_url"]
     text: Optional[str] = None
     image_url: Optional[Union[ImageURL, str]] = None
 
 
 class ChatMessage(_Loose):
-    role: str = Field(description="system and developer (ignored), user, assistant")
+    role: Literal["system", "developer", "user", "assistant"] = Field(description="system and developer are ignored")
     content: Union[str, list[ContentPart], None] = None
 
 
@@ -56,6 +56,9 @@ class MQTOptions(BaseModel):
     confidence: float = Field(0.5, ge=0.0, le=1.01)
 
 
+Stop = Annotated[str, Field(min_length=1)]
+
+
 class ChatCompletionRequest(_Loose):
     model: str
     messages: list[ChatMessage] = Field(min_length=1, description="one image, in the first user message")
@@ -64,10 +67,10 @@ class ChatCompletionRequest(_Loose):
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
     seed: Optional[int] = Field(None, ge=SEEDS[0], le=SEEDS[1])
-    stop: Union[str, list[str], None] = None
+    stop: Union[Stop, Annotated[list[Stop], Field(max_length=MAX_STOP)], None] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    n: Optional[int] = Field(None, description="1 only")
+    n: Optional[int] = Field(None, ge=1, le=1)  # refused before validation (unsupported_parameter) when not 1
     mqt: Optional[MQTOptions] = None
 
 
@@ -98,6 +101,12 @@ def _nested_too_deeply() -> APIError:
     return APIError(400, "the request body is nested too deeply (a chat request is a few levels deep)", "invalid_json")
 
 
+def _branch(loc_part) -> bool:
+    """pydantic's name for a union's branch in an error location (str, list[ContentPart], ImageURL): no field."""
+    return isinstance(loc_part, str) and ("[" in loc_part or "-" in loc_part or loc_part[:1].isupper()
+                                          or loc_part in ("str", "int", "bool"))
+
+
 def parse_chat(raw: bytes) -> ChatRequest:
     try:
         data = json.loads(raw)
@@ -115,8 +124,9 @@ def parse_chat(raw: bytes) -> ChatRequest:
     except RecursionError:
         raise _nested_too_deeply() from None
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        # of a union's branches, the one that got furthest, or that failed on more than the value's type
+        first = max(exc.errors(), key=lambda e: (len(e["loc"]), not e["type"].endswith("_type")))
+        param = ".".join(str(p) for p in first["loc"] if not _branch(p)) or None
         why = first["msg"]
         if first["type"] == "extra_forbidden":  # only `mqt` is strict: name what it takes
             why = f"unknown key; the mqt field takes {', '.join(MQTOptions.model_fields)}"
