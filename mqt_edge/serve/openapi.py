@@ -25,13 +25,19 @@ WHY = {400: "malformed JSON, a refused or invalid parameter, a bad image, the co
        422: "an m the bundle cannot serve", 500: "a bug (logged on the server)",
        503: "loading, or busy (Retry-After)", 504: "compute past the timeout"}
 
+# OpenAPI 3.1 has a text/event-stream `schema` describe one event: its `data` is a chunk, an error
+# (a failure after the first token) or the closing [DONE].
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [
+    {"const": "[DONE]"},
+    {"type": "string", "contentMediaType": "application/json", "contentSchema": {"anyOf": [
+        {"$ref": REF.format(model="ChatCompletionChunk")}, {"$ref": REF.format(model="ErrorResponse")}]}}]}}}
+
 CHAT = {"summary": "Chat Completions (OpenAI dialect)", "response_model": None,
         "openapi_extra": {"requestBody": {"required": True, "content": {
             "application/json": {"schema": {"$ref": REF.format(model="ChatCompletionRequest")}}}}},
         "responses": {200: {"model": ChatCompletion, "description": "the answer; with stream=true, server-sent "
                             "events of chat.completion.chunk, then data: [DONE]",
-                            "content": {"text/event-stream": {"schema": {
-                                "$ref": REF.format(model="ChatCompletionChunk")}}}},
+                            "content": {"text/event-stream": {"schema": SSE_EVENT}}},
                       **_errors(400, 401, 404, 413, 422, 500, 503, 504)}}
 MODELS = {"summary": "The one model", "response_model": None,
           "responses": {200: {"model": ModelList, "description": "the list"}, **_errors(401)}}

@@ -168,6 +168,19 @@ def test_the_published_schema_is_typed(server):
     assert schemas["ChatCompletionRequest"]["properties"]["model"]["enum"] == [MODEL]
 
 
+def test_a_stream_matches_the_published_schema(server):
+    """Every event of a stream (chunks, the usage chunk, [DONE]) against the schema's own event description."""
+    schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed (dev extra)")
+    from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
+
+    op = schemathesis.openapi.from_url(server.url + "/openapi.json", timeout=T)["/v1/chat/completions"]["POST"]
+    case = op.Case(body={"model": MODEL, "messages": [user(Q, data_url())], "max_tokens": 4, "stream": True,
+                         "stream_options": {"include_usage": True}}, media_type="application/json")
+    response = case.call(base_url=server.url, headers=AUTH, timeout=T)
+    assert response.status_code == 200 and "data: [DONE]" in response.text
+    case.validate_response(response, checks=[response_schema_conformance, content_type_conformance])
+
+
 def _openai_shaped(response) -> None:
     if 400 <= response.status_code < 500:
         body = response.json()
