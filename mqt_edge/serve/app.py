@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import MQTEdgeError
 from ..prompt import check_question
@@ -23,6 +24,7 @@ from .config import ServeConfig
 from .engine import Cancel, Engine
 from .errors import APIError, from_library, internal
 from .metrics import Metrics
+from .openapi import CHAT, HEALTH, METRICS, MODEL, MODELS, publish
 from .schema import Conversation, Envelope, Usage, conversation, parse_chat
 
 log = logging.getLogger("mqt_edge.serve")
@@ -83,35 +85,37 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None, load: bool = True
         yield
         await asyncio.to_thread(engine.close)
 
-    app = FastAPI(title="mqt-edge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="mqt-edge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.engine = engine
     app.add_middleware(BodyLimit, limit=int(cfg.max_body_mb * 2**20))
     _errors(app, metrics)
+    publish(app, cfg.model_id, secured=cfg.key is not None)
 
-    @app.get("/health")
+    @app.get("/health", **HEALTH)
     async def health():
         return _health(state)
 
-    @app.get("/metrics")
+    @app.get("/metrics", **METRICS)
     async def metrics_endpoint(request: Request):
         _auth(state, request)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", **MODELS)
     async def models(request: Request):
         _auth(state, request)
         metrics.requests.labels("models", "200").inc()
         return {"object": "list", "data": [_model_card(state)]}
 
-    @app.get("/v1/models/{name:path}")
-    async def model(name: str, request: Request):
+    @app.get("/v1/models/{name:path}", **MODEL)
+    async def model(request: Request):  # the name is read by hand: no FastAPI validation, no 422 of its shape
         _auth(state, request)
+        name = request.path_params["name"]
         if name != cfg.model_id:
             raise APIError(404, f"the model {name!r} does not exist (this server has {cfg.model_id!r})",
                            "model_not_found", "model")
         return _model_card(state)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **CHAT)
     async def chat(request: Request):
         try:
             return await _chat(state, request)
@@ -160,22 +164,41 @@ def _model_card(state: _State) -> dict:
     return card
 
 
+async def _body(request: Request) -> bytes:
+    try:
+        return await request.body()
+    except ClientDisconnect:  # the client's doing, not a bug: its own code in mqt_errors_total
+        raise APIError(499, "the client closed the connection before its request body arrived; send the whole body",
+                       "client_disconnected") from None
+
+
+def _length_param(req) -> str:
+    """The field a context overflow is the fault of: the length limit the request sent, else its messages."""
+    if req.max_completion_tokens is not None:
+        return "max_completion_tokens"
+    return "max_tokens" if req.max_tokens is not None else "messages"
+
+
 async def _chat(state: _State, request: Request):
     cfg, engine, metrics = state.cfg, state.engine, state.metrics
     arrived = time.monotonic()
     _auth(state, request)
-    req = parse_chat(await request.body())
+    req = parse_chat(await _body(request))
     if req.model != cfg.model_id:
         raise APIError(404, f"the model {req.model!r} does not exist (this server has {cfg.model_id!r})",
                        "model_not_found", "model")
     conv = conversation(req)
     engine.check_ready()
-    ask = await _ask(engine, cfg, req, conv)
-    env = Envelope(cfg.model_id)
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await _stream(engine, metrics, ask, env, request, arrived, include_usage)
-    return await _complete(engine, metrics, ask, env, request, arrived)
+    length_param = _length_param(req)
+    try:
+        ask = await _ask(engine, cfg, req, conv)
+        env = Envelope(cfg.model_id)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return await _stream(engine, metrics, ask, env, request, arrived, include_usage, length_param)
+        return await _complete(engine, metrics, ask, env, request, arrived)
+    except MQTEdgeError as exc:
+        raise from_library(exc, length_param=length_param) from None
 
 
 async def _ask(engine: Engine, cfg: ServeConfig, req, conv: Conversation) -> policy.Ask:
@@ -190,7 +213,8 @@ async def _ask(engine: Engine, cfg: ServeConfig, req, conv: Conversation) -> pol
     if refine is not None and refine <= m:
         raise APIError(422, f"mqt.refine {refine} is not above the m of {m}", "invalid_m", "mqt.refine")
     stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    seed = req.seed if req.seed is not None else secrets.randbits(31)
+    # Any 64-bit seed: folded into the 0..2**63-1 the library's generator takes (-1 and 2**63-1 sample alike)
+    seed = req.seed % 2**63 if req.seed is not None else secrets.randbits(31)
     return policy.Ask(image=img.sha256, load_image=lambda: img.data,
                       turns=conv.turns, question=conv.question, m=m, refine=refine,
                       confidence=opts.confidence if opts else 0.5,
@@ -245,7 +269,8 @@ def _sse(obj) -> bytes:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
 
-async def _stream(engine, metrics, ask, env, request: Request, arrived: float, include_usage: bool):
+async def _stream(engine, metrics, ask, env, request: Request, arrived: float, include_usage: bool,
+                  length_param: str):
     loop, queue, cancel, first = asyncio.get_running_loop(), asyncio.Queue(), Cancel(), []
 
     def emit(piece: str) -> None:  # on the slot thread
@@ -270,7 +295,7 @@ async def _stream(engine, metrics, ask, env, request: Request, arrived: float, i
             try:
                 out = fut.result()
             except (APIError, MQTEdgeError) as exc:
-                err = exc if isinstance(exc, APIError) else from_library(exc)
+                err = exc if isinstance(exc, APIError) else from_library(exc, length_param=length_param)
                 yield _sse(err.body())
                 yield b"data: [DONE]\n\n"
                 return
@@ -316,9 +341,16 @@ def _errors(app: FastAPI, metrics: Metrics) -> None:
         return reply(from_library(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_r, exc: StarletteHTTPException):
+    async def http_error(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return reply(APIError(exc.status_code, str(exc.detail), code))
+        # RFC 9110: a 405 lists the methods the path takes (Starlette puts them in the exception's Allow)
+        headers = dict(exc.headers or {})
+        message = str(exc.detail)
+        if exc.status_code == 405 and "Allow" in headers:
+            message = f"{request.method} is not allowed on {request.url.path}; use {headers['Allow']}"
+        elif exc.status_code == 404:
+            message = f"no route {request.url.path}; the routes are in /openapi.json"
+        return reply(APIError(exc.status_code, message, code, extra_headers=headers))
 
     @app.exception_handler(Exception)
     async def bug(request: Request, exc: Exception):

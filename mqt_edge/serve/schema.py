@@ -2,6 +2,8 @@
 
 Parsing is strict where a silent default would change the answer (n, logprobs, tools, penalties are
 refused with a 400 naming the parameter) and lenient where OpenAI clients send harmless extras.
+The pydantic models below are also the published schema (`/openapi.json`): the request models parse,
+the response models describe what `Envelope` and the routes write (the tests hold the bodies to them).
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import APIError
 
 MAX_STOP = 4
+SEEDS = (-2**63, 2**64 - 1)  # OpenAI takes any 64-bit seed, signed or not
 
 
 class _Loose(BaseModel):
@@ -24,19 +27,20 @@ class _Loose(BaseModel):
 
 
 class ImageURL(_Loose):
-    url: str
+    url: str = Field(description="a data: URL (base64), or a path / file:// URL under --media-dir, "
+                     "or http(s) with --allow-remote-images")
     detail: Optional[str] = None
 
 
-class Part(_Loose):
-    type: str
+class ContentPart(_Loose):
+    type: Literal["text", "image_url"]
     text: Optional[str] = None
     image_url: Optional[Union[ImageURL, str]] = None
 
 
-class Message(_Loose):
-    role: str
-    content: Union[str, list[Part], None] = None
+class ChatMessage(_Loose):
+    role: Literal["system", "developer", "user", "assistant"] = Field(description="system and developer are ignored")
+    content: Union[str, list[ContentPart], None] = None
 
 
 class StreamOptions(_Loose):
@@ -52,19 +56,25 @@ class MQTOptions(BaseModel):
     confidence: float = Field(0.5, ge=0.0, le=1.01)
 
 
-class ChatRequest(_Loose):
+Stop = Annotated[str, Field(min_length=1)]
+
+
+class ChatCompletionRequest(_Loose):
     model: str
-    messages: list[Message] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, description="one image, in the first user message")
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    seed: Optional[int] = None
-    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = Field(None, ge=SEEDS[0], le=SEEDS[1])
+    stop: Union[Stop, Annotated[list[Stop], Field(max_length=MAX_STOP)], None] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    n: Optional[int] = None
+    n: Optional[int] = Field(None, ge=1, le=1)  # refused before validation (unsupported_parameter) when not 1
     mqt: Optional[MQTOptions] = None
+
+
+ChatRequest = ChatCompletionRequest  # the name the server's code uses
 
 
 def _truthy(v: Any) -> bool:
@@ -87,11 +97,23 @@ UNSUPPORTED: dict[str, tuple[Any, str]] = {
 }
 
 
+def _nested_too_deeply() -> APIError:
+    return APIError(400, "the request body is nested too deeply (a chat request is a few levels deep)", "invalid_json")
+
+
+def _branch(loc_part) -> bool:
+    """pydantic's name for a union's branch in an error location (str, list[ContentPart], ImageURL): no field."""
+    return isinstance(loc_part, str) and ("[" in loc_part or "-" in loc_part or loc_part[:1].isupper()
+                                          or loc_part in ("str", "int", "bool"))
+
+
 def parse_chat(raw: bytes) -> ChatRequest:
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the request body is not valid JSON ({exc})", "invalid_json") from None
+    except RecursionError:  # json's C scanner counts its depth against Python's recursion limit
+        raise _nested_too_deeply() from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", "invalid_json")
     for name, (refused, why) in UNSUPPORTED.items():
@@ -99,9 +121,12 @@ def parse_chat(raw: bytes) -> ChatRequest:
             raise APIError(400, why, "unsupported_parameter", name)
     try:
         req = ChatRequest.model_validate(data)
+    except RecursionError:
+        raise _nested_too_deeply() from None
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        # of a union's branches, the one that got furthest, or that failed on more than the value's type
+        first = max(exc.errors(), key=lambda e: (len(e["loc"]), not e["type"].endswith("_type")))
+        param = ".".join(str(p) for p in first["loc"] if not _branch(p)) or None
         why = first["msg"]
         if first["type"] == "extra_forbidden":  # only `mqt` is strict: name what it takes
             why = f"unknown key; the mqt field takes {', '.join(MQTOptions.model_fields)}"
@@ -125,7 +150,7 @@ class Conversation:
     ignored_system: int = 0
 
 
-def _parts(msg: Message, i: int) -> tuple[list[str], list[str]]:
+def _parts(msg: ChatMessage, i: int) -> tuple[list[str], list[str]]:
     """(texts, image URLs) of a message."""
     if msg.content is None:
         return [], []
@@ -154,8 +179,8 @@ def conversation(req: ChatRequest) -> Conversation:
         if msg.role not in ("user", "assistant"):
             raise APIError(400, f"role {msg.role!r} is not supported (use system, user, assistant)",
                            "invalid_value", f"messages.{i}.role")
-        if urls and (msg.role != "user" or turns or pending is not None or images):
-            raise APIError(400, "exactly one image, in the first user message, is supported",
+        if urls and (msg.role != "user" or turns or pending is not None or images or len(urls) > 1):
+            raise APIError(400, "exactly one image, in the first user message, is supported: send one image_url part",
                            "invalid_value", f"messages.{i}.content")
         images += urls
         text = "\n".join(t for t in texts if t)
@@ -212,3 +237,114 @@ class Envelope:
     def usage_chunk(self, usage: Usage, mqt: dict) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": [], "usage": usage.to_dict(), "mqt": mqt}
+
+
+# -- the response bodies, as published in /openapi.json --------------------------------------------
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str]
+    code: Optional[str]
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class PromptTokensDetails(_Loose):
+    cached_tokens: int
+
+
+class CompletionUsage(_Loose):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class MQTInfo(_Loose):
+    """The `mqt` field of every answer: what m answered, and what it cost."""
+
+    m: int
+    refined: bool
+    refined_from: Optional[dict[str, Any]]
+    cache_hit: bool
+    turns_reused: int
+    prefilled: int
+    first_token_prob: float
+    timings_ms: dict[str, float]
+    decode_tokens_per_s: Optional[float]
+    server_ms: float
+
+
+class AssistantMessage(_Loose):
+    role: Literal["assistant"]
+    content: str
+
+
+class Choice(_Loose):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(_Loose):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: CompletionUsage
+    mqt: MQTInfo
+
+
+class Delta(_Loose):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChunkChoice(_Loose):
+    index: int
+    delta: Delta
+    logprobs: None
+    finish_reason: Optional[Literal["stop", "length"]]
+
+
+class ChatCompletionChunk(_Loose):
+    """One `data:` event of a stream; the last chunk and the usage chunk carry `mqt`."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Optional[CompletionUsage] = None
+    mqt: Optional[MQTInfo] = None
+
+
+class ModelMQT(_Loose):
+    max_m: int
+    default_m: int
+    profile: str
+
+
+class Model(_Loose):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    mqt: Optional[ModelMQT] = None
+
+
+class ModelList(_Loose):
+    object: Literal["list"]
+    data: list[Model]
+
+
+class Health(_Loose):
+    status: Literal["ok", "loading", "error"]
+    detail: Optional[str] = None  # why it is not ready
+    model: Optional[str] = None
+    m: Optional[int] = None
