@@ -85,6 +85,8 @@ class Calibration:
     vision_flops: int
     bundle: str = ""
     vision_precision: str = "fp32"  # of the vision graph measured: fp32 | int8
+    # ((n sequences, total decode tokens/s), ...) with one llama_decode per step; () when not measured
+    batch_tok_s: tuple = ()
 
 
 DATASHEET = ("total_gb", "usable_gb", "bandwidth_gbs", "fp16_tflops", "int8_tops", "cpu_cores", "cpu_gflops")
