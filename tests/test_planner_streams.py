@@ -46,7 +46,8 @@ def test_chosen_m_meets_the_rate_and_the_next_step_does_not(gpu):
 
 def test_batching_makes_a_cycle_cheaper_than_streams_one_by_one(gpu):
     one = stream_cycle_ms(gpu, FACTS, 16, 1, 16)
-    assert stream_cycle_ms(gpu, FACTS, 16, 4, 16) < 4 * one
+    four = stream_cycle_ms(gpu, FACTS, 16, 4, 16)
+    assert 2 * one < four < 4 * one  # every frame's vision and prefill counted, decode shared
 
 
 @pytest.mark.parametrize("kw", [dict(streams=0, rate_hz=2), dict(streams=2, rate_hz=-1),
