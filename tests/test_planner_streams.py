@@ -87,3 +87,8 @@ def test_plan_prints_the_digits_that_decide_a_fit():
     r = subprocess.run([sys.executable, "-m", "mqt_edge", "plan", "-p", "cpu", "--preset", "bench",
                         "--memory-mb", str(limit), "--ttft-ms", "1e9"], capture_output=True, text=True, timeout=60)
     assert f"{mem:,.1f}" in r.stdout and f"{limit:,.1f} MB" in r.stdout, r.stdout
+
+
+def test_every_frame_pays_its_own_vision_and_prefill(gpu):
+    # a one-token answer has no decode steps: the cycle is the frames' work alone
+    assert stream_cycle_ms(gpu, FACTS, 16, 4, 1) == pytest.approx(4 * stream_cycle_ms(gpu, FACTS, 16, 1, 1))
