@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import resource
 import statistics
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import numpy as np
 from .profiles import Calibration, Profile, detect, load_profile, parse_profile
 
 POINTS = (1, 16, 64, 128, 256)
+BATCH_POINTS = (1, 2, 4)  # sequences decoding together, one llama_decode per step
+BATCH_STEPS = 16
 
 
 def line_fit(x, y) -> tuple[float, float]:
@@ -70,8 +73,53 @@ def measure(bundle_dir: str, runs: int = 2, threads: int | None = None) -> Calib
         peak_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         llm_params=manifest.llm.params, llm_bytes=manifest.llm.bytes,
         vision_flops=manifest.vision.flops, bundle=str(Path(bundle_dir).resolve()),
-        vision_precision=precision,
+        vision_precision=precision, batch_tok_s=measure_batched(bundle_dir, threads),
     )
+
+
+def measure_batched(bundle_dir: str, threads: int | None = None, steps: int = BATCH_STEPS) -> tuple:
+    """((n, total decode tokens/s), ...) for n in BATCH_POINTS: n sequences in one context, each
+    fed one token per step in one llama_decode. Raw llama_cpp calls, self-contained, until the
+    runtime's multi-sequence context can be measured instead."""
+    import os
+
+    from .bundle import Bundle
+    from .runtimes.llama import model_params, require
+
+    lib = require("llama_cpp.llama_cpp", "cpu")
+    gguf = Bundle.open(Path(bundle_dir), verify=False).path("llm")
+    lib.llama_backend_init()
+    model = lib.llama_model_load_from_file(str(gguf).encode(), model_params(0))
+    try:
+        return tuple((n, round(_batched_rate(lib, model, n, steps, threads or os.cpu_count() or 1), 2))
+                     for n in BATCH_POINTS)
+    finally:
+        lib.llama_model_free(model)
+
+
+def _batched_rate(lib, model, n: int, steps: int, threads: int) -> float:
+    cp = lib.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_seq_max = 64 * n, 64, n
+    cp.n_threads = cp.n_threads_batch = threads
+    ctx = lib.llama_init_from_model(model, cp)
+    batch = lib.llama_batch_init(n, 0, 1)
+    try:
+        def step(pos: int) -> None:
+            batch.n_tokens = n
+            for s in range(n):  # token id 1: a valid id in every vocabulary; the rate ignores the text
+                batch.token[s], batch.pos[s], batch.n_seq_id[s] = 1, pos, 1
+                batch.seq_id[s][0], batch.logits[s] = s, 1
+            if lib.llama_decode(ctx, batch) != 0:
+                raise RuntimeError(f"llama_decode failed with {n} sequences")
+
+        step(0)  # warm-up: first-call allocations are not decode
+        start = time.perf_counter()
+        for pos in range(1, steps + 1):
+            step(pos)
+        return n * steps / (time.perf_counter() - start)
+    finally:
+        lib.llama_batch_free(batch)
+        lib.llama_free(ctx)
 
 
 def to_toml(p: Profile) -> str:
@@ -82,6 +130,8 @@ def to_toml(p: Profile) -> str:
             return "true" if v else "false"
         if isinstance(v, str):
             return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(val(x) for x in v) + "]"
         return repr(float(v)) if isinstance(v, float) else str(v)
 
     def table(name, obj):

@@ -545,9 +545,14 @@ def plan_cmd(
     n_gpu_layers: Optional[int] = typer.Option(None, min=0, help="As in run (default: every layer on the GPU)."),
     sequential: bool = typer.Option(False, "--sequential", help="As in run: vision freed before the LLM's peak."),
     vision_precision: str = typer.Option("auto", help="As in run; with --preset, int8 plans an int8 vision graph."),
+    streams: Optional[int] = typer.Option(None, help="Plan N streams sharing the device (with --rate and/or "
+                                          "--latency-ms)."),
+    rate: Optional[float] = typer.Option(None, help="With --streams: answers per second each stream needs."),
+    latency_ms: Optional[float] = typer.Option(None, help="With --streams: the longest a frame may wait."),
+    answer_tokens: int = typer.Option(16, help="With --streams: expected answer length in tokens."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Predict memory and latency for each m on a device, and choose m."""
+    """Predict memory and latency for each m on a device, and choose m (for N streams: --streams)."""
     from rich.table import Table
 
     from .bundle import Bundle
@@ -563,8 +568,10 @@ def plan_cmd(
     elif bundle and vision_precision == "int8" and not facts.vision_int8_bytes:
         raise InputError(f"the bundle {bundle} has no int8 vision graph", "re-export it with --vision-quant int8")
     prof = _load_profile_cli(profile, mode)
-    result = plan(prof, facts, ttft_ms, memory_mb, max_new_tokens,
-                  Options.for_run(vision_backend, n_gpu_layers, sequential, facts, vision_precision))
+    opts = Options.for_run(vision_backend, n_gpu_layers, sequential, facts, vision_precision)
+    if streams is not None or rate is not None or latency_ms is not None:
+        return _plan_streams_cli(prof, facts, streams, rate, latency_ms, answer_tokens, opts, memory_mb, as_json)
+    result = plan(prof, facts, ttft_ms, memory_mb, max_new_tokens, opts)
     if as_json:
         print(json.dumps(result.to_dict()))
         return
@@ -573,10 +580,11 @@ def plan_cmd(
         table.add_column(col, justify="right")
     for c in result.candidates:
         mark = "[bold green]<- chosen[/]" if c.m == result.chosen_m else ("yes" if c.fits else "[red]no[/]")
-        table.add_row(str(c.m), f"{c.memory_mb:,.0f}", f"{c.ttft_ms:,.0f}", f"{c.total_ms:,.0f}", mark)
+        # one decimal: the digits that decide a fit against the limits below
+        table.add_row(str(c.m), f"{c.memory_mb:,.1f}", f"{c.ttft_ms:,.1f}", f"{c.total_ms:,.0f}", mark)
     Console().print(table)
     lim = result.limits
-    print(f"limits: memory {lim['memory_mb']:,.0f} MB, TTFT {lim['ttft_ms']:,.0f} ms, {max_new_tokens} new tokens")
+    print(f"limits: memory {lim['memory_mb']:,.1f} MB, TTFT {lim['ttft_ms']:,.1f} ms, {max_new_tokens} new tokens")
     if result.chosen_m is not None:
         print(f"chosen m = {result.chosen_m}: {result.reason}")
     else:
@@ -584,6 +592,30 @@ def plan_cmd(
         for s in result.suggestions:
             print(f"  would fit: {s['change']} -> m = {s['m']} "
                   f"({s['memory_mb']:,.0f} MB, TTFT {s['ttft_ms']:,.0f} ms)")
+
+
+def _plan_streams_cli(prof, facts, streams, rate, latency_ms, answer_tokens, opts, memory_mb, as_json) -> None:
+    from rich.table import Table
+
+    from .profiles.planner import plan_streams
+
+    if streams is None:
+        raise InputError("--rate/--latency-ms without --streams", "add --streams N (1 for a single stream)")
+    result = plan_streams(prof, facts, streams, rate, latency_ms, answer_tokens, opts, memory_mb)
+    if as_json:
+        print(json.dumps(result.to_dict()))
+        return
+    table = Table(title=f"{facts.name} ({facts.quant}) on {result.profile}: {streams} stream(s), "
+                        f"{answer_tokens}-token answers")
+    for col in ("m", "cycle (ms)", "answers/s per stream", "memory (MB)", "meets"):
+        table.add_column(col, justify="right")
+    for c in result.candidates:
+        mark = "[bold green]<- chosen[/]" if c.m == result.chosen_m else ("yes" if c.meets else "[red]no[/]")
+        table.add_row(str(c.m), f"{c.cycle_ms:,.1f}", f"{c.rate_hz:,.3f}", f"{c.memory_mb:,.1f}", mark)
+    Console().print(table)
+    want = [f"{rate:g} answers/s per stream" if rate else "", f"latency {latency_ms:,.1f} ms" if latency_ms else ""]
+    print("target: " + ", ".join(w for w in want if w))
+    print(f"chosen m = {result.chosen_m}: {result.reason}" if result.chosen_m is not None else result.reason)
 
 
 @app.command()

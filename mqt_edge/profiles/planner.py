@@ -14,6 +14,7 @@ Cost model (all terms documented in docs/planner.md):
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, replace
 
 from ..costs import llm_param_count, mqt_flops, vision_cost
@@ -159,6 +160,21 @@ def _n_ctx(f: ModelFacts, m: int, o: Options) -> int:
     return f.prompt_tokens + m + QUESTION_TOKENS + o.max_new_tokens
 
 
+def _n_prefill(m: int) -> int:
+    """Positions a request prefills: its m visual tokens and the question. The prompt head (system
+    prompt + "USER: ") is prefilled once per context and copied into each sequence's KV
+    (llama_memory_seq_cp), so it costs no prefill per request."""
+    return m + QUESTION_TOKENS
+
+
+def _file_pages_kept(profile: Profile) -> bool:
+    """On a CPU, llama.cpp's repack (extra buffer types) copies the weights into anonymous memory
+    and the mmapped GGUF pages stay resident beside it, so the weights count twice in RSS.
+    MQT_EDGE_EXTRA_BUFFERS=off loads without repack (the name is runtimes/llama.py's; not imported,
+    so planning needs no llama_cpp)."""
+    return profile.kind == "cpu" and os.environ.get("MQT_EDGE_EXTRA_BUFFERS", "auto").lower() != "off"
+
+
 def _kv_bytes(f: ModelFacts, m: int, o: Options) -> int:
     return _n_ctx(f, m, o) * f.layers * 2 * f.kv_heads * f.head_dim * 2  # f16 K and V
 
@@ -194,6 +210,7 @@ def memory_breakdown(profile: Profile, f: ModelFacts, m: int, o: Options) -> dic
     vision_counted = not (gpu and not profile.memory.unified and o.vision_on_cpu)
     parts = {
         "llm_weights": f.llm_bytes * on_budget,
+        "llm_file_pages": f.llm_bytes if _file_pages_kept(profile) else 0,
         "kv_cache": _kv_bytes(f, m, o) * on_budget,
         "compute_buffers": 4 * 512 * (f.vocab + 8 * f.hidden),  # llama.cpp: logits + activations of a ubatch
         "vision_weights": (_vision_bytes(profile, f, o) + f.mqt_bytes) * vision_counted,  # MQT graph: fp32
@@ -205,7 +222,7 @@ def memory_breakdown(profile: Profile, f: ModelFacts, m: int, o: Options) -> dic
     # two counts on top of the weights.
     vision_stage = parts["vision_weights"] + parts["vision_activations"]
     llm_peak = parts["kv_cache"] + parts["compute_buffers"]
-    body = parts["llm_weights"] + (max(llm_peak, vision_stage) if o.sequential_load else llm_peak + vision_stage)
+    body = parts["llm_weights"] + parts["llm_file_pages"] + (max(llm_peak, vision_stage) if o.sequential_load else llm_peak + vision_stage)
     parts = {k: round(v / MB, 1) for k, v in parts.items()}
     parts["runtime_overhead"] = OVERHEAD_MB[profile.kind]
     parts["total_mb"] = round(body / MB + OVERHEAD_MB[profile.kind], 1)
@@ -234,7 +251,7 @@ def _analytic(profile: Profile, f: ModelFacts, m: int, o: Options) -> dict[str, 
         "vision": _roofline_ms(v_flops, vision_w, v_tf, bw, v_eff, eff.bandwidth),
         "mqt": _roofline_ms(f.mqt_flops_image + m * f.mqt_flops_token, f.mqt_bytes, v_tf, bw, v_eff, eff.bandwidth),
     }
-    n_prefill = f.prompt_tokens + m + QUESTION_TOKENS
+    n_prefill = _n_prefill(m)
     on_gpu = gpu and profile.prefer.llm_on_gpu
     frac = _gpu_frac(o, f) if on_gpu else 0.0
     host_bw = bw if (mem.unified or not gpu) else HOST_BANDWIDTH_GBS
@@ -249,6 +266,15 @@ def _analytic(profile: Profile, f: ModelFacts, m: int, o: Options) -> dict[str, 
 def predict(profile: Profile, f: ModelFacts, m: int, o: Options) -> tuple[float, float, float]:
     """(memory_mb, ttft_ms, total_ms) for m visual tokens."""
     memory_mb = memory_breakdown(profile, f, m, o)["total_mb"]
+    t = terms(profile, f, m, o)
+    ttft = t["vision"] + t["mqt"] + t["prefill"]
+    total = ttft + t["decode"] * max(o.max_new_tokens - 1, 0)
+    return memory_mb, ttft, total
+
+
+def terms(profile: Profile, f: ModelFacts, m: int, o: Options) -> dict[str, float]:
+    """Milliseconds of one request's stages at m: vision (with a sequential reload), mqt, prefill,
+    and decode per token of one sequence; calibrated when the profile has measurements."""
     t = _analytic(profile, f, m, o)
     cal = profile.calibration
     if cal is not None:
@@ -258,7 +284,7 @@ def predict(profile: Profile, f: ModelFacts, m: int, o: Options) -> tuple[float,
                                                 vision_precision=cal.vision_precision))
         ratio = lambda k: t[k] / base[k] if base[k] > 0 else 1.0  # noqa: E731
         scale_v = f.vision_flops / cal.vision_flops
-        n_prefill = f.prompt_tokens + m + QUESTION_TOKENS
+        n_prefill = _n_prefill(m)
         t = {
             "vision": cal.vision_ms * scale_v * ratio("vision"),
             "mqt": (cal.mqt_ms_fixed + cal.mqt_ms_per_token * m) * scale_v * ratio("mqt"),
@@ -266,12 +292,9 @@ def predict(profile: Profile, f: ModelFacts, m: int, o: Options) -> tuple[float,
             * ratio("prefill"),
             "decode": cal.decode_ms_per_token * f.llm_bytes / cal.llm_bytes * ratio("decode"),
         }
-    vision_ms = t["vision"]
     if o.sequential_load:  # the vision graph is loaded again for each new image
-        vision_ms += 1000 * _vision_bytes(profile, f, o) / (VISION_RELOAD_GBS * 1e9)
-    ttft = vision_ms + t["mqt"] + t["prefill"]
-    total = ttft + t["decode"] * max(o.max_new_tokens - 1, 0)
-    return memory_mb, ttft, total
+        t["vision"] += 1000 * _vision_bytes(profile, f, o) / (VISION_RELOAD_GBS * 1e9)
+    return t
 
 
 @dataclass
@@ -326,9 +349,9 @@ def _choose(cands, facts, limits, accuracy_drop) -> tuple[int | None, str]:
         worst = min(cands, key=lambda c: c.m)
         why = []
         if worst.memory_mb > limits["memory_mb"]:
-            why.append(f"memory {worst.memory_mb:,.0f} MB > {limits['memory_mb']:,.0f} MB")
+            why.append(f"memory {worst.memory_mb:,.1f} MB > {limits['memory_mb']:,.1f} MB")
         if worst.ttft_ms > limits["ttft_ms"]:
-            why.append(f"TTFT {worst.ttft_ms:,.0f} ms > {limits['ttft_ms']:,.0f} ms")
+            why.append(f"TTFT {worst.ttft_ms:,.1f} ms > {limits['ttft_ms']:,.1f} ms")
         return None, f"nothing fits, even m={worst.m}: " + ("; ".join(why) or "context too long")
     if facts.accuracy:
         acc = dict(facts.accuracy)
@@ -340,8 +363,9 @@ def _choose(cands, facts, limits, accuracy_drop) -> tuple[int | None, str]:
             return pick.m, (f"smallest m within {accuracy_drop:.0%} of the best measured accuracy "
                                  f"({acc[pick.m]:.1%} vs {best:.1%}) that fits")
     pick = max(fitting, key=lambda c: c.m)
-    return pick.m, (f"largest m that fits: memory {pick.memory_mb:,.0f} <= {limits['memory_mb']:,.0f} MB, "
-                         f"TTFT {pick.ttft_ms:,.0f} <= {limits['ttft_ms']:,.0f} ms")
+    # one decimal: the digits that decide a fit (5,800.3 > 5,800.0 must not print as 5,800 vs 5,800)
+    return pick.m, (f"largest m that fits: memory {pick.memory_mb:,.1f} <= {limits['memory_mb']:,.1f} MB, "
+                         f"TTFT {pick.ttft_ms:,.1f} <= {limits['ttft_ms']:,.1f} ms")
 
 
 def _what_would_fit(profile, facts, o, limits) -> list[dict]:
@@ -403,3 +427,101 @@ def cache_budget_bytes(pipe, m: int, max_new_tokens: int, memory_mb: float | Non
     parts = memory_breakdown(prof, facts, m, opts)
     limit = memory_mb if memory_mb is not None else prof.limits.memory_mb
     return int((limit - parts["total_mb"]) * 2**20 + parts["kv_cache"])
+# Batched decode on a CPU: total tokens/s at n sequences over that at 1, as measured with
+# llama-batched-bench on a 1.1B q4_k_m (57.2/68.9/84.5/99.1 tok/s at 1/2/4/8 sequences; docs/planner.md).
+# `mqt-edge calibrate` replaces it with the device's own curve (Calibration.batch_tok_s).
+DEFAULT_BATCH_SPEEDUP = ((1, 1.0), (2, 1.20), (4, 1.48), (8, 1.73))
+
+
+def batch_speedup(profile: Profile, n: int) -> float:
+    """Total decode tokens/s of n sequences in one llama_decode per step, over one sequence's:
+    piecewise linear in log2(n), flat beyond the last point measured."""
+    cal = profile.calibration
+    pts = tuple(cal.batch_tok_s) if cal is not None and cal.batch_tok_s else ()
+    curve = tuple((k, v / pts[0][1]) for k, v in pts) if pts else DEFAULT_BATCH_SPEEDUP
+    if n <= curve[0][0]:
+        return curve[0][1]
+    for (n0, s0), (n1, s1) in zip(curve, curve[1:]):
+        if n <= n1:
+            w = (math.log2(n) - math.log2(n0)) / (math.log2(n1) - math.log2(n0))
+            return s0 + w * (s1 - s0)
+    return curve[-1][1]
+
+
+@dataclass(frozen=True)
+class StreamCandidate:
+    m: int
+    cycle_ms: float  # one answer for every stream: N x (vision + MQT + prefill) + batched decode
+    rate_hz: float  # answers per second per stream that this m sustains
+    latency_ms: float  # a frame's wait, at worst: the whole cycle
+    memory_mb: float
+    meets: bool
+
+
+@dataclass
+class StreamPlan:
+    profile: str
+    model: str
+    streams: int
+    rate_hz: float | None
+    latency_ms: float | None
+    answer_tokens: int
+    candidates: list[StreamCandidate]
+    chosen_m: int | None
+    reason: str
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["candidates"] = [asdict(c) for c in self.candidates]
+        return d
+
+
+def stream_cycle_ms(profile: Profile, f: ModelFacts, m: int, streams: int, answer_tokens: int,
+                    o: Options | None = None) -> float:
+    """Milliseconds to answer every stream once at m. Vision, MQT and prefill run per frame, one
+    after another (one CPU, one context); the answers' tokens after the first decode together, one
+    llama_decode per step carrying one token of each stream."""
+    t = terms(profile, f, m, o or Options())
+    step_ms = t["decode"] * streams / batch_speedup(profile, streams)
+    return streams * (t["vision"] + t["mqt"] + t["prefill"]) + max(answer_tokens - 1, 0) * step_ms
+
+
+def plan_streams(profile: Profile, facts: ModelFacts, streams: int, rate_hz: float | None = None,
+                 latency_ms: float | None = None, answer_tokens: int = 16, options: Options | None = None,
+                 memory_mb: float | None = None) -> StreamPlan:
+    """The largest m, the same for every stream, at which `streams` streams each get `rate_hz`
+    answers per second (and/or an answer within `latency_ms` of its frame) by the cost model."""
+    if not isinstance(streams, int) or isinstance(streams, bool) or streams < 1:
+        raise InputError(f"streams {streams!r}", "give a whole number of streams, 1 or more")
+    for name, v in (("rate", rate_hz), ("latency", latency_ms)):
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise InputError(f"{name} {v!r}", f"give a {name} above 0")
+    if rate_hz is None and latency_ms is None:
+        raise InputError("no target for the streams", "give a rate per stream (Hz), a latency limit, or both")
+    if answer_tokens < 1:
+        raise InputError(f"answer tokens {answer_tokens}", "plan for at least one answer token")
+    o = replace(options or Options(), max_new_tokens=answer_tokens)
+    mem_limit = float(memory_mb if memory_mb is not None else profile.limits.memory_mb)
+    cands = [_stream_candidate(profile, facts, m, streams, o, rate_hz, latency_ms, mem_limit)
+             for m in sorted({c for c in CANDIDATES if c <= facts.max_tokens} | {facts.max_tokens})]
+    meeting = [c for c in cands if c.meets]
+    if meeting:
+        pick = max(meeting, key=lambda c: c.m)
+        reason = (f"largest m at which {streams} stream(s) each get {pick.rate_hz:,.2f} answers/s "
+                  f"(cycle {pick.cycle_ms:,.1f} ms, memory {pick.memory_mb:,.1f} <= {mem_limit:,.1f} MB)")
+    else:
+        pick, lo = None, cands[0]
+        reason = (f"nothing meets the target, even m={lo.m}: {lo.rate_hz:,.2f} answers/s per stream, "
+                  f"cycle {lo.cycle_ms:,.1f} ms, memory {lo.memory_mb:,.1f} MB")
+    return StreamPlan(profile.name + (f" ({profile.mode})" if profile.mode else ""), facts.name, streams,
+                      rate_hz, latency_ms, answer_tokens, cands, pick.m if pick else None, reason)
+
+
+def _stream_candidate(profile, facts, m, streams, o, rate_hz, latency_ms, mem_limit) -> StreamCandidate:
+    cycle = stream_cycle_ms(profile, facts, m, streams, o.max_new_tokens, o)
+    rate = 1000.0 / cycle
+    # every stream's sequence holds its own KV in the one context
+    mem = memory_breakdown(profile, facts, m, o)["total_mb"] + (streams - 1) * _kv_bytes(facts, m, o) / 2**20
+    meets = ((rate_hz is None or rate >= rate_hz) and (latency_ms is None or cycle <= latency_ms)
+             and mem <= mem_limit and _n_ctx(facts, m, o) <= facts.context_length)
+    return StreamCandidate(m, round(cycle, 2), round(rate, 4), round(cycle, 2), round(mem, 1), meets)
