@@ -20,6 +20,7 @@ For the bench preset: `mqt-edge synth --preset bench --out B0 && mqt-edge export
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import threading
@@ -63,7 +64,8 @@ def run_once(pipe: Pipeline, overlap: bool, vt, lt, m: int, seconds: float, max_
             "answer": answers[-1].answer.answer if answers else None}
 
 
-def run_streams(how: str, pipes: list[Pipeline], n: int, m: int, seconds: float, max_new_tokens: int) -> dict:
+def run_streams(how: str, pipes: list[Pipeline], n: int, m: int, seconds: float, max_new_tokens: int,
+                vision_threads: int | None = None) -> dict:
     """One run of n cameras: `how` is "one" (one Watch, n streams), "threads" (n Watches on pipes[0])
     or "own" (n Watches on n pipelines)."""
     cams = {f"cam{i}": camera(seconds, seed=i) for i in range(n)}
@@ -71,7 +73,7 @@ def run_streams(how: str, pipes: list[Pipeline], n: int, m: int, seconds: float,
     answers: list = []
     start = time.perf_counter()
     if how == "one":
-        with Watch(pipes[0], cams, Q, m=m, max_new_tokens=max_new_tokens) as w:
+        with Watch(pipes[0], cams, Q, m=m, max_new_tokens=max_new_tokens, vision_threads=vision_threads) as w:
             answers = list(w)
     else:
         def one(i: int, name: str, frames) -> None:
@@ -102,13 +104,14 @@ def streams_main(args) -> None:
     for p in [shared, single, *own]:
         p.ask(EXAMPLE, Q, m=args.m, max_new_tokens=2)  # warm-up
     plans = {"one Watch, N streams, parallel=N": ("one", [shared]),
+             "one Watch, N streams, parallel=N, vision_threads=1": ("one", [shared], 1),
              "N Watches in threads, parallel=1": ("threads", [single])}
     runs: dict = {}
     for _ in range(args.rounds):
         for n in counts:
             configs = dict(plans) | ({"N Watches, own pipeline each (1 thread)": ("own", own[:n])} if n > 1 else {})
-            for name, (how, ps) in configs.items():
-                r = run_streams(how, ps, n, args.m, args.seconds, args.max_new_tokens)
+            for name, (how, ps, *vt) in configs.items():
+                r = run_streams(how, ps, n, args.m, args.seconds, args.max_new_tokens, *vt)
                 runs.setdefault((n, name), []).append(r)
                 print(f"N={n}, {name}: {r}", flush=True)
     for p in [shared, single, *own]:
@@ -121,11 +124,12 @@ def streams_main(args) -> None:
         print(f"| {n} | {name} | {med(rs, 'per_stream_per_s'):.3f} | {med(rs, 'total_per_s'):.3f} | "
               f"{[round(r['total_per_s'], 3) for r in rs]} | {med(rs, 'latency_ms'):.0f} | {med(rs, 'rows_per_step'):.2f} |")
     for n in counts:
-        one = runs[(n, "one Watch, N streams, parallel=N")]
-        for name in ("N Watches in threads, parallel=1", "N Watches, own pipeline each (1 thread)"):
+        for one_name, other in itertools.product([k for k in plans if k.startswith("one")],
+                                                 ("N Watches in threads, parallel=1", "N Watches, own pipeline each (1 thread)")):
+            one, name = runs[(n, one_name)], other
             if (n, name) in runs:  # same-round ratios: the machine's load hits both alike
                 ratios = [a["total_per_s"] / b["total_per_s"] for a, b in zip(one, runs[(n, name)]) if b["total_per_s"]]
-                print(f"N={n}: one Watch / {name}: {[round(x, 2) for x in ratios]}")
+                print(f"N={n}: {one_name} / {name}: {[round(x, 2) for x in ratios]}")
 
 
 def main() -> None:

@@ -66,8 +66,10 @@ class Watch:
       `confidence` (as `mqt-edge run --refine`).
     overlap: encode the next frame on a second thread while the LLM decodes (None: `overlap_wins`);
       one source only: several streams overlap one another.
-    vision_threads / llm_threads: each side's thread budget (one source). A vision budget other than
-      the pipeline's opens a second vision runner (its memory once more) that this watch owns.
+    vision_threads / llm_threads: each side's thread budget (llm_threads: one source only). A vision
+      budget other than the pipeline's opens a second vision runner (its memory once more) that this
+      watch owns; several streams share it without the pipeline's vision lock, so their frames
+      encode at once (onnxruntime's run is thread-safe), each on `vision_threads` threads.
     keep_all: answer every frame in order, blocking the source (offline video) instead of dropping.
     on_error: called with (frame, error) for a user error on one frame (a bad image or question, a
       question too long for the context); the frame counts in `failed` and the stream goes on.
@@ -91,7 +93,7 @@ class Watch:
         ask = Ask(self.m, predicted, refine, check_confidence(confidence), gen)
         self.pipe, self.several = pipe, isinstance(frames, Mapping)
         if self.several:
-            _check_several(pipe, len(sources), overlap, vision_threads, llm_threads)
+            _check_several(pipe, len(sources), overlap, llm_threads)
             overlap = False
         self.overlap = overlap_wins(pipe, vision_threads, llm_threads) if overlap is None else bool(overlap)
         if self.overlap and vision_threads is None and llm_threads is None and _vision_on_cpu(pipe):
@@ -142,7 +144,7 @@ class Watch:
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(timeout=30)  # a reader blocked inside the source is a daemon: left to the source
-        if self._runner is not None and not any(t.is_alive() and "encoder" in t.name for t in self._threads):
+        if self._runner is not None and not any(t.is_alive() and "reader" not in t.name for t in self._threads):
             self._runner.deactivate()
             self._runner = None
 
@@ -194,9 +196,9 @@ def _question(question) -> Question:
     return question
 
 
-def _check_several(pipe: Pipeline, n: int, overlap, vision_threads, llm_threads) -> None:
-    if overlap or vision_threads is not None or llm_threads is not None:
-        raise InputError("overlap / vision_threads / llm_threads with several sources",
+def _check_several(pipe: Pipeline, n: int, overlap, llm_threads) -> None:
+    if overlap or llm_threads is not None:
+        raise InputError("overlap / llm_threads with several sources",
                          "leave them unset: the streams' threads overlap one another on the pipeline's threads")
     if pipe.parallel < n:
         log.warning("%d streams on a pipeline loaded with parallel=%d: they share a context sized for %d "

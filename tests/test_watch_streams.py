@@ -43,9 +43,13 @@ def camera(image: np.ndarray, n: int = 30, dt: float = 0.01):
         yield image
 
 
-def test_each_stream_answers_about_its_own_frames_and_counts_its_own_drops(pipe, expected):
-    with Watch(pipe, {"front": camera(RED), "rear": camera(BLUE, n=20)}, Q, m=M, max_new_tokens=NEW) as w:
+@pytest.mark.parametrize("vision_threads", [None, 2])  # 2: a runner of the watch's own, shared lock-free
+def test_each_stream_answers_about_its_own_frames_and_counts_its_own_drops(pipe, expected, vision_threads):
+    with Watch(pipe, {"front": camera(RED), "rear": camera(BLUE, n=20)}, Q, m=M, max_new_tokens=NEW,
+               vision_threads=vision_threads) as w:
+        assert (w._runner is not None) == (vision_threads is not None)
         answers = list(w)
+    assert w._runner is None  # the watch's own runner is closed with it
     stats = w.stats
     by = {name: [a for a in answers if a.stream == name] for name in ("front", "rear")}
     assert len(by["front"]) + len(by["rear"]) == len(answers)
@@ -132,7 +136,7 @@ def test_bad_frames_and_bad_arguments(pipe, caplog):
         ({}, Q, {}, "no sources"), ({"": [RED]}, Q, {}, "source name"), ({3: [RED]}, Q, {}, "source name"),
         ({"a": [RED]}, {"b": Q}, {}, "one question per source"), ([RED], {"a": Q}, {}, "one question per source"),
         ({"a": [RED]}, {"a": 42}, {}, "question of type int"),
-        ({"a": [RED]}, Q, {"overlap": True}, "several sources"), ({"a": [RED]}, Q, {"vision_threads": 1}, "several"),
+        ({"a": [RED]}, Q, {"overlap": True}, "several sources"), ({"a": [RED]}, Q, {"llm_threads": 1}, "several"),
     ]:
         with pytest.raises(InputError, match=match):
             Watch(pipe, frames, question, m=M, **kwargs)
