@@ -10,6 +10,10 @@ and N Watch objects each on its own pipeline (its own llama.cpp context and visi
 thread each: the cores split as before the shared scheduler). It reports answers/s per stream and
 in total, the median latency, and the scheduler's mean rows per decode step.
 
+    python benchmarks/watch_bench.py --bundle B --vision-batch 4 --rounds 5
+
+times N frames through the vision graph as N calls of batch 1 against batches of 2 and N.
+
 A synthetic 30 fps camera (examples/shapes.png with fresh noise per frame, so no two frames are
 equal) feeds every configuration for the same time; frames arrive faster than answers, so the
 latest-frame policy drops the rest. Configurations run in interleaved rounds (A B C A B C ...)
@@ -132,6 +136,38 @@ def streams_main(args) -> None:
                 print(f"N={n}: {one_name} / {name}: {[round(x, 2) for x in ratios]}")
 
 
+def vision_batch_main(args) -> None:
+    """onnxruntime vision on the CPU: N frames as N calls of batch 1 against calls of batch 2 and N
+    (the exported graph's batch axis is dynamic), interleaved rounds; ratios to batch 1."""
+    from mqt_edge.bundle import Bundle
+    from mqt_edge.runtimes import make_vision
+
+    n = args.vision_batch
+    runner = make_vision(Bundle.open(args.bundle, verify=False), "onnxruntime", None, None).activate()
+    x = np.random.default_rng(0).standard_normal((n, 3, *runner_size(args.bundle))).astype(np.float32)
+    runner.features(x[:1])  # warm-up
+    sizes = sorted({1, 2, n} & set(range(1, n + 1)))
+    runs: dict = {b: [] for b in sizes}
+    for r in range(args.rounds):
+        for b in sizes:
+            t = time.perf_counter()
+            for i in range(0, n, b):
+                runner.features(x[i:i + b])
+            runs[b].append(time.perf_counter() - t)
+        print(f"round {r}: " + ", ".join(f"batch {b}: {runs[b][-1]:.2f} s" for b in sizes), flush=True)
+    for b in sizes:
+        ratios = [a / c for a, c in zip(runs[1], runs[b])]
+        print(f"| {n} frames as batch {b} | {statistics.median(runs[b]):.2f} s | "
+              f"{statistics.median(ratios):.2f}x | {[round(x, 2) for x in ratios]} |")
+    runner.deactivate()
+
+
+def runner_size(bundle: str) -> tuple[int, int]:
+    from mqt_edge.bundle import Bundle
+
+    return tuple(Bundle.open(bundle, verify=False).manifest.preprocess.crop)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bundle", required=True)
@@ -142,7 +178,10 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names from CONFIGS")
     ap.add_argument("--streams", default=None, help="e.g. 1,2,4: several cameras at once (see the top)")
     ap.add_argument("--m", type=int, default=16, help="visual tokens for --streams (fixed, not planned)")
+    ap.add_argument("--vision-batch", type=int, default=0, help="N: time N frames through vision as batch 1, 2, N")
     args = ap.parse_args()
+    if args.vision_batch:
+        return vision_batch_main(args)
     if args.streams:
         return streams_main(args)
     names = [n.strip() for n in args.configs.split(",")]
