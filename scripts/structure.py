@@ -22,7 +22,7 @@ from pathlib import Path
 LAYERS: dict[str, tuple[str, ...]] = {
     "entry": ("__main__", "ros2/__main__"),
     "front ends": ("cli", "serve", "ros2", "doctor"),
-    "API": ("watch", "evaluate", "calibrate", "pipeline", "__init__"),
+    "API": ("watch", "stream", "frames", "evaluate", "calibrate", "pipeline", "__init__"),
     "build host": ("exporters", "train", "model"),
     "runtimes": ("runtimes",),
     "profiles": ("profiles",),
