@@ -1,6 +1,7 @@
 """`Watch` over several named sources: each stream's own frames, drops and question; a failing
 source ends its stream only; the streams run at once, so the scheduler can batch them."""
 
+import itertools
 import logging
 import threading
 import time
@@ -152,3 +153,13 @@ def test_more_streams_than_parallel_warns_in_one_line(pipe, caplog):
     (record,) = caplog.records
     assert "3 streams" in record.getMessage() and "parallel=3" in record.getMessage()
     assert "\n" not in record.getMessage()
+
+
+def test_leaving_the_loop_stops_every_streams_threads(pipe, expected):
+    before = threading.active_count()  # `expected` started the scheduler's own thread
+    w = Watch(pipe, {"a": itertools.repeat(RED), "b": itertools.repeat(BLUE)}, Q, m=M, max_new_tokens=NEW)
+    for _ in w:  # endless cameras: leaving the loop ends both streams, their readers and answerers
+        break
+    w.close()
+    assert threading.active_count() == before and w.errors == {}
+    assert pipe.ask(RED, Q, m=M, max_new_tokens=NEW).answer  # the pipeline still answers
