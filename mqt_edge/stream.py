@@ -6,8 +6,9 @@ overlapping) takes the newest frame, asks its question, encodes and answers.
 Several streams: one answering thread per stream, each taking its own newest frame, encoding it
 and answering on its own Session. The pipeline's scheduler puts every decoding stream's next
 token into the same llama.cpp step, so the streams share each decode step; vision runs one frame
-at a time under the pipeline's vision lock (batching frames did not gain on the CPU: see
-docs/benchmarks.md, "Several cameras"). A stream that fails is logged once and ends; the others go on.
+at a time under the pipeline's vision lock, or at once on a runner of the watch's own (batching
+frames gained about 1.1x on the CPU, not done yet: docs/benchmarks.md, "Several cameras"). A stream
+that fails is logged once and ends; the others go on.
 """
 
 from __future__ import annotations
