@@ -6,116 +6,40 @@
         for a in w:
             print(a.frame, a.answer.answer, a.dropped)
 
-Latest-frame policy: a one-slot mailbox (`Latest`) sits between the source and the model. A frame
-that arrives while the slot is still full replaces the one there, which is dropped (counted), so
-an answer is always about the newest frame at the moment its work began and never about a backlog.
-Any iterator feeds it from a reader thread; a push source (a ROS callback) puts into a `Latest`
-itself and passes that.
+    # several cameras: one name per source, answers carry it (load the pipeline with parallel=2)
+    with Watch(pipe, {"front": front(), "rear": rear()}, "Is anyone there?", m=16) as w:
+        for a in w:
+            print(a.stream, a.frame, a.answer.answer)
 
-Overlap: with `overlap=True` a second thread encodes the next frame (vision + MQT, onnxruntime with
-its own `vision_threads`) while the LLM decodes the current answer (llama.cpp with `llm_threads`).
-At most one encoded frame waits for the LLM, so the overlap never builds a queue. Whether it wins
+Latest-frame policy: a one-slot mailbox (`Latest`, mqt_edge/frames.py) sits between each source and
+the model. A frame that arrives while the slot is still full replaces the one there, which is
+dropped (counted), so an answer is always about the newest frame at the moment its work began.
+
+Overlap (one source): with `overlap=True` a second thread encodes the next frame (vision + MQT,
+onnxruntime with its own `vision_threads`) while the LLM decodes the current answer. Whether it wins
 depends on the device: see `overlap_wins` and docs/benchmarks.md.
+
+Several sources: one answering thread per stream (mqt_edge/stream.py); the scheduler decodes the
+streams' answers in the same llama.cpp steps, which `parallel` at load sizes for.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
-import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Union
+from collections.abc import Mapping
+from typing import Callable, Iterable, Iterator
 
 from .errors import InputError, MQTEdgeError
-from .pipeline import DEFAULT_CONFIDENCE, Answer, EncodedImage, Pipeline, Session, check_confidence, check_sampling
+from .frames import Frame, Latest, Question  # noqa: F401 (the public names of a watch)
+from .pipeline import DEFAULT_CONFIDENCE, Pipeline, check_confidence, check_sampling
 from .prompt import check_question
 from .runtimes import backend_info, make_vision
+from .stream import Ask, Stream, WatchAnswer, concurrent, overlapped, sequential, spawn  # noqa: F401
 
-
-@dataclass
-class Frame:
-    index: int  # position in the stream, from 0
-    image: Any  # HxWx3 uint8 RGB (or any image the pipeline takes)
-    meta: Any  # what the source attached (e.g. a ROS header stamp), else None
-    arrived: float  # time.perf_counter() when it reached the mailbox
-
-
-Question = Union[str, Callable[[Frame], Union[str, None]]]
-
-
-class Latest:
-    """A one-slot mailbox of frames: `put` replaces a frame not yet taken (it is dropped)."""
-
-    def __init__(self, keep_all: bool = False) -> None:
-        self.keep_all = keep_all  # block the producer instead of dropping (offline video)
-        self._cond = threading.Condition()
-        self._slot: Frame | None = None
-        self._closed = False
-        self.received = 0
-        self.dropped = 0
-        self._dropped_at_take = 0
-
-    def put(self, image: Any, meta: Any = None) -> int:
-        """Offer a frame; returns its index (-1 once closed)."""
-        with self._cond:
-            while self.keep_all and self._slot is not None and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                return -1
-            if self._slot is not None:
-                self.dropped += 1
-            self._slot = Frame(self.received, image, meta, time.perf_counter())
-            self.received += 1
-            self._cond.notify_all()
-            return self._slot.index
-
-    def take(self, timeout: float | None = None) -> tuple[Frame, int] | None:
-        """The newest frame and how many were dropped since the last take; None when closed and
-        empty (or after `timeout` seconds)."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._slot is not None or self._closed, timeout):
-                return None
-            if self._slot is None:
-                return None
-            frame, self._slot = self._slot, None
-            dropped, self._dropped_at_take = self.dropped - self._dropped_at_take, self.dropped
-            self._cond.notify_all()
-            return frame, dropped
-
-    def close(self) -> None:
-        """No more frames: a waiting `take` returns what is left, then None."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-
-@dataclass
-class WatchAnswer:
-    frame: int  # index of the frame answered
-    question: str
-    answer: Answer
-    dropped: int  # frames dropped between the previous frame taken and this one
-    timings_ms: dict  # wait (arrival -> taken), encode, handoff (encoded -> LLM), llm, latency (arrival -> answer)
-    meta: Any = None
-    started: float = 0.0  # time.perf_counter() when its frame was taken from the mailbox
-
-    def to_dict(self) -> dict:
-        return {"frame": self.frame, "question": self.question, "dropped": self.dropped,
-                "timings_ms": self.timings_ms, "answer": self.answer.to_dict()}
-
-
-@dataclass
-class _Job:
-    frame: Frame
-    dropped: int
-    question: str
-    encoded: EncodedImage
-    taken: float
-    encoded_at: float = field(default_factory=time.perf_counter)
+log = logging.getLogger("mqt_edge.watch")
+Sources = Iterable | Latest
 
 
 def overlap_wins(pipe: Pipeline, vision_threads: int | None, llm_threads: int | None) -> bool:
@@ -131,180 +55,96 @@ def overlap_wins(pipe: Pipeline, vision_threads: int | None, llm_threads: int | 
 
 
 class Watch:
-    """Answers about a stream of frames; iterate for `WatchAnswer`s, `stats` for the counts.
+    """Answers about one stream of frames, or several named ones; iterate for `WatchAnswer`s.
 
+    frames: an iterable of images or a `Latest`; or a mapping of names to those, one stream each
+      (each with its own mailbox, drops and question; answers carry `stream`, the name).
     question: a string, or a function of the Frame giving the question for it (None: skip the frame,
-      not encoded, counted in `skipped`); it is read when the frame is taken.
+      not encoded, counted in `skipped`); with several streams, also a mapping of names to those.
     m: a fixed number of visual tokens, or None for the planner's m on `profile` (default: auto-detect).
     refine / confidence: per frame, grow to m=`refine` when the first token's probability is below
       `confidence` (as `mqt-edge run --refine`).
-    overlap: encode the next frame on a second thread while the LLM decodes (None: `overlap_wins`).
-    vision_threads / llm_threads: each side's thread budget (default: the pipeline's, or split the
-      cores in two when overlapping). A vision budget other than the pipeline's opens a second vision
-      runner (its memory once more) that this watch owns and closes.
+    overlap: encode the next frame on a second thread while the LLM decodes (None: `overlap_wins`);
+      one source only: several streams overlap one another.
+    vision_threads / llm_threads: each side's thread budget (llm_threads: one source only). A vision
+      budget other than the pipeline's opens a second vision runner (its memory once more) that this
+      watch owns; several streams share it without the pipeline's vision lock, so their frames
+      encode at once (onnxruntime's run is thread-safe), each on `vision_threads` threads.
     keep_all: answer every frame in order, blocking the source (offline video) instead of dropping.
     on_error: called with (frame, error) for a user error on one frame (a bad image or question, a
-      question too long for the context); the frame counts in `failed` and the watch goes on.
-      Without it the error ends the iteration.
+      question too long for the context); the frame counts in `failed` and the stream goes on.
+      Without it the error ends the iteration (one source) or that stream (several).
+    With several streams, a stream whose source fails is logged once and ends (`errors`); the others go on.
     """
 
-    def __init__(self, pipe: Pipeline, frames: Iterable | Latest, question: Question, *, m: int | None = None,
-                 profile: str | None = None, refine: int | None = None, confidence: float = DEFAULT_CONFIDENCE,
-                 overlap: bool | None = None, vision_threads: int | None = None, llm_threads: int | None = None,
-                 keep_all: bool = False, on_error: Callable[[Frame, MQTEdgeError], None] | None = None,
-                 max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0) -> None:
-        if isinstance(question, str):
-            check_question(question)
-        elif not callable(question):
-            raise InputError(f"question of type {type(question).__name__}",
-                             "pass a string, or a function of the frame that returns one (or None to skip)")
+    def __init__(self, pipe: Pipeline, frames: Sources | Mapping[str, Sources], question: Question | Mapping,
+                 *, m: int | None = None, profile: str | None = None, refine: int | None = None,
+                 confidence: float = DEFAULT_CONFIDENCE, overlap: bool | None = None,
+                 vision_threads: int | None = None, llm_threads: int | None = None, keep_all: bool = False,
+                 on_error: Callable[[Frame, MQTEdgeError], None] | None = None, max_new_tokens: int = 32,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> None:
+        sources = _sources(frames)
+        questions = _questions(question, sources)
         check_sampling(max_new_tokens, temperature, top_p, seed)
-        confidence = check_confidence(confidence)
-        self.pipe, self.question = pipe, question
-        self.gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        self.m, self.predicted = choose_tokens(pipe, m, profile, max_new_tokens)
+        gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        self.m, predicted = choose_tokens(pipe, m, profile, max_new_tokens)
         if refine is not None and pipe.check_tokens(refine) <= self.m:
             raise InputError(f"refine={refine} is not above m = {self.m}", "refine to a larger m, or pass None")
-        self.refine, self.confidence = refine, confidence
+        ask = Ask(self.m, predicted, refine, check_confidence(confidence), gen)
+        self.pipe, self.several = pipe, isinstance(frames, Mapping)
+        if self.several:
+            _check_several(pipe, len(sources), overlap, llm_threads)
+            overlap = False
         self.overlap = overlap_wins(pipe, vision_threads, llm_threads) if overlap is None else bool(overlap)
         if self.overlap and vision_threads is None and llm_threads is None and _vision_on_cpu(pipe):
             cores = pipe.threads or os.cpu_count() or 2
             vision_threads, llm_threads = max(1, cores // 2), max(1, cores - cores // 2)
         self.vision_threads, self.llm_threads = vision_threads, llm_threads
         self._runner = _own_runner(pipe, vision_threads)
-        if isinstance(frames, Latest):
-            self.mailbox, self._source = frames, None
-        else:
-            self.mailbox, self._source = Latest(keep_all), iter(frames)
-        self.on_error = on_error
-        self.skipped = self.answered = self.failed = 0
-        self._error: BaseException | None = None
+        self.streams = [Stream(name, pipe, src, questions[name], ask, keep_all, on_error, self._runner)
+                        for name, src in sources.items()]
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._started_at: float | None = None
-        self._last_at: float | None = None
+        self._wake: list[Callable[[], None]] = []  # releases what a stream's thread may wait on
 
-    # -- the two stages ---------------------------------------------------------------------------
-    def _read(self) -> None:
-        try:
-            for image in self._source:
-                if self._stop.is_set() or self.mailbox.put(image) < 0:
-                    break
-        except BaseException as exc:  # a failing source ends the watch with its error
-            self._error = self._error or exc
-        finally:
-            self.mailbox.close()
+    @property
+    def mailbox(self) -> Latest:
+        return self.streams[0].mailbox
 
-    def _next_job(self) -> _Job | None:
-        """Take the newest frame, ask the question function, encode: None at the end."""
-        while not self._stop.is_set():
-            got = self.mailbox.take(timeout=0.1)
-            if got is None:
-                if self.mailbox.closed:
-                    return None
-                continue
-            frame, dropped = got
-            taken = time.perf_counter()
-            self._started_at = self._started_at or taken
-            q = self.question if isinstance(self.question, str) else self.question(frame)
-            if q is None:
-                self.skipped += 1
-                continue
-            try:
-                check_question(q)
-                enc = self.pipe.encode(frame.image, self.m, runner=self._runner)
-            except MQTEdgeError as exc:
-                self._failed(frame, exc)
-                continue
-            return _Job(frame, dropped, q, enc, taken)
-        return None
+    @property
+    def errors(self) -> dict:
+        """Streams that ended early, by name: their exception."""
+        return {s.name: s.error for s in self.streams if s.error is not None}
 
-    def _failed(self, frame: Frame, exc: MQTEdgeError) -> None:
-        if self.on_error is None:
-            raise exc
-        self.failed += 1
-        self.on_error(frame, exc)
-
-    def _try_answer(self, job: _Job) -> WatchAnswer | None:
-        try:
-            return self._answer(job)
-        except MQTEdgeError as exc:
-            self._failed(job.frame, exc)
-            return None
-
-    def _answer(self, job: _Job) -> WatchAnswer:
-        start = time.perf_counter()
-        reserve = self.pipe.reserve_for(job.question, self.gen["max_new_tokens"])
-        with Session(self.pipe, job.encoded, None, reserve, refinable=self.refine is not None) as s:
-            answer = s.answer(job.question, refine_to=self.refine, confidence=self.confidence, **self.gen)
-        answer.predicted = self.predicted
-        done = self._last_at = time.perf_counter()
-        self.answered += 1
-        ms = lambda a, b: round(1000 * (b - a), 2)  # noqa: E731
-        timings = {"wait": ms(job.frame.arrived, job.taken), "encode": round(1000 * sum(job.encoded.seconds), 2),
-                   "handoff": ms(job.encoded_at, start), "llm": ms(start, done), "latency": ms(job.frame.arrived, done)}
-        return WatchAnswer(job.frame.index, job.question, answer, job.dropped, timings, job.frame.meta, job.taken)
-
-    # -- iteration --------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[WatchAnswer]:
         if self._threads or self._stop.is_set():
             raise InputError("this watch was already iterated", "start a new one with Watch(pipe, ...)")
-        if self._source is not None:
-            self._spawn(self._read, "mqt-edge-watch-reader")
+        for s in self.streams:
+            if s.source is not None:
+                spawn(self._threads, lambda s=s: s.read(self._stop), "mqt-edge-watch-reader")
         try:
-            yield from (self._overlapped() if self.overlap else self._sequential())
-            if self._error is not None:
-                raise self._error
+            if self.several:
+                yield from concurrent(self.streams, self._stop, self._threads, self._wake)
+                return
+            one = self.streams[0]
+            yield from (overlapped(one, self._stop, self._threads, self._wake) if self.overlap
+                        else sequential(one, self._stop))
+            if one.error is not None:
+                raise one.error
         finally:
             self.close()
 
-    def _sequential(self) -> Iterator[WatchAnswer]:
-        while (job := self._next_job()) is not None:
-            if (a := self._try_answer(job)) is not None:
-                yield a
-
-    def _overlapped(self) -> Iterator[WatchAnswer]:
-        # `slot` lets the encoder start a frame only once the LLM has taken the previous one, so at
-        # most one encoded frame waits: the overlap hides encoding, it never queues frames.
-        slot, ready = threading.Semaphore(1), _Handoff()
-
-        def encode_loop() -> None:
-            try:
-                while slot.acquire() and not self._stop.is_set():
-                    job = self._next_job()
-                    if job is None:
-                        break
-                    ready.put(job)
-            except BaseException as exc:
-                self._error = self._error or exc
-            finally:
-                ready.put(None)
-
-        self._spawn(encode_loop, "mqt-edge-watch-encoder")
-        self._release_slot = slot.release
-        while (job := ready.get()) is not None:
-            slot.release()
-            if (a := self._try_answer(job)) is not None:
-                yield a
-
-    def _spawn(self, target: Callable[[], None], name: str) -> None:
-        t = threading.Thread(target=target, name=name, daemon=True)
-        self._threads.append(t)
-        t.start()
-
-    # -- ending -----------------------------------------------------------------------------------
     def close(self) -> None:
         """Stop the threads this watch started and free its own vision runner (idempotent)."""
         self._stop.set()
-        self.mailbox.close()
-        release = getattr(self, "_release_slot", None)
-        if release:
-            release()  # wake an encoder waiting for the LLM
+        for s in self.streams:
+            s.mailbox.close()
+        for release in self._wake:
+            release()  # wake an encoder waiting for the LLM, a stream waiting for its consumer
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(timeout=30)  # a reader blocked inside the source is a daemon: left to the source
-        if self._runner is not None and not any(t.is_alive() and "encoder" in t.name for t in self._threads):
+        if self._runner is not None and not any(t.is_alive() and "reader" not in t.name for t in self._threads):
             self._runner.deactivate()
             self._runner = None
 
@@ -316,30 +156,54 @@ class Watch:
 
     @property
     def stats(self) -> dict:
-        seconds = (self._last_at - self._started_at) if self._started_at and self._last_at else 0.0
-        return {"frames": self.mailbox.received, "answered": self.answered, "dropped": self.mailbox.dropped,
-                "skipped": self.skipped, "failed": self.failed, "seconds": round(seconds, 3),
-                "answers_per_s": round((self.answered - 1) / seconds, 3) if self.answered > 1 and seconds else None,
-                "m": self.m, "overlap": self.overlap, "vision_threads": self.vision_threads,
-                "llm_threads": self.llm_threads}
+        """Counts over all streams (answers_per_s: their sum); with several, `streams` by name."""
+        each = {s.name: s.stats() | ({"error": repr(s.error)} if s.error else {}) for s in self.streams}
+        total = {k: sum(v[k] for v in each.values()) for k in ("frames", "answered", "dropped", "skipped", "failed")}
+        rates = [v["answers_per_s"] for v in each.values() if v["answers_per_s"] is not None]
+        total |= {"seconds": max(v["seconds"] for v in each.values()),
+                  "answers_per_s": round(sum(rates), 3) if rates else None, "m": self.m, "overlap": self.overlap,
+                  "vision_threads": self.vision_threads, "llm_threads": self.llm_threads}
+        return total | ({"streams": each} if self.several else {})
 
 
-class _Handoff:
-    """One encoded job from the encoder thread to the LLM (the semaphore keeps it to one)."""
+def _sources(frames) -> dict:
+    if not isinstance(frames, Mapping):
+        return {None: frames}
+    if not frames:
+        raise InputError("no sources", "pass at least one: {'front': frames, ...}")
+    bad = [n for n in frames if not isinstance(n, str) or not n]
+    if bad:
+        raise InputError(f"source name {bad[0]!r}", "name each source with a non-empty string, like 'front'")
+    return dict(frames)
 
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._items: list = []
 
-    def put(self, item) -> None:
-        with self._cond:
-            self._items.append(item)
-            self._cond.notify()
+def _questions(question, sources: dict) -> dict:
+    """One question (string or function) per stream, each checked now."""
+    if isinstance(question, Mapping):
+        if set(question) != set(sources) or None in sources:
+            raise InputError(f"questions for {sorted(map(str, question))}, sources {sorted(map(str, sources))}",
+                             "give one question per source name, or one question for all")
+        return {n: _question(q) for n, q in question.items()}
+    return dict.fromkeys(sources, _question(question))
 
-    def get(self):
-        with self._cond:
-            self._cond.wait_for(lambda: self._items)
-            return self._items.pop(0)
+
+def _question(question) -> Question:
+    if isinstance(question, str):
+        check_question(question)
+    elif not callable(question):
+        raise InputError(f"question of type {type(question).__name__}",
+                         "pass a string, or a function of the frame that returns one (or None to skip)")
+    return question
+
+
+def _check_several(pipe: Pipeline, n: int, overlap, llm_threads) -> None:
+    if overlap or llm_threads is not None:
+        raise InputError("overlap / llm_threads with several sources",
+                         "leave them unset: the streams' threads overlap one another on the pipeline's threads")
+    if pipe.parallel < n:
+        log.warning("%d streams on a pipeline loaded with parallel=%d: they share a context sized for %d "
+                    "requests and may wait for room; load it with Pipeline.load(..., parallel=%d)",
+                    n, pipe.parallel, pipe.parallel, n)
 
 
 def _vision_on_cpu(pipe: Pipeline) -> bool:

@@ -22,8 +22,8 @@ from pathlib import Path
 LAYERS: dict[str, tuple[str, ...]] = {
     "entry": ("__main__", "ros2/__main__"),
     "front ends": ("cli", "serve", "ros2", "doctor", "live", "chat"),
-    "API": ("watch", "evaluate", "calibrate", "pipeline", "__init__", "session", "conversation", "scheduler",
-            "caches"),
+    "API": ("watch", "stream", "frames", "evaluate", "calibrate", "pipeline", "__init__", "session", "conversation",
+            "scheduler", "caches"),
     "build host": ("exporters", "train", "model"),
     "runtimes": ("runtimes",),
     "profiles": ("profiles",),
