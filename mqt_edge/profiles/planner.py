@@ -222,7 +222,8 @@ def memory_breakdown(profile: Profile, f: ModelFacts, m: int, o: Options) -> dic
     # two counts on top of the weights.
     vision_stage = parts["vision_weights"] + parts["vision_activations"]
     llm_peak = parts["kv_cache"] + parts["compute_buffers"]
-    body = parts["llm_weights"] + parts["llm_file_pages"] + (max(llm_peak, vision_stage) if o.sequential_load else llm_peak + vision_stage)
+    stages = max(llm_peak, vision_stage) if o.sequential_load else llm_peak + vision_stage
+    body = parts["llm_weights"] + parts["llm_file_pages"] + stages
     parts = {k: round(v / MB, 1) for k, v in parts.items()}
     parts["runtime_overhead"] = OVERHEAD_MB[profile.kind]
     parts["total_mb"] = round(body / MB + OVERHEAD_MB[profile.kind], 1)
