@@ -194,7 +194,8 @@ def _generate(entry: Entry, ask: Ask, default_new: int):
     ids, ends = turn_ids(pipe, ask.turns[n:], ask.question, first=n == 0)
     keep = entry.ends[n]
     room = s.ctx.n_ctx - keep - len(ids)
-    new = ask.max_new_tokens if ask.max_new_tokens is not None else min(default_new, room)
+    # max_tokens is a ceiling, clamped to the room left (llama-server's choice; docs/serve.md says why)
+    new = min(default_new if ask.max_new_tokens is None else ask.max_new_tokens, room)
     if new < 1:
         raise InputError(f"the conversation ({keep + len(ids)} positions) fills the session's context of "
                          f"{s.ctx.n_ctx}", "start a new conversation or restart the server with more "
