@@ -143,17 +143,22 @@ def accepts(ask: Ask) -> Callable[[Entry], bool]:
     return lambda e: e.m <= top
 
 
-def settle(entry: Entry, gen, base: int, text: str) -> None:
-    """Make the KV cache after `base` hold exactly tok(text), the answer as the next turn will quote it."""
+def settle(entry: Entry, gen, base: int, text: str) -> bool:
+    """Make the KV cache after `base` hold exactly tok(text), the answer as the next turn will quote it.
+    False, leaving the cache as it is, when tok(text) does not fit the context (an answer that ran to its
+    end can re-tokenise longer): no next turn would fit either."""
     ctx, pipe = entry.session.ctx, entry.session.pipe
     fed = gen.token_ids[: max(0, ctx.n_past - base)]
     want = answer_ids(pipe, text)
+    if base + len(want) > ctx.n_ctx:
+        return False
     same = 0
     while same < len(fed) and same < len(want) and fed[same] == want[same]:
         same += 1
     ctx.truncate(base + same)
     if want[same:]:
         ctx.feed_tokens(want[same:], logits=False)
+    return True
 
 
 class StopScan:
@@ -232,10 +237,9 @@ def answer(pipe, cache: SessionCache, start: Startup, ask: Ask, emit: Callable[[
         (base, reused), refined_from = made, gen.refined_from
         out = _decode(gen, ask, emit, cancelled)
         keep_entry = True  # the KV cache is consistent up to `base`, whatever happened after
-        if out.finish != "cancelled":
-            settle(entry, gen, base, out.text)
+        if out.finish != "cancelled" and settle(entry, gen, base, out.text):
             entry.turns, entry.ends = entry.turns + [(ask.question, out.text)], entry.ends + [entry.session.ctx.n_past]
-        else:  # an abandoned answer: keep the conversation before it
+        else:  # an abandoned answer, or one too long to quote: keep the conversation before it
             entry.turns, entry.ends = entry.turns[: len(ask.turns)], entry.ends[: len(ask.turns) + 1]
         a = gen.answer
         out.prompt_tokens = base

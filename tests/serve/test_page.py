@@ -168,3 +168,14 @@ def test_the_page_answers_from_the_camera_and_its_slider_sets_m(server, browser)
     assert second["answer"].lower().startswith("red"), second
     _shot(browser, second["m"])
     assert _visual_tokens_sum(server) == 4 + 32  # the m the server computed with, not only what it echoed
+
+    browser.find_element("id", "refine").click()
+    confidence = browser.find_element("id", "confidence")
+    confidence.clear()
+    confidence.send_keys("1")  # refine unless the first token is certain
+    third = _ask(browser, 3)
+    refined = browser.find_element("id", "refined").text
+    assert third["m"] == "256" and refined.startswith("Refined from m = 32 to m = 256"), (third, refined)
+    assert third["answer"].lower().startswith("red"), third
+    _shot(browser, "256-refined")
+    assert _visual_tokens_sum(server) == 4 + 32 + 256

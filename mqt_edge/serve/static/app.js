@@ -246,18 +246,18 @@ function showResult(result) {
   addHistory(result, info, timings, cached);
 }
 
+// Probabilities near 1 keep four decimals, so "0.9986 is below 1" does not read as "1.00 is below 1".
+const prob = (p) => (p == null ? "?" : p.toFixed(p > 0.99 ? 4 : 2));
+
 function refineText(info) {
   if (!$("refine").checked) return "";
-  const from = info.refined_from;
+  const from = info.refined_from, t = info.timings_ms || {};
   const confidence = Number($("confidence").value);
-  if (!from) {
-    const p = info.first_token_prob;
-    return `Not refined: the first token's probability ${p == null ? "?" : p.toFixed(2)} is at least ${confidence}.`;
-  }
-  const t = from.timings_ms || {};
-  return `Refined from m = ${from.m} to m = ${info.m}: the first attempt's first token had probability ` +
-    `${from.first_token_prob.toFixed(2)} (below ${confidence}) and cost ${ms(t.ttft)} before it was dropped; ` +
-    `the answer above is the refined one.`;
+  if (!from) return `Not refined: the first token's probability ${prob(info.first_token_prob)} is at least ${confidence}.`;
+  return `Refined from m = ${from.m} to m = ${info.m}: the attempt at m = ${from.m} (first token probability ` +
+    `${prob(from.first_token_prob)}, below ${confidence}) cost ${ms((from.timings_ms || {}).ttft)} and was dropped; ` +
+    `growing to m = ${info.m} computed only the new queries (${ms(t.mqt)}) and prefilled ` +
+    `${info.prefilled} positions (${ms(t.prefill)}). The answer above is the refined one.`;
 }
 
 function addHistory(result, info, timings, cached) {
