@@ -179,3 +179,10 @@ def test_the_page_answers_from_the_camera_and_its_slider_sets_m(server, browser)
     assert third["answer"].lower().startswith("red"), third
     _shot(browser, "256-refined")
     assert _visual_tokens_sum(server) == 4 + 32 + 256
+
+    browser.find_element("id", "refine").click()
+    browser.find_element("id", "tab-image").click()
+    browser.find_element("id", "file").send_keys(str(EXAMPLE.resolve()))  # an uploaded file, its own bytes
+    WebDriverWait(browser, WAIT_S).until(lambda d: d.find_element("id", "picture").is_displayed())
+    uploaded = _ask(browser, 4)
+    assert uploaded["answer"].lower().startswith("red") and uploaded["m"] == "32", uploaded
