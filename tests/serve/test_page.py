@@ -48,7 +48,9 @@ def test_the_page_is_served_and_loads_nothing_from_other_hosts():
 
 # -- in the browser --------------------------------------------------------------------------------------
 
-def _browser() -> tuple[str, str]:
+@pytest.fixture(scope="session")
+def chrome() -> tuple[str, str]:
+    """Chromium and its driver, or a skip before anything slow starts."""
     chrome = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if not (chrome and driver):
@@ -74,7 +76,7 @@ def _fake_camera(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(shipped_bundle):
+def server(chrome, shipped_bundle):
     import uvicorn
 
     port = _free_port()
@@ -99,14 +101,14 @@ def server(shipped_bundle):
 
 
 @pytest.fixture
-def browser(tmp_path, monkeypatch):
-    chrome, driver_path = _browser()
+def browser(chrome, tmp_path, monkeypatch):
+    binary, driver_path = chrome
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must not look for drivers online
     opts = webdriver.ChromeOptions()
-    opts.binary_location = chrome
+    opts.binary_location = binary
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000",
                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
                 f"--use-file-for-fake-video-capture={_fake_camera(tmp_path / 'shapes.mjpeg')}"):
