@@ -128,7 +128,9 @@ class Conversation:
         ids, ends = self.turn_ids(history[n:], question, first=n == 0)
         keep = self.ends[n]
         room = s.n_ctx - keep - len(ids)
-        new = max_new_tokens if max_new_tokens is not None else min(default_new, room)
+        # max_tokens is a ceiling (OpenAI's definition): clamped to the room left, and a reply that
+        # reaches it ends with finish "length", as llama-server does (docs/serve.md)
+        new = min(default_new if max_new_tokens is None else max_new_tokens, room)
         if new < 1 or room < 1:
             raise InputError(f"the conversation ({keep + len(ids)} positions) and its answer exceed the context "
                              f"of {s.n_ctx}", "start a new conversation, or restart the server with more "
@@ -147,6 +149,8 @@ class Conversation:
         s = self.session
         fed = gen.token_ids[: max(0, s.n_past - base)]
         want = self._answer_ids(text)
+        if base + len(want) >= s.n_ctx:  # re-tokenised, an answer that filled the context may not fit:
+            return  # the conversation keeps the turns before it (its next start cuts the cache there)
         same = 0
         while same < len(fed) and same < len(want) and fed[same] == want[same]:
             same += 1

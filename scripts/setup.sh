@@ -27,3 +27,11 @@ elif [ "${LLAMA_CPP_BUILD:-native}" != native ]; then
   exit 2
 fi
 .venv/bin/python -m pip install --quiet -e ".[dev]"
+# CI only (CI=true, as root, with apt-get): Debian's chromium and chromium-driver, so that
+# tests/serve/test_page.py drives the page at / in a headless browser instead of skipping. A developer's
+# machine is left alone (no sudo from a set-up script); there the test skips and says what to install.
+if [ "${CI:-}" = true ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+   && ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; }; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+    || echo "setup.sh: apt-get could not install chromium; tests/serve/test_page.py will skip" >&2
+fi

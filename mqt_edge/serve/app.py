@@ -11,9 +11,11 @@ import secrets
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -28,6 +30,10 @@ from .openapi import CHAT, HEALTH, METRICS, MODEL, MODELS, publish
 from .schema import Conversation, Envelope, Usage, conversation, parse_chat
 
 log = logging.getLogger("mqt_edge.serve")
+STATIC = Path(__file__).parent / "static"
+# The page loads nothing from other hosts (it must work offline); the browser enforces that too.
+PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob: mediastream:; "
+            "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 DISCONNECT_POLL_S = 0.25
 _END = object()
 
@@ -90,6 +96,12 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None, load: bool = True
     app.add_middleware(BodyLimit, limit=int(cfg.max_body_mb * 2**20))
     _errors(app, metrics)
     publish(app, cfg.model_id, secured=cfg.key is not None)
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_CSP})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/health", **HEALTH)
     async def health():
