@@ -24,6 +24,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,7 +63,9 @@ class Server:
         if threads:
             cmd += ["--threads", str(threads)]
         cmd += extra or []
-        self.proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # the log to a file: a pipe nobody reads fills up and blocks the server's next log line
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             try:
@@ -71,7 +74,8 @@ class Server:
             except httpx.HTTPError:
                 pass
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{label} exited: {self.proc.stderr.read().decode()[-800:]}")
+                self.log.seek(0)
+                raise RuntimeError(f"{label} exited: {self.log.read().decode(errors='replace')[-800:]}")
             time.sleep(1)
         self.stop()
         raise RuntimeError(f"{label} did not become ready in 300 s")

@@ -134,7 +134,8 @@ def test_openai_client_lists_the_model(server):
 ERRORS = [  # what the client sends -> the exception it raises, its status and the error's code
     ({"model": "gpt-4o"}, openai.NotFoundError, 404, "model_not_found"),
     ({"messages": [user(Q, "data:image/png;base64,aGVsbG8=")]}, openai.BadRequestError, 400, "invalid_image"),
-    ({"max_tokens": 100_000}, openai.BadRequestError, 400, "context_length_exceeded"),
+    ({"messages": [user(Q, data_url())] + [{"role": "assistant", "content": "red"}, {"role": "user", "content": Q * 40}]
+      * 8}, openai.BadRequestError, 400, "context_length_exceeded"),
     ({"n": 2}, openai.BadRequestError, 400, "unsupported_parameter"),
     ({"extra_body": {"mqt": {"m": 9999}}}, openai.UnprocessableEntityError, 422, "invalid_m"),
 ]
