@@ -140,27 +140,32 @@ def measure(servers: dict, levels: list[int], rounds: int, m: int, new: int) -> 
     for srv in servers.values():  # one untimed request each: first-touch page faults and thread start-up
         asyncio.run(burst(srv.url, [seed], m, new, concurrent=False))
         seed += 1
-    for r in range(rounds):
-        for n in levels:
-            for name, srv in servers.items():
-                got = asyncio.run(burst(srv.url, list(range(seed, seed + n)), m, new, concurrent=True))
-                seed += n
-                results.setdefault((name, n), []).append(got)
-                print(f"round {r} n={n} {name}: {got['tok_s']:.1f} tok/s, {got['answers_s']:.2f} answers/s, "
-                      f"TTFT p50 {1000 * statistics.median(got['ttft']):.0f} ms, {got['tokens']} tokens", flush=True)
+    try:
+        for r in range(rounds):
+            for n in levels:
+                for name, srv in servers.items():
+                    got = asyncio.run(burst(srv.url, list(range(seed, seed + n)), m, new, concurrent=True))
+                    seed += n
+                    results.setdefault((name, n), []).append(got)
+                    print(f"round {r} n={n} {name}: {got['tok_s']:.1f} tok/s, {got['answers_s']:.2f} answers/s, "
+                          f"TTFT p50 {1000 * statistics.median(got['ttft']):.0f} ms, {got['tokens']} tokens", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C keeps what was measured: the table marks the rounds each row has
+        print("interrupted: the table below covers the rounds measured so far", flush=True)
     return results
 
 
 def table(results: dict, names: list[str], levels: list[int]) -> str:
-    rows = ["| server | concurrent | tok/s total | answers/s | TTFT p50 ms | TTFT p95 ms | tok/s vs its own 1 |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| server | concurrent | rounds | tok/s total | answers/s | TTFT p50 ms | TTFT p95 ms | tok/s vs its own 1 |",
+            "|---|---|---|---|---|---|---|---|"]
     for n in levels:
         for name in names:
-            gs = results[(name, n)]
+            gs = results.get((name, n))
+            if not gs or (name, levels[0]) not in results:
+                continue
             tok = statistics.median(g["tok_s"] for g in gs)
             lone = statistics.median(g["tok_s"] for g in results[(name, levels[0])])
             ttft = [t for g in gs for t in g["ttft"]]
-            rows.append(f"| {name} | {n} | {tok:.1f} | {statistics.median(g['answers_s'] for g in gs):.2f} | "
+            rows.append(f"| {name} | {n} | {len(gs)} | {tok:.1f} | {statistics.median(g['answers_s'] for g in gs):.2f} | "
                         f"{1000 * pct(ttft, 0.5):.0f} | {1000 * pct(ttft, 0.95):.0f} | {tok / lone:.2f}x |")
     return "\n".join(rows)
 
