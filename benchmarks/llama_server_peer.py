@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from batch_serve import ROOT, Server, burst, free_port, pct  # noqa: E402
+from batch_serve import ROOT, Server, burst, free_port, image_url, pct  # noqa: E402
 
 SDIST = "llama-cpp-python==0.3.36"
 CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_SERVER=ON", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
@@ -99,7 +99,7 @@ class LlamaServer:
     """llama-server as a subprocess on 127.0.0.1 and a free port; ready when /health answers 200."""
 
     def __init__(self, binary: Path, gguf: Path, mmproj: Path, slots: int, ctx_per_slot: int, threads: int) -> None:
-        self.port, self.label = free_port(), f"llama-server -np {slots}"
+        self.port, self.label, self.burst = free_port(), f"llama-server -np {slots}", peer_burst
         self.cmd = [str(binary), "-m", str(gguf), "--mmproj", str(mmproj), "-np", str(slots), "-cb",
                     "-c", str(slots * ctx_per_slot), "-t", str(threads), "-tb", str(threads),
                     "--no-jinja", "--chat-template", "vicuna", "--host", "127.0.0.1", "--port", str(self.port),
@@ -133,18 +133,51 @@ class LlamaServer:
         self.log.close()
 
 
+async def peer_one(client: httpx.AsyncClient, url: str, seed: int, m: int, new: int) -> tuple[float, int, float]:
+    """batch_serve.one for llama-server: TTFT is its first chunk with a choice.
+
+    llama-server sends that chunk (the role, with `timings.prompt_n` filled) once the first token is
+    sampled; the random weights' tokens often decode to no text, so the first content would be late.
+    """
+    body = {"max_tokens": new, "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "What color is the circle?"},
+                                                      {"type": "image_url", "image_url": {"url": image_url(seed)}}]}]}
+    t0, ttft, tokens = time.perf_counter(), None, 0
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if ttft is None and chunk.get("choices"):
+                ttft = time.perf_counter() - t0
+    return ttft or 0.0, tokens, time.perf_counter() - t0
+
+
+async def peer_burst(url: str, seeds: list[int], m: int, new: int, concurrent: bool = True) -> dict:
+    async with httpx.AsyncClient() as client:
+        t0 = time.perf_counter()
+        got = await asyncio.gather(*(peer_one(client, url, s, m, new) for s in seeds))
+        wall = time.perf_counter() - t0
+    return {"tok_s": sum(g[1] for g in got) / wall, "answers_s": len(seeds) / wall, "ttft": [g[0] for g in got],
+            "tokens": sum(g[1] for g in got)}
+
+
 def measure(servers: dict, levels: list[int], rounds: int, m: int, new: int) -> dict:
     """Interleaved rounds: for each level, each server in turn gets its own fresh images."""
     results: dict = {}
     seed = 10_000  # away from batch_serve's seeds, so no image repeats a cached one there
     for srv in servers.values():  # one untimed request each: first-touch page faults and thread start-up
-        asyncio.run(burst(srv.url, [seed], m, new, concurrent=False))
+        asyncio.run(srv.burst(srv.url, [seed], m, new, concurrent=False))
         seed += 1
     try:
         for r in range(rounds):
             for n in levels:
                 for name, srv in servers.items():
-                    got = asyncio.run(burst(srv.url, list(range(seed, seed + n)), m, new, concurrent=True))
+                    got = asyncio.run(srv.burst(srv.url, list(range(seed, seed + n)), m, new, concurrent=True))
                     seed += n
                     results.setdefault((name, n), []).append(got)
                     print(f"round {r} n={n} {name}: {got['tok_s']:.1f} tok/s, {got['answers_s']:.2f} answers/s, "
@@ -197,6 +230,7 @@ def main() -> None:
         print(" ".join(servers["llama-server"].cmd), flush=True)
         if a.ours:
             servers["mqt-edge serve"] = Server(ROOT, str(a.bundle), max(levels), a.threads, "batched")
+            servers["mqt-edge serve"].burst = burst
         results = measure(servers, levels, a.rounds, a.m, a.new)
     finally:
         for srv in servers.values():
