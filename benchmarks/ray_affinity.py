@@ -8,7 +8,7 @@ conversation asks about one of `--images` distinct images (the example image wit
 chunk each); all first turns are sent, then all second turns in a shuffled order, `--clients` at a time.
 A second turn is a hit when usage.prompt_tokens_details.cached_tokens covers its image and the whole
 first turn (at least the first turn's prompt plus its answer, less the one token the cache may not
-hold yet). Per router: the hit share, the share of conversations each replica served (by its second
+hold yet). Per router: how many second turns went to the replica of their first, the hit share, the share of conversations each replica served (by its second
 turn's x-mqt-replica header) and the mean TTFT (streamed, first content chunk) of hits and of misses.
 """
 
@@ -95,7 +95,9 @@ def summary(name: str, convs: list) -> dict:
     ttft = lambda keep: [b["ttft_s"] * 1e3 for (a, b), h in zip(convs, hits) if h == keep and b["ttft_s"]]  # noqa: E731
     mean = lambda xs: f"{statistics.mean(xs):.0f}" if xs else "-"  # noqa: E731
     shares = sorted((c / len(convs) for c in per.values()), reverse=True)
+    same = sum(a["replica"] == b["replica"] for a, b in convs)
     return {"router": name, "hits": f"{sum(hits)}/{len(hits)}", "hit_share": sum(hits) / len(hits),
+            "same_replica": f"{same}/{len(convs)}",
             "replica_shares": " / ".join(f"{s:.0%}" for s in shares), "max_share": shares[0],
             "ttft_hit_ms": mean(ttft(True)), "ttft_miss_ms": mean(ttft(False)),
             "cached_second": [b["cached"] for _, b in convs][:6]}
@@ -146,10 +148,11 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=18765)
     ap.add_argument("--seed", type=int, default=0)
     rows = run(ap.parse_args())
-    print("\n| router | second turns that hit | conversations per replica | TTFT hit (ms) | TTFT miss (ms) |")
-    print("|---|---|---|---|---|")
+    print("\n| router | second turn on the first's replica | second turns that hit | conversations per replica "
+          "| TTFT hit (ms) | TTFT miss (ms) |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['router']} | {r['hits']} ({r['hit_share']:.0%}) | {r['replica_shares']} | {r['ttft_hit_ms']} "
+        print(f"| {r['router']} | {r['same_replica']} | {r['hits']} ({r['hit_share']:.0%}) | {r['replica_shares']} | {r['ttft_hit_ms']} "
               f"| {r['ttft_miss_ms']} |")
 
 
