@@ -266,7 +266,7 @@ def _import_ray():
         return require("ray", "ray"), require("ray.serve", "ray")
     finally:
         if before is None:
-            os.environ.pop(_NO_CRASH_HANDLER)
+            os.environ.pop(_NO_CRASH_HANDLER, None)
         else:
             os.environ[_NO_CRASH_HANDLER] = before
 
