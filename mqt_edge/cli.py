@@ -396,6 +396,7 @@ def serve(
     ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve (extra: ray); --replicas copies of the server."),
     replicas: int = typer.Option(1, min=1, help="With --ray: replicas, each with its own Pipeline and slots."),
     ray_address: Optional[str] = typer.Option(None, help="With --ray: a running cluster's address (default: local)."),
+    cpus_per_replica: float = typer.Option(1.0, min=0.1, help="With --ray: CPUs Ray reserves per replica; its threads."),
 ) -> None:
     """Serve a bundle over HTTP in the OpenAI Chat Completions dialect (extra: serve)."""
     from .serve import ServeConfig, run_server
@@ -412,7 +413,7 @@ def serve(
     if ray:
         from .serve.ray import run_on_ray
 
-        run_on_ray(cfg, replicas, ray_address)
+        run_on_ray(cfg, replicas, ray_address, cpus_per_replica)
     else:
         run_server(cfg)
 
