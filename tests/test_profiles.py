@@ -284,7 +284,7 @@ def test_calibrate_writes_a_profile_the_planner_uses(bundle, tmp_path):
     assert p.name == "my-device" and c.vision_ms > 0 and c.decode_ms_per_token > 0
     f = ModelFacts.from_bundle(bundle)
     _, ttft, _ = predict(p, f, 64, Options())
-    n = f.prompt_tokens + 64 + 16
+    n = 64 + 16  # m and the question: the prompt head is shared, never prefilled per request
     expected = c.vision_ms + c.mqt_ms_fixed + 64 * c.mqt_ms_per_token + c.prefill_ms_fixed + c.prefill_ms_per_token * n
     assert ttft == pytest.approx(expected)
     r = cli("plan", "--profile", str(out), "--bundle", str(bundle.root), "--json")

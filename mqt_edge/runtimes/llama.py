@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import sys
 import threading
 from functools import lru_cache
 import weakref
@@ -69,13 +68,14 @@ _LOG_CALLBACK = None  # kept alive: llama.cpp holds the pointer
 
 
 def _quiet_log(llama_cpp) -> None:
-    """llama.cpp's own log: errors only, on stderr. Its warnings are not the user's to act on (e.g. the
-    shared context's n_ctx_seq above n_ctx_train: each sequence stays within the model's context)."""
+    """llama.cpp's own log, silenced: its failures reach the caller as LlamaError's one line, and its
+    warnings are not the user's to act on (e.g. the shared context's n_ctx_seq above n_ctx_train:
+    each sequence stays within the model's context). llama-cpp-python's own filter maps ggml's levels
+    one off (ggml: NONE, DEBUG, INFO, WARN, ERROR, CONT), so its warnings leaked."""
     global _LOG_CALLBACK
     if _LOG_CALLBACK is None:
         def log(level: int, text: bytes, _user) -> None:
-            if level == 4:  # GGML_LOG_LEVEL_ERROR in this ggml (NONE, DEBUG, INFO, WARN, ERROR, CONT)
-                sys.stderr.write(text.decode(errors="replace"))
+            pass  # every failure reaches the caller as our own one-line error (LlamaError)
 
         _LOG_CALLBACK = llama_cpp.llama_log_callback(log)
         llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
