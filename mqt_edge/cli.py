@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -128,6 +129,13 @@ def export_cmd(
         screen = Console(file=os.fdopen(os.dup(sys.stderr.fileno()), "w"), stderr=False)
     except (AttributeError, OSError, ValueError):
         screen = err
+    from .exporters.job import INTERRUPTED
+
+    def on_sigint(_sig, _frame):
+        INTERRUPTED.set()  # seen at the next stage boundary even if this raise is swallowed
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
     try:
         result = _export_with_progress(export, opts, screen)
     except KeyboardInterrupt:

@@ -170,8 +170,14 @@ def test_x_session_id_pins_requests_about_different_images(ray_cli):
 
 
 def test_start_up_is_logged_once_per_replica_without_rays_http_options_notice(ray_cli):
+    import time
+
+    ready = r"mqt_edge\.serve: ready in [\d.]+ s: m = \d+"
+    deadline = time.monotonic() + 90  # a replica may still be loading when the first answers
+    while len(re.findall(ready, ray_cli.output())) < 2 and time.monotonic() < deadline:
+        time.sleep(1)
     out = ray_cli.output()
-    assert len(re.findall(r"mqt_edge\.serve: ready in [\d.]+ s: m = \d+", out)) == 2, out[-3000:]
+    assert len(re.findall(ready, out)) == 2, out[-3000:]
     assert "will not be applied" not in out
 
 

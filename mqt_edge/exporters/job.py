@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import threading
 import time
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -29,13 +30,23 @@ class ExportError(MQTEdgeError):
     """An export failed a check (parity, disk space); nothing was left behind."""
 
 
+# Set by the CLI's Ctrl-C handler. A KeyboardInterrupt raised while Python runs inside a native
+# library's callback (llama.cpp's log, through ctypes) is swallowed by ctypes; every stage boundary
+# raises it again, so an interrupted export is never installed.
+INTERRUPTED = threading.Event()
+
+
 @contextmanager
 def timed(name: str, on_stage: Callable[[str], None], seconds: dict[str, float]) -> Iterator[None]:
     """One stage: announced to on_stage, timed into seconds (its start time until it finishes)."""
+    if INTERRUPTED.is_set():
+        raise KeyboardInterrupt
     on_stage(name)
     seconds[name] = time.perf_counter()
     yield
     seconds[name] = round(time.perf_counter() - seconds[name], 2)
+    if INTERRUPTED.is_set():
+        raise KeyboardInterrupt
 
 
 @dataclass(frozen=True)
