@@ -281,7 +281,38 @@ def _offloaded(lib, model_ptr, requested: int) -> int:
     return min(requested, lib.llama_model_n_layer(model_ptr) + 1)
 
 
-class LlamaContext:
+class _Native:
+    """A llama.cpp context's lifetime: every call inside `_use` (the model's gate too, so a model
+    being closed waits for the call and then closes this context); `close()` frees the context and
+    its batches once no call is in flight."""
+
+    @contextmanager
+    def _use(self) -> Iterator[None]:
+        with self.model._gate.use(), self._gate.use():
+            yield
+
+    @property
+    def closed(self) -> bool:
+        return self._gate.closed
+
+    def close(self) -> None:
+        """Free the KV cache once no call is in flight; later calls raise ClosedError."""
+        if not getattr(self, "_gate", None) or not self._gate.close():
+            return
+        ptr, self.ptr = self.ptr, None
+        if ptr:
+            for batch in self._batches():
+                self.lib.llama_batch_free(batch)
+            self.lib.llama_free(ptr)
+
+    def __del__(self) -> None:  # pragma: no cover
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class LlamaContext(_Native):
     """A KV cache on one sequence, fed tokens or embeddings at explicit positions."""
 
     def __init__(self, model: LlamaModel, n_ctx: int, n_batch: int, threads: int | None,
@@ -308,11 +339,9 @@ class LlamaContext:
         self._tok_batch = lib.llama_batch_init(n_batch, 0, 1)
         self._emb_batch = lib.llama_batch_init(n_batch, model.n_embd, 1)
 
-    @contextmanager
-    def _use(self) -> Iterator[None]:
-        # The model's gate too: a model being closed waits for this call, then closes this context.
-        with self.model._gate.use(), self._gate.use():
-            yield
+    def _batches(self) -> tuple:
+        return self._tok_batch, self._emb_batch
+
 
     # -- feeding ------------------------------------------------------------------------------------
     def _decode(self, batch, n: int, want_logits: bool) -> None:
@@ -398,28 +427,9 @@ class LlamaContext:
                 raise LlamaError("llama.cpp has no logits for the last position", "feed a token with logits on first")
             return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
 
-    @property
-    def closed(self) -> bool:
-        return self._gate.closed
-
-    def close(self) -> None:
-        """Free the KV cache once no call is in flight; later calls raise ClosedError."""
-        if not getattr(self, "_gate", None) or not self._gate.close():
-            return
-        ptr, self.ptr = self.ptr, None
-        if ptr:
-            self.lib.llama_batch_free(self._tok_batch)
-            self.lib.llama_batch_free(self._emb_batch)
-            self.lib.llama_free(ptr)
-
-    def __del__(self) -> None:  # pragma: no cover
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
-class SharedContext:
+class SharedContext(_Native):
     """One llama.cpp context whose KV cache holds many sequences (`n_seq` ids, unified cells).
 
     Unified cells matter twice: a sequence may use any free cell, so the budget is one pool of
@@ -455,10 +465,8 @@ class SharedContext:
         self._tok = lib.llama_batch_init(n_batch, 0, 1)
         self._emb = lib.llama_batch_init(n_batch, model.n_embd, 1)
 
-    @contextmanager
-    def _use(self) -> Iterator[None]:
-        with self.model._gate.use(), self._gate.use():
-            yield
+    def _batches(self) -> tuple:
+        return self._tok, self._emb
 
     def _run(self, batch, rows: list[tuple[int, int, bool]]) -> None:
         """rows: (seq, pos, logits) per batch row, already filled with tokens or embeddings."""
@@ -545,21 +553,3 @@ class SharedContext:
         with self._use():
             return self.lib.llama_state_seq_set_data(self.ptr, state.data, state.size, seq) != 0
 
-    @property
-    def closed(self) -> bool:
-        return self._gate.closed
-
-    def close(self) -> None:
-        if not getattr(self, "_gate", None) or not self._gate.close():
-            return
-        ptr, self.ptr = self.ptr, None
-        if ptr:
-            self.lib.llama_batch_free(self._tok)
-            self.lib.llama_batch_free(self._emb)
-            self.lib.llama_free(ptr)
-
-    def __del__(self) -> None:  # pragma: no cover
-        try:
-            self.close()
-        except Exception:
-            pass
