@@ -236,16 +236,13 @@ class ConversationCache:
         self.evictions = 0
 
     def take(self, key: str, turns: list[Turn], accept: Callable[[Conversation], bool]) -> Conversation | None:
-        """The idle conversation about `key` whose turns all begin `turns` (the most of them wins, and it
-        must `accept`), taken out. One that holds other turns is left alone: cutting it back would lose
-        another client's conversation, so the request opens its own (its image comes from the image
-        cache, so only the visual tokens are prefilled again)."""
+        """The idle conversation about `key` that holds the most of `turns` (and that `accept`s), taken out."""
         with self._lock:
             best, best_n = None, -1
             for k, c in reversed(self._idle.items()):  # most recent first: it wins ties
                 if c.key == key and accept(c) and not c.session.closed:
                     n = c.common(turns)
-                    if n == len(c.turns) and n > best_n:
+                    if n > best_n:
                         best, best_n = k, n
             if best is None:
                 return None
