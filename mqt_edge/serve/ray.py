@@ -223,6 +223,8 @@ class _QuietReconnect(logging.Filter):
 
 def run_on_ray(cfg: ServeConfig, replicas: int, address: str | None = None, cpus_per_replica: float = 1.0) -> None:
     """Start (or join) Ray, serve on cfg.host:cfg.port through Ray's proxy, until SIGTERM or Ctrl-C."""
+    # Every replica's start-up line, not Ray's "[repeated 2x across cluster]" for identical ones
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     ray, serve = _import_ray()
 
     def stop(signum, _frame):
