@@ -173,16 +173,12 @@ class _Caches:
     @property
     def scheduler(self) -> Scheduler:
         """The one llama.cpp context every request of this pipeline goes through (made on first use)."""
+        if self._cache_plan is None and self._scheduler is None:
+            self.configure_cache()  # the default budget (idempotent: the same plan twice)
         with self._sched_lock:
             self._check_open()
             if self._scheduler is None:
                 plan = self._cache_plan
-                if plan is None:
-                    self._sched_lock.release()  # configure_cache takes it
-                    try:
-                        plan = self.configure_cache()
-                    finally:
-                        self._sched_lock.acquire()
                 self._scheduler = Scheduler(self.llm, n_ctx=plan.n_ctx, n_seq=plan.n_seq, head_ids=self.prefix_ids,
                                             position_bytes=plan.position_bytes, host_bytes=plan.host_bytes,
                                             threads=self.threads, kv_f32=self.kv_f32, head_cache=self.head_cache)
