@@ -51,21 +51,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    """`mqt-edge serve` from a source tree (this one, or a baseline worktree) as a subprocess."""
+class Process:
+    """A server subprocess on 127.0.0.1: started, ready when /health answers 200, stopped."""
 
-    def __init__(self, tree: Path, bundle: str, parallel: int, threads: int | None, label: str,
-                 extra: list[str] | None = None) -> None:
-        self.port, self.label = free_port(), label
-        env = dict(os.environ, PYTHONPATH=str(tree))
-        cmd = [sys.executable, "-m", "mqt_edge", "serve", "--bundle", bundle, "--port", str(self.port),
-               "--parallel", str(parallel), "--queue", "32", "--model-name", "bench"]
-        if threads:
-            cmd += ["--threads", str(threads)]
-        cmd += extra or []
+    def launch(self, cmd: list[str], **popen) -> None:
         # the log to a file: a pipe nobody reads fills up and blocks the server's next log line
         self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=self.log)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, **popen)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             try:
@@ -75,10 +67,10 @@ class Server:
                 pass
             if self.proc.poll() is not None:
                 self.log.seek(0)
-                raise RuntimeError(f"{label} exited: {self.log.read().decode(errors='replace')[-800:]}")
+                raise RuntimeError(f"{self.label} exited: {self.log.read().decode(errors='replace')[-800:]}")
             time.sleep(1)
         self.stop()
-        raise RuntimeError(f"{label} did not become ready in 300 s")
+        raise RuntimeError(f"{self.label} did not become ready in 300 s")
 
     @property
     def url(self) -> str:
@@ -90,7 +82,20 @@ class Server:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        self.log.close()
 
+
+class Server(Process):
+    """`mqt-edge serve` from a source tree (this one, or a baseline worktree) as a subprocess."""
+
+    def __init__(self, tree: Path, bundle: str, parallel: int, threads: int | None, label: str,
+                 extra: list[str] | None = None) -> None:
+        self.port, self.label = free_port(), label
+        cmd = [sys.executable, "-m", "mqt_edge", "serve", "--bundle", bundle, "--port", str(self.port),
+               "--parallel", str(parallel), "--queue", "32", "--model-name", "bench"]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        self.launch(cmd + (extra or []), cwd=tree, env=dict(os.environ, PYTHONPATH=str(tree)))
 
 async def one(client: httpx.AsyncClient, url: str, seed: int, m: int, new: int) -> tuple[float, int, float]:
     """(TTFT s, completion tokens, wall s) of one streaming request."""

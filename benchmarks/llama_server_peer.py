@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from batch_serve import ROOT, Server, burst, free_port, image_url, pct  # noqa: E402
+from batch_serve import ROOT, Process, Server, burst, free_port, image_url, pct  # noqa: E402
 
 SDIST = "llama-cpp-python==0.3.36"
 CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_SERVER=ON", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
@@ -95,7 +95,7 @@ def peer_mmproj(bundle: Path, model: str | None, out_dir: Path) -> Path:
     return write_mmproj(ckpt, out, "f16")
 
 
-class LlamaServer:
+class LlamaServer(Process):
     """llama-server as a subprocess on 127.0.0.1 and a free port; ready when /health answers 200."""
 
     def __init__(self, binary: Path, gguf: Path, mmproj: Path, slots: int, ctx_per_slot: int, threads: int) -> None:
@@ -104,33 +104,7 @@ class LlamaServer:
                     "-c", str(slots * ctx_per_slot), "-t", str(threads), "-tb", str(threads),
                     "--no-jinja", "--chat-template", "vicuna", "--host", "127.0.0.1", "--port", str(self.port),
                     "--no-webui"]
-        self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise SystemExit(f"{self.label} exited: {self.log.read().decode(errors='replace')[-800:]}")
-            time.sleep(1)
-        self.stop()
-        raise SystemExit(f"{self.label} did not become ready in 300 s")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+        self.launch(self.cmd)
 
 
 async def peer_one(client: httpx.AsyncClient, url: str, seed: int, m: int, new: int) -> tuple[float, int, float]:
