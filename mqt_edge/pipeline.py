@@ -35,7 +35,8 @@ from .checks import (ALWAYS_REFINE, DEFAULT_CONFIDENCE, SAMPLING, _is_int, check
 from .errors import ClosedError, InputError, TokensError
 from .image import DEFAULT_MAX_PIXELS, ImageInput, ImageSpec, preprocess
 from .prompt import PromptTemplate, check_question
-from .runtimes import make_vision
+from .cores import CoreShare
+from .runtimes import backend_info, make_vision
 from .costs import MAX_SEQUENCES, CachePlan, plan_cache, position_bytes
 from .runtimes.llama import LlamaModel
 from .scheduler import Scheduler
@@ -181,7 +182,8 @@ class _Caches:
                 plan = self._cache_plan
                 self._scheduler = Scheduler(self.llm, n_ctx=plan.n_ctx, n_seq=plan.n_seq, head_ids=self.prefix_ids,
                                             position_bytes=plan.position_bytes, host_bytes=plan.host_bytes,
-                                            threads=self.threads, kv_f32=self.kv_f32, head_cache=self.head_cache)
+                                            threads=self.threads, kv_f32=self.kv_f32, head_cache=self.head_cache,
+                                            cores=self.cores)
             return self._scheduler
 
     def encode(self, image: ImageInput, m: int | None = None, runner: object | None = None) -> EncodedImage:
@@ -200,8 +202,8 @@ class _Caches:
         features, visual = images.get(key)
         if visual is not None and len(visual) >= m:
             return EncodedImage(features, visual[:m], (t1 - t0, 0.0, 0.0))
-        with self._vision() if runner is None else contextlib.nullcontext():
-            vision = runner or self.vision
+        vision = runner or self.vision
+        with self._vision() if runner is None else contextlib.nullcontext(), self.cores.vision(getattr(vision, "threads", None)):
             if features is None:
                 features = vision.features(pixels)
             t2 = time.perf_counter()
@@ -237,6 +239,7 @@ class Pipeline(_Policy, _Caches):
     _scheduler: object = field(default=None, repr=False)
     _cache_plan: object = field(default=None, repr=False)
     _device_profile: object = field(default=None, repr=False)  # the loaded Profile, once asked for
+    cores: CoreShare = field(default_factory=lambda: CoreShare(None), repr=False)
     _closed: bool = field(default=False, repr=False)
 
     @classmethod
@@ -269,6 +272,8 @@ class Pipeline(_Policy, _Caches):
                    vision_precision=vision_precision or "auto", parallel=int(parallel))
         if profile is not None and not isinstance(profile, str):
             pipe._device_profile = profile
+        if backend_info(vision.backend).on_gpu is False and not llm.gpu_layers:  # both on the CPU
+            pipe.cores = CoreShare(threads or os.cpu_count() or 1)
         before, _ = pipe.template.split("?")
         pipe.prefix_ids = llm.tokenize(before, add_bos=True)
         return pipe

@@ -458,10 +458,11 @@ class Scheduler(_Batches):
 
     def __init__(self, llm: LlamaModel, *, n_ctx: int, n_seq: int, head_ids: list[int], position_bytes: int,
                  host_bytes: int, threads: int | None = None, kv_f32: bool = False, n_batch: int = 512,
-                 head_cache: bool = True) -> None:
+                 head_cache: bool = True, cores: CoreShare | None = None) -> None:
         if n_seq < 2:
             raise InputError(f"the scheduler needs at least 2 sequences, not {n_seq}", "use parallel >= 1")
         self.llm = llm
+        self.cores = cores or CoreShare(None)  # the CPU's threads, shared with vision (cores.py)
         self.ctx = SharedContext(llm, n_ctx, n_seq, n_batch, threads, kv_f32)
         self.n_ctx, self.n_batch = min(n_ctx, self.ctx.n_ctx), n_batch  # the budget, not llama.cpp's rounding
         self.head_ids, self.head_cache = list(head_ids), head_cache
@@ -566,8 +567,11 @@ class Scheduler(_Batches):
             for run in commands:
                 run()
             try:
-                self._admit()
-                self._step()
+                with self.cores.llm() as threads:
+                    if threads is not None:
+                        self.ctx.set_threads(threads)
+                    self._admit()
+                    self._step()
             except MQTEdgeError as exc:  # llama.cpp refused a batch: fail what was in it, keep serving
                 log.error("batch failed: %s", exc)
                 for job in list(self._prefill) + self._decoding:

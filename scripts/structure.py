@@ -28,7 +28,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "runtimes": ("runtimes",),
     "profiles": ("profiles",),
     "ground": ("bundle", "atomic", "image", "prompt", "vqa", "presets", "quants", "costs", "device",
-               "defaults", "errors", "_version", "backends", "sources", "checks", "sampling"),
+               "defaults", "errors", "_version", "backends", "sources", "checks", "sampling", "cores"),
 }
 # What each layer may import besides itself. Device code (everything but the build host) never
 # imports the build host; runtimes and profiles stand side by side on the ground.

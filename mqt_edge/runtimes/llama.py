@@ -468,6 +468,13 @@ class SharedContext(_Native):
     def _batches(self) -> tuple:
         return self._tok, self._emb
 
+    def set_threads(self, threads: int) -> None:
+        """The threads the next decode calls use (vision may hold the others; cores.py)."""
+        if threads != self.threads:
+            with self._use():
+                self.lib.llama_set_n_threads(self.ptr, threads, threads)
+            self.threads = threads
+
     def _run(self, batch, rows: list[tuple[int, int, bool]]) -> None:
         """rows: (seq, pos, logits) per batch row, already filled with tokens or embeddings."""
         for i, (seq, pos, want) in enumerate(rows):
