@@ -10,8 +10,12 @@ So threads are handed out, never oversubscribed:
 - vision asks for its runner's threads and waits for the LLM's step in flight to end;
 - the LLM's next step runs on what vision leaves (all of them when no vision runs), and waits
   while vision holds every thread;
-- vision goes first when both wait: an image encoded sooner is a first token sooner, and the
-  decoding streams lose one step's worth of time per frame, not more.
+- a prefill goes first, then vision, then decoding: a request whose image is encoded gets its
+  first token before the next image starts (with four requests at once, the first answers after one
+  image's time, not four), and the decoding streams lose one step's worth of time per frame;
+- after an image's prefill the same request's question follows within milliseconds (a second job
+  from its thread): vision waits a moment for it (`hold`), or the question would queue behind a
+  whole image.
 
 A pipeline whose vision or LLM runs on a GPU shares nothing (`CoreShare(None)`): both sides run at
 once, as before.
@@ -20,12 +24,18 @@ once, as before.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
+# How long vision waits, after an image is encoded or prefilled, for the same request's next LLM
+# job: its thread submits it within milliseconds; the wait ends as soon as that job's step starts.
+FOLLOWUP_S = 0.05
+
+
 class CoreShare:
-    """The CPU's threads between vision runs and the LLM's decode steps (thread-safe)."""
+    """The CPU's threads between vision runs and the LLM's steps (thread-safe)."""
 
     def __init__(self, total: int | None) -> None:
         # total: the CPU threads both sides use; None: they do not compete (a GPU on either side).
@@ -34,10 +44,20 @@ class CoreShare:
         self._vision = 0  # threads held by vision runs now
         self._vision_waiting = 0
         self._llm_busy = False
+        self._hold_until = 0.0  # vision waits until then (monotonic), or until an urgent step starts
+        # Whether the LLM has prefill work (a first token waits on it): set by the scheduler.
+        self.urgent: Callable[[], bool] = lambda: False
 
     @property
     def shared(self) -> bool:
         return self.total is not None
+
+    def _held(self) -> float:
+        return self._hold_until - time.monotonic()
+
+    def _vision_may_start(self, want: int) -> bool:
+        return (not self._llm_busy and self._vision + want <= self.total and self._held() <= 0
+                and not self.urgent())
 
     @contextmanager
     def vision(self, threads: int | None) -> Iterator[None]:
@@ -49,7 +69,8 @@ class CoreShare:
         with self._cv:
             self._vision_waiting += 1
             try:
-                self._cv.wait_for(lambda: not self._llm_busy and self._vision + want <= self.total)
+                while not self._vision_may_start(want):
+                    self._cv.wait(self._held() if self._held() > 0 else None)
             finally:
                 self._vision_waiting -= 1
             self._vision += want
@@ -58,16 +79,39 @@ class CoreShare:
         finally:
             with self._cv:
                 self._vision -= want
+                # this image's prefill is about to be submitted: let it go before the next image
+                self._hold_until = max(self._hold_until, time.monotonic() + FOLLOWUP_S)
+                self._cv.notify_all()
+
+    def hold(self, seconds: float) -> None:
+        """Keep vision waiting for up to `seconds`, or until the next urgent step starts."""
+        if self.total is not None:
+            with self._cv:
+                self._hold_until = max(self._hold_until, time.monotonic() + seconds)
+                self._cv.notify_all()
+
+    def wake(self) -> None:
+        """New LLM work arrived: a step waiting for vision looks again whether it is urgent."""
+        if self.total is not None:
+            with self._cv:
                 self._cv.notify_all()
 
     @contextmanager
     def llm(self) -> Iterator[int | None]:
-        """One decode step; yields the threads it may use (None: no sharing, keep the context's)."""
+        """One step; yields the threads it may use (None: no sharing, keep the context's).
+        A step with prefill work (`urgent()`, asked again whenever `wake()` is called) goes before
+        vision that waits; other steps go after it."""
         if self.total is None:
             yield None
             return
         with self._cv:
-            self._cv.wait_for(lambda: not self._vision_waiting and self._vision < self.total)
+            while True:
+                now_urgent = self.urgent()
+                if self._vision < self.total and (now_urgent or not self._vision_waiting or self._held() > 0):
+                    break
+                self._cv.wait(self._held() if self._held() > 0 else None)
+            if now_urgent:
+                self._hold_until = 0.0
             self._llm_busy = True
             free = self.total - self._vision
         try:

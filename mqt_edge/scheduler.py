@@ -36,6 +36,7 @@ import numpy as np
 
 from .caches import ImageCache
 from .conversation import ConversationCache
+from .cores import FOLLOWUP_S, CoreShare
 from .errors import ClosedError, InputError, MQTEdgeError
 from .runtimes.llama import LlamaModel, SequenceState, SharedContext
 from .sampling import first_prob, pick
@@ -378,6 +379,7 @@ class _Batches:
         self._prefill.remove(job)
         job.last_logits = logits
         if job.gen is None:
+            self._followup = True
             self._finish(job)
             return
         g = job.gen
@@ -463,6 +465,7 @@ class Scheduler(_Batches):
             raise InputError(f"the scheduler needs at least 2 sequences, not {n_seq}", "use parallel >= 1")
         self.llm = llm
         self.cores = cores or CoreShare(None)  # the CPU's threads, shared with vision (cores.py)
+        self.cores.urgent = self._urgent
         self.ctx = SharedContext(llm, n_ctx, n_seq, n_batch, threads, kv_f32)
         self.n_ctx, self.n_batch = min(n_ctx, self.ctx.n_ctx), n_batch  # the budget, not llama.cpp's rounding
         self.head_ids, self.head_cache = list(head_ids), head_cache
@@ -477,6 +480,7 @@ class Scheduler(_Batches):
         self._cv = threading.Condition()
         self._closing = False
         self.steps = self.rows = self.max_rows = 0
+        self._followup = False
         self.head_len = 0
         if head_cache and head_ids:  # the prompt before <image>, computed once
             for start in range(0, len(head_ids), n_batch):
@@ -511,6 +515,7 @@ class Scheduler(_Batches):
             seq.busy += 1
             self._waiting.append(job)
             self._cv.notify_all()
+        self.cores.wake()  # a step waiting behind vision may now be a prefill, which goes first
         return job
 
     def call(self, fn: Callable[[], object], wait: bool = True):
@@ -572,11 +577,18 @@ class Scheduler(_Batches):
                         self.ctx.set_threads(threads)
                     self._admit()
                     self._step()
+                if self._followup:  # an image was prefilled: its question comes next, before other vision
+                    self._followup = False
+                    self.cores.hold(FOLLOWUP_S)
             except MQTEdgeError as exc:  # llama.cpp refused a batch: fail what was in it, keep serving
                 log.error("batch failed: %s", exc)
                 for job in list(self._prefill) + self._decoding:
                     self._finish(job, exc)
         self._shutdown()
+
+    def _urgent(self) -> bool:
+        """Whether the next step prefills (a first token waits on it); read from cores.py's wait."""
+        return bool(self._waiting or self._prefill)
 
     def _forget(self, seq: Sequence) -> None:
         seq.closed = True

@@ -75,3 +75,81 @@ def test_vision_waiting_goes_before_the_next_step():
     t.join(5)
     # the loop re-enters llm() at once after each step; vision still got in within a step or two
     assert order.index("vision") <= 3, order
+
+
+def test_a_prefill_goes_before_waiting_vision_and_the_next_image_waits_for_it():
+    share, order = CoreShare(2), []
+    first_done, second_waiting = threading.Event(), threading.Event()
+    job = []  # the "scheduler's" queue: the first request's prefill appears right after its image
+    share.urgent = lambda: bool(job)
+
+    def first_request():
+        with share.vision(2):
+            order.append("image 1")
+        first_done.set()
+        time.sleep(0.01)  # the thread submits its prefill a moment later
+        job.append("prefill 1")
+        share.wake()
+
+    def second_request():
+        first_done.wait()
+        second_waiting.set()
+        with share.vision(2):
+            order.append("image 2")
+
+    def loop():  # the scheduler's loop: steps one after another (decoding other streams)
+        second_waiting.wait()
+        deadline = time.monotonic() + 3
+        while "image 2" not in order and time.monotonic() < deadline:
+            with share.llm():
+                order.append(job.pop() if job else "decode")
+                time.sleep(0.005)
+
+    threads = [threading.Thread(target=f) for f in (first_request, second_request, loop)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    # image 1, then its prefill (first token), then image 2: not image 1, image 2, prefill 1
+    assert [o for o in order if o != "decode"] == ["image 1", "prefill 1", "image 2"], order
+
+
+def test_the_hold_lapses_when_no_prefill_comes():
+    share = CoreShare(2)
+    with share.vision(2):
+        pass
+    t0 = time.monotonic()
+    with share.vision(2):  # nobody submitted a prefill: this image starts after the hold, not never
+        waited = time.monotonic() - t0
+    assert 0.02 < waited < 1.0, waited
+
+
+def test_a_prefill_that_arrives_during_a_step_goes_before_the_waiting_image():
+    share, order, job = CoreShare(2), [], []
+    share.urgent = lambda: bool(job)
+    in_step, vision_waits = threading.Event(), threading.Event()
+
+    def loop():
+        for _ in range(2):
+            with share.llm():
+                order.append(job.pop() if job else "decode")
+                in_step.set()
+                vision_waits.wait(5)
+                time.sleep(0.05)
+            time.sleep(0.03)  # between steps (commands, admission): vision must not slip in
+
+    def image():
+        in_step.wait(5)
+        time.sleep(0.1)  # past any hold: only the urgency can put the prefill first
+        vision_waits.set()
+        job.append("prefill")
+        share.wake()
+        with share.vision(2):
+            order.append("image")
+
+    threads = [threading.Thread(target=loop), threading.Thread(target=image)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert order == ["decode", "prefill", "image"], order
