@@ -113,7 +113,7 @@ async def one(client: httpx.AsyncClient, url: str, seed: int, m: int, new: int) 
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            if ttft is None and chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+            if ttft is None and chunk.get("choices"):  # the first chunk with a choice: the first token
                 ttft = time.perf_counter() - t0
     return ttft or 0.0, tokens, time.perf_counter() - t0
 

@@ -165,7 +165,8 @@ class Conversation:
               on_piece: Callable[[str], None] | None = None,
               cancelled: threading.Event | None = None) -> Reply:
         """Answer `question` after `history` with the refinement policy, stop sequences and a cancel
-        flag; the cache is settled to the returned text."""
+        flag; the cache is settled to the returned text. `on_piece` receives "" once the first token
+        is picked (a stream's first chunk, its TTFT), then the text as it is decoded."""
         confidence = check_confidence(confidence)
 
         def begin() -> Generation:
@@ -199,6 +200,8 @@ class Conversation:
 
 def _read(gen: Generation, stop: tuple[str, ...], on_piece, cancelled) -> Reply:
     out, scan = Reply(), StopScan(stop)
+    if on_piece is not None:
+        on_piece("")  # the first token is picked: a streaming caller can start its response (its TTFT)
     pieces = iter(gen)
     try:
         for piece in pieces:

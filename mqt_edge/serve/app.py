@@ -301,7 +301,8 @@ async def _stream(engine, metrics, ask, env, request: Request, arrived: float, i
         try:
             yield _sse(env.chunk({"role": "assistant", "content": ""}))
             while item is not _END:
-                yield _sse(env.chunk({"content": item}))
+                if item:  # "" marks the first token, before any text (the role chunk above)
+                    yield _sse(env.chunk({"content": item}))
                 item = await queue.get()
             done = True
             try:
