@@ -42,7 +42,6 @@ def test_two_clients_with_different_first_questions_about_one_image_both_keep_th
     a = ask(tiny, cache, im, [], Q)
     b = ask(tiny, cache, im, [], Q2)  # another client, the same image, its own first question
     assert b.info["cache_hit"] and b.cached_tokens == image and b.info["prefilled"] == len(tiny.question_ids(Q2))
-    assert cache.idle == 2 and cache.forks == 1
     for q, first in ((Q, a), (Q2, b)):  # each client's second turn continues its own first turn
         out = ask(tiny, cache, im, [(q, first.text)], Q3)
         assert out.info["cache_hit"] and out.info["turns_reused"] == 1, q
