@@ -19,7 +19,9 @@ head; a new sequence shares those cells (`seq_cp`), it never prefills them. An i
 the context while there is room; when a new request needs cells or a sequence id, the least recently
 used idle sequence is parked on the host (`llama_state_seq_get_data`) and written back when its owner
 uses it again. Parked bytes are bounded too: past `host_bytes`, the least recently used parked
-sequences that a cache (not a user) holds are dropped, and their owner is told.
+sequences that a cache (not a user) holds are dropped, and their owner is told. A fork (a second
+client's conversation about a cached image) shares its parent's cells the same way; `CellBook` counts
+every shared cell once, until its last holder lets go.
 """
 
 from __future__ import annotations
@@ -192,6 +194,8 @@ class CellBook:
 
     def grow(self, seq: Sequence, n: int) -> None:
         """`n` new cells after seq's n_past."""
+        if n <= 0:
+            return
         last = seq.spans[-1] if seq.spans else None
         if last is not None and last.end == seq.n_past and last.holders == {seq}:
             last.end += n
