@@ -12,9 +12,12 @@ whatever generated ids differ from tok(answer) (a stop sequence cut, the unfed l
 length limit), so a continued conversation prefills only the new turn and answers as a fresh one would.
 
 `ConversationCache` keeps idle conversations for front ends that receive whole histories (the
-server): the one whose turns share the longest prefix with a request's is taken out and continued.
-Their sequences are the scheduler's to park or drop (mqt_edge/scheduler.py); a dropped one leaves
-the cache by itself.
+server): the one whose turns share the longest prefix with a request's serves it. When the request
+continues all of its turns, it is taken out and continued; when they part ways (two clients asking
+different questions about one image), it stays as it is and the request forks it: a new sequence
+shares the cells of the image and the common turns, so neither client loses its cache. Their
+sequences are the scheduler's to park or drop (mqt_edge/scheduler.py); a dropped one leaves the
+cache by itself.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .checks import DEFAULT_CONFIDENCE, check_confidence
-from .errors import InputError
+from .errors import InputError, MQTEdgeError
 from .prompt import check_question
 from .session import Answer, Generation, Session
 
@@ -86,6 +89,16 @@ class Conversation:
         while n < len(self.turns) and n < len(turns) and self.turns[n] == turns[n]:
             n += 1
         return n
+
+    def fork(self, n: int) -> Conversation:
+        """A new conversation holding this one's image and first `n` turns, sharing their cells; this
+        one keeps all of its turns."""
+        if self.ends[0] != self.session.n_prefix:  # refined since: only the image prefix is valid
+            self.reset()
+        n = min(n, len(self.turns))
+        child = Conversation(self.session.fork(self.ends[n]), self.key)
+        child.turns, child.ends = self.turns[:n], self.ends[: n + 1]
+        return child
 
     def reset(self) -> None:
         """Forget the turns (the cache keeps the image prefix only), e.g. after a refinement."""
@@ -235,23 +248,49 @@ class ConversationCache:
 
     def __init__(self) -> None:
         self._idle: OrderedDict[int, Conversation] = OrderedDict()  # id(conv) -> conv, oldest first
-        self._lock = threading.Lock()
-        self.evictions = 0
+        self._lock = threading.Condition()
+        self._forking: dict[int, int] = {}  # id(conv) -> forks copying its cells right now
+        self.evictions = self.forks = 0
 
     def take(self, key: str, turns: list[Turn], accept: Callable[[Conversation], bool]) -> Conversation | None:
-        """The idle conversation about `key` that holds the most of `turns` (and that `accept`s), taken out."""
+        """A conversation about `key` (one that `accept`s) holding the most of `turns`: the idle one
+        itself, taken out, when `turns` continue all of its own; otherwise a fork of it holding the
+        common turns, and it stays idle, untouched. None when there is none (or the fork failed)."""
         with self._lock:
-            best, best_n = None, -1
-            for k, c in reversed(self._idle.items()):  # most recent first: it wins ties
-                if c.key == key and accept(c) and not c.session.closed:
-                    n = c.common(turns)
-                    if n > best_n:
-                        best, best_n = k, n
-            if best is None:
-                return None
-            conv = self._idle.pop(best)
-            conv.session.seq.droppable = False  # a caller holds it again
-            return conv
+            while True:
+                best, n = self._best(key, turns, accept)
+                if best is None:
+                    return None
+                if n < len(best.turns):
+                    break
+                if not self._forking.get(id(best)):
+                    del self._idle[id(best)]
+                    best.session.seq.droppable = False  # a caller holds it again
+                    return best
+                self._lock.wait()  # a fork is copying its cells: continue it once they are shared
+            self._forking[id(best)] = self._forking.get(id(best), 0) + 1
+        try:
+            child = best.fork(n)
+        except MQTEdgeError:  # dropped or closed meanwhile, or no room: the caller starts afresh
+            return None
+        finally:
+            with self._lock:
+                self._forking[id(best)] -= 1
+                if not self._forking[id(best)]:
+                    del self._forking[id(best)]
+                self._lock.notify_all()
+        with self._lock:
+            self.forks += 1
+        return child
+
+    def _best(self, key: str, turns: list[Turn], accept: Callable[[Conversation], bool]) -> tuple:
+        best, best_n = None, -1
+        for c in reversed(self._idle.values()):  # most recent first: it wins ties
+            if c.key == key and accept(c) and not c.session.closed:
+                n = c.common(turns)
+                if n > best_n or (n == best_n and n == len(c.turns) < len(best.turns)):
+                    best, best_n = c, n  # at equal turns, one to continue whole beats one to fork
+        return best, best_n
 
     def put(self, conv: Conversation) -> None:
         """Keep `conv` for a later turn; its sequence may be parked on the host or dropped."""

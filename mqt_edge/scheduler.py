@@ -19,7 +19,9 @@ head; a new sequence shares those cells (`seq_cp`), it never prefills them. An i
 the context while there is room; when a new request needs cells or a sequence id, the least recently
 used idle sequence is parked on the host (`llama_state_seq_get_data`) and written back when its owner
 uses it again. Parked bytes are bounded too: past `host_bytes`, the least recently used parked
-sequences that a cache (not a user) holds are dropped, and their owner is told.
+sequences that a cache (not a user) holds are dropped, and their owner is told. A fork (a second
+client's conversation about a cached image) shares its parent's cells the same way; `CellBook` counts
+every shared cell once, until its last holder lets go.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class Sequence:
         self.scheduler = scheduler
         self.id: int | None = None  # llama.cpp seq id while resident
         self.n_past = 0  # positions held: 0..n_past-1
-        self.own = 0  # cells it holds alone (not the shared head)
+        self.spans: list[_Span] = []  # its cells beyond the shared head, in position order
         self.parked: SequenceState | None = None
         self.busy = 0  # jobs in flight: never parked while > 0
         self.used = next(_order)  # least recently used first out
@@ -67,6 +69,11 @@ class Sequence:
     @property
     def resident(self) -> bool:
         return self.id is not None
+
+    @property
+    def own(self) -> int:
+        """Cells it holds alone: what parking or closing it frees."""
+        return sum(s.end - s.start for s in self.spans if s.holders == {self})
 
     def close(self) -> None:
         """Free its cells or host bytes (from any thread)."""
@@ -169,6 +176,62 @@ class Stats:
     extra: dict = field(default_factory=dict)
 
 
+class _Span:
+    """KV cells at positions [start, end) held by one or more sequences: `seq_cp` gives a sequence
+    another's cells without copying them, and llama.cpp frees a cell when its last holder lets go."""
+
+    __slots__ = ("start", "end", "holders")
+
+    def __init__(self, start: int, end: int, holders: set) -> None:
+        self.start, self.end, self.holders = start, end, holders
+
+
+class CellBook:
+    """The cells that resident sequences hold beyond the shared head, each counted once however many
+    sequences share it (a forked conversation shares its parent's prefix)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def grow(self, seq: Sequence, n: int) -> None:
+        """`n` new cells after seq's n_past."""
+        if n <= 0:
+            return
+        last = seq.spans[-1] if seq.spans else None
+        if last is not None and last.end == seq.n_past and last.holders == {seq}:
+            last.end += n
+        else:
+            seq.spans.append(_Span(seq.n_past, seq.n_past + n, {seq}))
+        self.count += n
+
+    def cut(self, seq: Sequence, keep: int) -> None:
+        """seq lets go of its positions from `keep` on; a cell another sequence holds stays counted."""
+        for span in [s for s in seq.spans if s.start < keep < s.end]:
+            self._split(span, keep)
+        for span in [s for s in seq.spans if s.start >= keep]:
+            span.holders.discard(seq)
+            if not span.holders:
+                self.count -= span.end - span.start
+        seq.spans = [s for s in seq.spans if s.start < keep]
+
+    def share(self, src: Sequence, dst: Sequence, p0: int, p1: int) -> None:
+        """dst now holds src's cells at p0..p1-1 too (after `seq_cp`): nothing new to count."""
+        for at in (p0, p1):
+            for span in [s for s in src.spans if s.start < at < s.end]:
+                self._split(span, at)
+        for span in src.spans:
+            if p0 <= span.start and span.end <= p1:
+                span.holders.add(dst)
+                dst.spans.append(span)
+
+    @staticmethod
+    def _split(span: _Span, at: int) -> None:
+        tail = _Span(at, span.end, set(span.holders))
+        span.end = at
+        for seq in span.holders:
+            seq.spans.insert(seq.spans.index(span) + 1, tail)
+
+
 class SequencePool:
     """The memory side of the scheduler: sequence ids, the context's cells (one pool, unified), and the
     host's parked sequences. Only the loop thread calls it."""
@@ -179,7 +242,7 @@ class SequencePool:
         self.host_bytes, self.on_forget = host_bytes, on_forget
         self.free_ids = list(range(n_seq - 1, 0, -1))  # 0 is the prompt head
         self.seqs: set[Sequence] = set()
-        self.cells = 0  # cells held by resident sequences beyond the shared head
+        self.book = CellBook()  # cells held by resident sequences beyond the shared head
         self.reserved = 0  # cells promised to admitted jobs, not yet fed
         self.parked_bytes = 0
         self.parks = self.drops = 0
@@ -190,9 +253,7 @@ class SequencePool:
             return False
         if job.keep < seq.n_past:
             self.ctx.seq_rm(seq.id, job.keep, -1)
-            cut = seq.n_past - job.keep
-            seq.own -= cut
-            self.cells -= cut
+            self.book.cut(seq, job.keep)
             seq.n_past = job.keep
         if not self.room(job.need, keep=seq):
             return False
@@ -200,6 +261,10 @@ class SequencePool:
         self.reserved += job.need
         seq.used = next(_order)
         return True
+
+    @property
+    def cells(self) -> int:
+        return self.book.count
 
     def room(self, need: int, keep: Sequence | None = None) -> bool:
         while self.head_len + self.cells + self.reserved + need > self.n_ctx - 1:
@@ -219,8 +284,8 @@ class SequencePool:
             self.free_ids.append(seq.id)
             seq.id = None
             return False
-        seq.own = seq.n_past
-        self.cells += seq.own
+        seq.spans = [_Span(0, seq.n_past, {seq})]
+        self.book.count += seq.n_past
         self.parked_bytes -= seq.parked.size
         seq.parked = None
         return True
@@ -254,8 +319,7 @@ class SequencePool:
 
     def release_cells(self, seq: Sequence) -> None:
         self.ctx.seq_rm(seq.id, 0, -1)
-        self.cells -= seq.own
-        seq.own = 0
+        self.book.cut(seq, 0)
         self.free_ids.append(seq.id)
         seq.id = None
 
@@ -269,7 +333,7 @@ class SequencePool:
             seq.id = self.free_ids.pop()
             if self.head_len:
                 self.ctx.seq_cp(0, seq.id, 0, self.head_len)
-            seq.n_past, seq.own = self.head_len, 0
+            seq.n_past, seq.spans = self.head_len, []
             if not self.head_len and self.head_ids:  # head cache off: each sequence prefills the head
                 seq.n_past = 0
         except BaseException:
@@ -290,9 +354,8 @@ class SequencePool:
 
     def fed(self, job: Job, n: int) -> None:
         """`n` positions of `job` went into its sequence: they leave its reservation for its cells."""
+        self.book.grow(job.seq, n)
         job.seq.n_past += n
-        job.seq.own += n
-        self.cells += n
         n = min(n, job.reserved)
         job.reserved -= n
         self.reserved -= n
@@ -301,6 +364,39 @@ class SequencePool:
         """What a finished job reserved and did not feed goes back."""
         self.reserved -= job.reserved
         job.reserved = 0
+
+    def fork(self, src: Sequence, dst: Sequence, n: int) -> None:
+        """Open `dst` holding `src`'s first `n` positions, `src` untouched: its cells shared in the
+        context when it is resident, else its parked bytes restored into `dst` and cut to `n`."""
+        if src.closed or (not src.resident and src.parked is None):
+            raise ClosedError("this conversation was dropped from the cache", "start it again")
+        src.busy += 1  # not parked to free an id for dst: sharing its cells beats a host copy
+        try:
+            self.open(dst)
+        except MQTEdgeError:
+            src.busy -= 1
+            self.open(dst)  # src was the only idle sequence: it goes to the host, dst copies from there
+        else:
+            src.busy -= 1
+        try:
+            if src.resident:
+                self.ctx.seq_cp(src.id, dst.id, dst.n_past, n)
+                self.book.share(src, dst, dst.n_past, n)
+            else:
+                self._fork_parked(src, dst, n)
+        except BaseException:
+            self.on_forget(dst)
+            raise
+        dst.n_past = n
+
+    def _fork_parked(self, src: Sequence, dst: Sequence, n: int) -> None:
+        self.ctx.seq_rm(dst.id, 0, -1)  # the restored cells replace the shared head's
+        if not self.room(src.n_past, keep=dst) or not self.ctx.seq_restore(dst.id, src.parked):
+            raise MQTEdgeError("no room in the context to copy the conversation",
+                               "send the request again, or raise --cache-mb")
+        self.ctx.seq_rm(dst.id, n, -1)
+        dst.spans = [_Span(0, n, {dst})]
+        self.book.count += n
 
 
 class _Batches:
@@ -497,6 +593,16 @@ class Scheduler(_Batches):
         """A new sequence holding the prompt head (shared cells), resident."""
         seq = Sequence(self, droppable)
         self.call(lambda: self.pool.open(seq))
+        return seq
+
+    def fork(self, src: Sequence, n: int, droppable: bool = False) -> Sequence:
+        """A new sequence holding `src`'s first `n` positions (shared cells, nothing prefilled);
+        `src` keeps all of its own."""
+        if not self.head_len <= n <= src.n_past:
+            raise InputError(f"cannot fork {n} positions of a sequence holding {src.n_past}",
+                             f"fork {self.head_len}..{src.n_past} positions")
+        seq = Sequence(self, droppable)
+        self.call(lambda: self.pool.fork(src, seq, n))
         return seq
 
     def submit(self, seq: Sequence, keep: int, parts: list, *, logits: bool = False, max_new: int = 0,

@@ -22,6 +22,7 @@ session waits for it (`session.busy` says so); the same thread gets an InputErro
 from __future__ import annotations
 
 import codecs
+import copy
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -326,6 +327,25 @@ class Session(_Refinement):
             self.pending.prefill += t2 - t1
             self.pending.prefilled += m1 - self.m
             self.m, self.n_prefix = m1, self.seq.n_past
+
+    def fork(self, keep: int, droppable: bool = False) -> Session:
+        """A second session about the same image holding this one's first `keep` positions (the image
+        prefix and the turns before `keep`): the scheduler shares their cells, so nothing is encoded or
+        prefilled again, and this session keeps all of its own."""
+        if self._owner == threading.get_ident():
+            raise InputError("this thread still has an unfinished answer on this session",
+                             "read it to the end or call .cancel() on it before forking")
+        with self._lock:
+            self._check_open()
+            if not self.n_prefix <= keep <= self.n_past:
+                raise InputError(f"keep={keep} is outside the cached {self.n_prefix}..{self.n_past}",
+                                 "fork at least the image prefix and at most what the cache holds")
+            t0 = time.perf_counter()
+            seq = self.pipe.scheduler.fork(self.seq, keep, droppable)
+        child = copy.copy(self)  # the same image, m and features; its own lock and sequence
+        child._lock, child._owner, child._active, child._closed = threading.Lock(), None, None, False
+        child.seq, child.pending = seq, _Pending(prefill=time.perf_counter() - t0)
+        return child
 
     @property
     def n_past(self) -> int:

@@ -58,7 +58,9 @@ def mirrored(monkeypatch):
 
     def seq_cp(self, src, dst, p0=0, p1=-1):
         real["seq_cp"](self, src, dst, p0, p1)
-        self.__dict__.setdefault("mirror", {})[dst] = [("head", i) for i in range(p0, p1)]
+        # the prompt head's cells (seq 0) are named; a fork shares another sequence's items
+        given = [("head", i) for i in range(p0, p1)] if src == 0 else list(mirror(self, src)[p0:p1])
+        self.__dict__.setdefault("mirror", {})[dst] = mirror(self, dst)[:p0] + given
 
     def seq_save(self, seq, n_past):
         state = real["seq_save"](self, seq, n_past)
