@@ -164,3 +164,13 @@ def test_closing_the_pipeline_while_streams_decode_ends_them_with_closed_error(t
     pipe.close()
     t.join(30)
     assert not t.is_alive() and errors
+
+
+def test_a_reply_signals_its_first_token_before_any_text(tiny4):
+    # a stream's first chunk goes out at the first token (the server's TTFT), even when the first
+    # tokens are not yet whole text: reply() calls on_piece("") once, before reading the generation
+    calls = []
+    with tiny4.conversation(scene(seed=3), m=8, reserve=32) as c:
+        out = c.reply(Q, max_new_tokens=6, on_piece=calls.append)
+    assert calls[0] == "" and "" not in calls[1:]
+    assert "".join(calls).strip() == out.text
