@@ -436,7 +436,8 @@ def ros2_cmd(
     m: int = typer.Option(0, "--tokens", "-m", min=0, help="Visual tokens m (0: the planner's)."),
     profile: str = typer.Option("", "--profile", help="Device profile for the planner (default: auto)."),
     query: str = typer.Option("", help="Standing query, answered as frames allow (default: only the query topic)."),
-    rate: float = typer.Option(0.0, min=0.0, help="Answer the standing query at most this often (Hz)."),
+    rate: float = typer.Option(0.0, min=0.0, help="Answer the standing query at most this often (Hz); with --tokens 0, "
+                              "the planner's m is the largest that gives every topic this rate."),
     every_n: int = typer.Option(0, min=0, help="Answer the standing query on every Nth frame."),
     refine: int = typer.Option(0, min=0, help="Refine to this m when the first token is not confident."),
     confidence: float = typer.Option(0.5, help="First-token probability below which --refine refines."),

@@ -93,6 +93,28 @@ class _Policy:
         predicted = {"memory_mb": c.memory_mb, "ttft_ms": c.ttft_ms, "total_ms": c.total_ms, "reason": result.reason}
         return TokenChoice(result.chosen_m, name, predicted)
 
+    def choose_stream_tokens(self, streams: int, rate_hz: float, answer_tokens: int = 32,
+                             profile: str | None = None) -> TokenChoice:
+        """m for `streams` streams sharing this pipeline, each answered `rate_hz` times a second: the
+        planner's `plan_streams` on this device (`profile` overrides the pipeline's). One m for all
+        streams; `predicted` holds the plan's per-stream rate, cycle and memory."""
+        from .profiles import load_profile
+        from .profiles.planner import ModelFacts, Options, PlanError, plan_streams
+
+        prof = self.device_profile() if profile is None else load_profile(profile, self.mode)
+        name = prof.name + (f" ({prof.mode})" if prof.mode else "")
+        facts = ModelFacts.from_bundle(self.bundle)
+        options = Options.for_run(self.vision_backend, self.n_gpu_layers, self.sequential, facts, self.vision_precision)
+        result = plan_streams(prof, facts, streams, rate_hz, None, answer_tokens, options)
+        if result.chosen_m is None:
+            raise PlanError(f"{result.reason} on {name}",
+                            "ask for a lower rate, fewer streams, or pass m (--tokens)")
+        c = next(c for c in result.candidates if c.m == result.chosen_m)
+        chosen = self.check_tokens(c.m)  # the candidates never pass the bundle's max_tokens
+        predicted = {"streams": streams, "rate_hz": c.rate_hz, "cycle_ms": c.cycle_ms, "memory_mb": c.memory_mb,
+                     "target_rate_hz": rate_hz, "answer_tokens": answer_tokens, "reason": result.reason}
+        return TokenChoice(chosen, name, predicted)
+
     def resolve_m(self, m: int | None, max_new_tokens: int = 128) -> int:
         """m as given (checked), or the planner's choice when None: the one meaning of m=None."""
         return self.check_tokens(m) if m is not None else self.choose_tokens(None, max_new_tokens).m
