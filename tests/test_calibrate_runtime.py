@@ -1,5 +1,6 @@
-"""`mqt-edge calibrate` measures the batched decode rate through the runtime's shared context, stores
-it in the profile, prints it, and the planner's `batch_speedup` uses it instead of its default curve."""
+"""`mqt-edge calibrate` times what the runtime does: every request encodes a new image (the pipeline
+caches encoded images), and the batched decode rate is measured through the runtime's shared context,
+stored in the profile, printed, and used by the planner's `batch_speedup` instead of its default curve."""
 
 import pytest
 from conftest import cli
@@ -44,3 +45,17 @@ def test_calibrate_stores_and_prints_the_curve_the_planner_uses(shipped_bundle, 
     assert batch_speedup(p, 4) == pytest.approx(curve[4] / curve[1])
     assert batch_speedup(p, 2) == pytest.approx(curve[2] / curve[1])
     assert batch_speedup(load_profile("cpu"), 4) == dict(DEFAULT_BATCH_SPEEDUP)[4]  # uncalibrated: the default
+
+
+def test_every_timed_request_runs_vision(shipped_bundle, monkeypatch):
+    from mqt_edge.calibrate import POINTS, measure
+    from mqt_edge.pipeline import Pipeline
+
+    answers = []
+    ask = Pipeline.ask
+    monkeypatch.setattr(Pipeline, "ask", lambda self, *a, **k: answers.append(ask(self, *a, **k)) or answers[-1])
+    cal = measure(str(shipped_bundle), runs=1, threads=1)
+    assert len(answers) == 1 + len(POINTS)  # the warm-up, then one request per point
+    # a cached image reports vision 0.0 and would calibrate vision as preprocessing alone
+    assert all(a.timings_ms["vision"] > 0 for a in answers), [a.timings_ms for a in answers]
+    assert cal.vision_ms >= min(a.timings_ms["vision"] for a in answers[1:])
