@@ -71,6 +71,9 @@ def measure(bundle_dir: str, runs: int = 2, threads: int | None = None) -> Calib
     mqt_fixed, mqt_slope = line_fit([m for m, _ in rows], [t(a, "mqt") for _, a in rows])
     prefill_fixed, prefill_slope = line_fit([a.prefilled for _, a in rows], [t(a, "prefill") for _, a in rows])
     decode = [1000 / a.decode_tokens_per_s for _, a in rows if a.decode_tokens_per_s]
+    by_m = {m: [a for k, a in rows if k == m] for m in points}
+    prefill_points = tuple((statistics.median(a.prefilled for a in got), round(statistics.median(
+        t(a, "prefill") for a in got), 2)) for got in by_m.values())
     return Calibration(
         vision_ms=round(statistics.median(t(a, "preprocess") + t(a, "vision") for _, a in rows), 2),
         mqt_ms_fixed=round(mqt_fixed, 4), mqt_ms_per_token=round(mqt_slope, 5),
@@ -79,7 +82,7 @@ def measure(bundle_dir: str, runs: int = 2, threads: int | None = None) -> Calib
         peak_mb=round(peak_mb, 1),
         llm_params=manifest.llm.params, llm_bytes=manifest.llm.bytes,
         vision_flops=manifest.vision.flops, bundle=str(Path(bundle_dir).resolve()),
-        vision_precision=precision, batch_tok_s=batch,
+        vision_precision=precision, batch_tok_s=batch, prefill_points=prefill_points,
     )
 
 

@@ -37,7 +37,7 @@ from .image import DEFAULT_MAX_PIXELS, ImageInput, ImageSpec, preprocess
 from .prompt import PromptTemplate, check_question
 from .cores import CoreShare
 from .runtimes import backend_info, make_vision
-from .costs import MAX_SEQUENCES, CachePlan, plan_cache, position_bytes
+from .costs import MAX_SEQUENCES, CachePlan, default_cache_budget, plan_cache, position_bytes
 from .runtimes.llama import LlamaModel
 from .scheduler import Scheduler
 from .conversation import Conversation, ConversationCache
@@ -179,7 +179,7 @@ class _Caches:
         conversations of `reserve` positions each beyond the visual prefix, half of it on the host."""
         conv = self.conversation_positions(reserve)
         if budget_bytes is None:  # the context holds twice `parallel` conversations, the host as much again
-            budget_bytes = (len(self.prefix_ids) + 4 * self.parallel * conv) * self.position_bytes
+            budget_bytes = default_cache_budget(self.position_bytes, len(self.prefix_ids), conv, self.parallel)
         plan = plan_cache(int(budget_bytes), self.position_bytes, conv, self.parallel, len(self.prefix_ids))
         with self._sched_lock:
             if self._scheduler is not None and plan != self._cache_plan:
