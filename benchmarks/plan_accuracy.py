@@ -133,6 +133,20 @@ def memory_rows(args, profile_path: str, opts) -> list[dict]:
     return rows
 
 
+def timed(obj, names: tuple, spent: dict, key: str) -> None:
+    """Add the seconds of every call of obj's methods `names` to spent[key] (wrapped on the instance)."""
+    for name in names:
+        method = getattr(obj, name)
+
+        def wrapper(*a, _method=method, **k):
+            t = time.perf_counter()
+            try:
+                return _method(*a, **k)
+            finally:
+                spent[key] += time.perf_counter() - t
+        setattr(obj, name, wrapper)
+
+
 def streams_row(args, profile_path: str) -> dict:
     from watch_bench import Q, camera
 
@@ -151,17 +165,24 @@ def streams_row(args, profile_path: str) -> dict:
             sys.exit(f"plan: {p.reason}")
         chosen = next(c for c in p.candidates if c.m == p.chosen_m)
         pipe.ask(camera(1.0).__next__(), Q, m=p.chosen_m, max_new_tokens=2)  # warm-up
-        before, start = load(), time.perf_counter()
+        spent = {"vision": 0.0, "llm": 0.0}  # time inside vision runs and llama_decode calls, not waits
+        timed(pipe.vision, ("features", "tokens"), spent, "vision")
+        timed(pipe.scheduler.ctx, ("decode_tokens", "decode_embeddings"), spent, "llm")
+        sched, before, start = pipe.scheduler.stats(), load(), time.perf_counter()
         cams = {f"cam{i}": camera(args.seconds, seed=i) for i in range(STREAMS)}
         with Watch(pipe, cams, Q, m=p.chosen_m, max_new_tokens=args.answer_tokens) as w:
             answers = list(w)
         elapsed = time.perf_counter() - start
+        after = pipe.scheduler.stats()
     lengths = [len(a.answer.token_ids) for a in answers]
     return {"rate": rate, "m": p.chosen_m, "predicted": chosen.rate_hz, "cycle_ms": chosen.cycle_ms,
             "measured": len(answers) / elapsed / STREAMS, "steady": (w.stats["answers_per_s"] or 0) / STREAMS,
             "answers": len(answers), "seconds": round(elapsed, 1), "answer_tokens": statistics.mean(lengths or [0]),
             "latency_ms": statistics.median(a.timings_ms["latency"] for a in answers) if answers else None,
-            "load": round((before + load()) / 2, 2)}
+            "load": round((before + load()) / 2, 2),
+            # where the time went: the frames' encoding (vision + MQT, one at a time) and the LLM's steps
+            "vision_s": round(spent["vision"], 1), "llm_s": round(spent["llm"], 1),
+            "steps": after.steps - sched.steps, "rows": after.rows - sched.rows}
 
 
 def report(args, profile_path: str, ttft: list, mem: list, streams: dict) -> None:
@@ -180,7 +201,8 @@ def report(args, profile_path: str, ttft: list, mem: list, streams: dict) -> Non
     print(f"\nstreams: `mqt-edge plan --profile {profile_path} --bundle {args.bundle} --streams {STREAMS} --rate "
           f"{s['rate']} --answer-tokens {args.answer_tokens}` chose m = {s['m']} (cycle {s['cycle_ms']:,.0f} ms); "
           f"measured {s['answers']} answers in {s['seconds']} s (steady {s['steady']:.3f}/s per stream), "
-          f"{s['answer_tokens']:.1f} tokens per answer, median latency {s['latency_ms']:,.0f} ms")
+          f"{s['answer_tokens']:.1f} tokens per answer, median latency {s['latency_ms']:,.0f} ms; inside vision + MQT "
+          f"{s['vision_s']} s, inside llama_decode {s['llm_s']} s ({s['steps']} steps, {s['rows']} rows)")
     for r in ttft:
         print(f"TTFT m={r['m']}: stages predicted {r['stages_predicted']}, measured {r['stages_measured']}, "
               f"prefilled {r['prefilled']} positions, runs {r['runs']}")
