@@ -75,6 +75,8 @@ class _Policy:
         check_sampling(max_new_tokens, 0.0, 1.0)
         if m is not None and profile is None and self.profile is None and self._device_profile is None:
             return TokenChoice(self.check_tokens(m))
+        import dataclasses
+
         from .profiles import load_profile
         from .profiles.planner import ModelFacts, Options, PlanError, plan
 
@@ -84,6 +86,7 @@ class _Policy:
             return TokenChoice(self.check_tokens(m), name)
         facts = ModelFacts.from_bundle(self.bundle)
         options = Options.for_run(self.vision_backend, self.n_gpu_layers, self.sequential, facts, self.vision_precision)
+        options = dataclasses.replace(options, parallel=self.parallel)  # the context is sized for `parallel`
         result = plan(prof, facts, ttft_ms, memory_mb, max_new_tokens, options)
         if result.chosen_m is None:
             tip = result.suggestions[0]

@@ -21,6 +21,10 @@ def test_the_kv_counted_is_the_context_the_pipeline_allocates(shipped_bundle, pa
     facts = ModelFacts.from_bundle(Bundle.open(shipped_bundle))
     with Pipeline.load(shipped_bundle, threads=1, parallel=parallel) as pipe:
         st = pipe.scheduler.stats()
+        choice = pipe.choose_tokens(None, 4, profile="cpu")  # a request's plan counts the pipeline's context
+        opts = Options.for_run(pipe.vision_backend, pipe.n_gpu_layers, pipe.sequential, facts, pipe.vision_precision)
+    assert choice.predicted["memory_mb"] == memory_breakdown(
+        load_profile("cpu"), facts, choice.m, replace(opts, max_new_tokens=4, parallel=parallel))["total_mb"]
     for m in (1, 256):  # the context is sized for the largest m, whatever m a request uses
         kv = memory_breakdown(load_profile("cpu"), facts, m, Options(parallel=parallel))["kv_cache"]
         assert kv == pytest.approx(st.n_ctx * st.position_bytes / 2**20, abs=0.05)
