@@ -3,8 +3,8 @@
 import json
 import sys
 
-import pytest
 import numpy as np
+import pytest
 
 from conftest import cli, stderr_lines
 
