@@ -2,7 +2,8 @@
 
 Measured with the real runtime (Pipeline) on one image: preprocess + vision (fixed per image), the
 MQT (fixed + per token), prefill (fixed + per position, least squares over several m), decode (per
-token) and the process's peak RSS. The planner scales these to other models by FLOPs, parameters
+token), the process's peak RSS, and the batched decode rate (total tokens/s of 1, 2 and 4 sequences
+in one shared context, as the scheduler runs them). The planner scales these to other models by FLOPs, parameters
 and weight bytes.
 """
 
@@ -21,6 +22,7 @@ from .profiles import Calibration, Profile, detect, load_profile, parse_profile
 POINTS = (1, 16, 64, 128, 256)
 BATCH_POINTS = (1, 2, 4)  # sequences decoding together, one llama_decode per step
 BATCH_STEPS = 16
+BATCH_PROMPT = 16  # positions each sequence holds before the timed steps
 
 
 def line_fit(x, y) -> tuple[float, float]:
@@ -47,79 +49,69 @@ def measure(bundle_dir: str, runs: int = 2, threads: int | None = None) -> Calib
 
     if runs < 1:
         raise InputError(f"--runs {runs}", "measure at least one run per point")
-    image = sample_images(1, seed=11)[0]
     rows = []
     with Pipeline.load(bundle_dir, threads=threads) as pipe:
         points = sorted({p for p in POINTS if p <= pipe.max_tokens} | {pipe.max_tokens})
         if len(points) < 2:
             raise InputError(f"the bundle serves only m = {pipe.max_tokens}",
                              "calibrate with a bundle exported with --max-tokens 16 or more")
-        pipe.ask(image, "Warm up.", m=1, max_new_tokens=2)
+        # a new image for every request: the pipeline caches encoded images by content, and a cached
+        # one would time neither vision nor the MQT's queries below the m already encoded
+        images = iter(sample_images(1 + len(points) * runs, seed=11))
+        pipe.ask(next(images), "Warm up.", m=1, max_new_tokens=2)
         for m in points:
             for _ in range(runs):
-                a = pipe.ask(image, "What is in this image?", m=m, max_new_tokens=16)
+                a = pipe.ask(next(images), "What is in this image?", m=m, max_new_tokens=16)
                 rows.append((m, a))
         manifest = pipe.bundle.manifest
         precision = pipe.vision.precision  # the graph the timings were measured on
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the batch's own context
+        batch = measure_batched(pipe.llm, pipe.threads)
     t = lambda a, k: a.timings_ms[k]  # noqa: E731
     mqt_fixed, mqt_slope = line_fit([m for m, _ in rows], [t(a, "mqt") for _, a in rows])
     prefill_fixed, prefill_slope = line_fit([a.prefilled for _, a in rows], [t(a, "prefill") for _, a in rows])
     decode = [1000 / a.decode_tokens_per_s for _, a in rows if a.decode_tokens_per_s]
+    by_m = {m: [a for k, a in rows if k == m] for m in points}
+    prefill_points = tuple((statistics.median(a.prefilled for a in got), round(statistics.median(
+        t(a, "prefill") for a in got), 2)) for got in by_m.values())
     return Calibration(
         vision_ms=round(statistics.median(t(a, "preprocess") + t(a, "vision") for _, a in rows), 2),
         mqt_ms_fixed=round(mqt_fixed, 4), mqt_ms_per_token=round(mqt_slope, 5),
         prefill_ms_fixed=round(prefill_fixed, 3), prefill_ms_per_token=round(prefill_slope, 4),
         decode_ms_per_token=round(statistics.median(decode), 3) if decode else 0.0,
-        peak_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        peak_mb=round(peak_mb, 1),
         llm_params=manifest.llm.params, llm_bytes=manifest.llm.bytes,
         vision_flops=manifest.vision.flops, bundle=str(Path(bundle_dir).resolve()),
-        vision_precision=precision, batch_tok_s=measure_batched(bundle_dir, threads),
+        vision_precision=precision, batch_tok_s=batch, prefill_points=prefill_points,
     )
 
 
-def measure_batched(bundle_dir: str, threads: int | None = None, steps: int = BATCH_STEPS) -> tuple:
-    """((n, total decode tokens/s), ...) for n in BATCH_POINTS: n sequences in one context, each
-    fed one token per step in one llama_decode. Raw llama_cpp calls, self-contained, until the
-    runtime's multi-sequence context can be measured instead."""
-    import os
+def measure_batched(llm, threads: int | None = None, steps: int = BATCH_STEPS) -> tuple:
+    """((n, total decode tokens/s), ...) for n in BATCH_POINTS, as the scheduler decodes: n sequences
+    in one `SharedContext` (unified KV), each with a short prompt, then `steps` llama_decode calls
+    carrying one token of every sequence and asking for every row's logits."""
+    from .runtimes.llama import SharedContext
 
-    from .bundle import Bundle
-    from .runtimes.llama import model_params, require
-
-    lib = require("llama_cpp.llama_cpp", "cpu")
-    gguf = Bundle.open(Path(bundle_dir), verify=False).path("llm")
-    lib.llama_backend_init()
-    model = lib.llama_model_load_from_file(str(gguf).encode(), model_params(0))
+    top = max(BATCH_POINTS)
+    ctx = SharedContext(llm, top * (BATCH_PROMPT + steps + 2), top, max(BATCH_PROMPT, top), threads)
     try:
-        return tuple((n, round(_batched_rate(lib, model, n, steps, threads or os.cpu_count() or 1), 2))
-                     for n in BATCH_POINTS)
+        return tuple((n, round(_batched_rate(ctx, n, steps), 2)) for n in BATCH_POINTS)
     finally:
-        lib.llama_model_free(model)
+        ctx.close()
 
 
-def _batched_rate(lib, model, n: int, steps: int, threads: int) -> float:
-    cp = lib.llama_context_default_params()
-    cp.n_ctx, cp.n_batch, cp.n_seq_max = 64 * n, 64, n
-    cp.n_threads = cp.n_threads_batch = threads
-    ctx = lib.llama_init_from_model(model, cp)
-    batch = lib.llama_batch_init(n, 0, 1)
-    try:
-        def step(pos: int) -> None:
-            batch.n_tokens = n
-            for s in range(n):  # token id 1: a valid id in every vocabulary; the rate ignores the text
-                batch.token[s], batch.pos[s], batch.n_seq_id[s] = 1, pos, 1
-                batch.seq_id[s][0], batch.logits[s] = s, 1
-            if lib.llama_decode(ctx, batch) != 0:
-                raise RuntimeError(f"llama_decode failed with {n} sequences")
-
-        step(0)  # warm-up: first-call allocations are not decode
-        start = time.perf_counter()
-        for pos in range(1, steps + 1):
-            step(pos)
-        return n * steps / (time.perf_counter() - start)
-    finally:
-        lib.llama_batch_free(batch)
-        lib.llama_free(ctx)
+def _batched_rate(ctx, n: int, steps: int) -> float:
+    token = lambda i: (100 + i) % ctx.model.n_vocab  # noqa: E731  (any valid id: the rate ignores the text)
+    for s in range(n):
+        ctx.decode_tokens([(s, i, token(i), i == BATCH_PROMPT - 1) for i in range(BATCH_PROMPT)])
+    ctx.decode_tokens([(s, BATCH_PROMPT, token(0), True) for s in range(n)])  # warm-up: first-call allocations
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        ctx.decode_tokens([(s, BATCH_PROMPT + step, token(step), True) for s in range(n)])
+    seconds = time.perf_counter() - start
+    for s in range(n):
+        ctx.seq_rm(s)
+    return n * steps / seconds
 
 
 def to_toml(p: Profile) -> str:

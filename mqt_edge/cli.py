@@ -436,7 +436,8 @@ def ros2_cmd(
     m: int = typer.Option(0, "--tokens", "-m", min=0, help="Visual tokens m (0: the planner's)."),
     profile: str = typer.Option("", "--profile", help="Device profile for the planner (default: auto)."),
     query: str = typer.Option("", help="Standing query, answered as frames allow (default: only the query topic)."),
-    rate: float = typer.Option(0.0, min=0.0, help="Answer the standing query at most this often (Hz)."),
+    rate: float = typer.Option(0.0, min=0.0, help="Answer the standing query at most this often (Hz); with --tokens 0, "
+                              "the planner's m is the largest that gives every topic this rate."),
     every_n: int = typer.Option(0, min=0, help="Answer the standing query on every Nth frame."),
     refine: int = typer.Option(0, min=0, help="Refine to this m when the first token is not confident."),
     confidence: float = typer.Option(0.5, help="First-token probability below which --refine refines."),
@@ -640,12 +641,14 @@ def calibrate(
 
     if out.suffix != ".toml":
         raise InputError(f"--out {out} is not a .toml file", "name it like my-device.toml")
-    with err.status("measuring vision, MQT, prefill and decode"):
+    with err.status("measuring vision, MQT, prefill, decode and batched decode"):
         p = run_calibration(str(bundle), out, base, runs, threads)
     c = p.calibration
     err.print(f"wrote {out}: vision {c.vision_ms:.0f} ms, MQT {c.mqt_ms_fixed:.1f} + {c.mqt_ms_per_token:.3f} ms/token, "
               f"prefill {c.prefill_ms_fixed:.0f} + {c.prefill_ms_per_token:.2f} ms/position, "
-              f"decode {c.decode_ms_per_token:.1f} ms/token, peak {c.peak_mb:,.0f} MB", highlight=False)
+              f"decode {c.decode_ms_per_token:.1f} ms/token, peak {c.peak_mb:,.0f} MB; batched decode "
+              f"{'/'.join(f'{r:.0f}' for _, r in c.batch_tok_s)} tok/s in total at "
+              f"{'/'.join(str(n) for n, _ in c.batch_tok_s)} sequences", highlight=False)
 
 
 @app.command("synth-vqa")

@@ -67,6 +67,15 @@ class CachePlan:
         return self.context_bytes + self.host_bytes
 
 
+QUESTION_RESERVE = 512  # context a session keeps for question + answer, beyond its visual prefix
+
+
+def default_cache_budget(position: int, head: int, conversation_positions: int, parallel: int) -> int:
+    """The budget a pipeline's cache gets when none is configured: the prompt head and four times
+    `parallel` conversations at their longest (plan_cache puts half of them in the context)."""
+    return (head + 4 * parallel * conversation_positions) * position
+
+
 def plan_cache(budget_bytes: int, position: int, conversation_positions: int, parallel: int, head: int) -> CachePlan:
     """Split `budget_bytes`: the context holds twice `parallel` conversations at their longest (those
     being answered, and as many idle ones that need no restore), within the budget; the host keeps

@@ -37,7 +37,7 @@ from .image import DEFAULT_MAX_PIXELS, ImageInput, ImageSpec, preprocess
 from .prompt import PromptTemplate, check_question
 from .cores import CoreShare
 from .runtimes import backend_info, make_vision
-from .costs import MAX_SEQUENCES, CachePlan, plan_cache, position_bytes
+from .costs import MAX_SEQUENCES, CachePlan, default_cache_budget, plan_cache, position_bytes
 from .runtimes.llama import LlamaModel
 from .scheduler import Scheduler
 from .conversation import Conversation, ConversationCache
@@ -75,6 +75,8 @@ class _Policy:
         check_sampling(max_new_tokens, 0.0, 1.0)
         if m is not None and profile is None and self.profile is None and self._device_profile is None:
             return TokenChoice(self.check_tokens(m))
+        import dataclasses
+
         from .profiles import load_profile
         from .profiles.planner import ModelFacts, Options, PlanError, plan
 
@@ -84,6 +86,7 @@ class _Policy:
             return TokenChoice(self.check_tokens(m), name)
         facts = ModelFacts.from_bundle(self.bundle)
         options = Options.for_run(self.vision_backend, self.n_gpu_layers, self.sequential, facts, self.vision_precision)
+        options = dataclasses.replace(options, parallel=self.parallel)  # the context is sized for `parallel`
         result = plan(prof, facts, ttft_ms, memory_mb, max_new_tokens, options)
         if result.chosen_m is None:
             tip = result.suggestions[0]
@@ -92,6 +95,28 @@ class _Policy:
         c = next(c for c in result.candidates if c.m == result.chosen_m)
         predicted = {"memory_mb": c.memory_mb, "ttft_ms": c.ttft_ms, "total_ms": c.total_ms, "reason": result.reason}
         return TokenChoice(result.chosen_m, name, predicted)
+
+    def choose_stream_tokens(self, streams: int, rate_hz: float, answer_tokens: int = 32,
+                             profile: str | None = None) -> TokenChoice:
+        """m for `streams` streams sharing this pipeline, each answered `rate_hz` times a second: the
+        planner's `plan_streams` on this device (`profile` overrides the pipeline's). One m for all
+        streams; `predicted` holds the plan's per-stream rate, cycle and memory."""
+        from .profiles import load_profile
+        from .profiles.planner import ModelFacts, Options, PlanError, plan_streams
+
+        prof = self.device_profile() if profile is None else load_profile(profile, self.mode)
+        name = prof.name + (f" ({prof.mode})" if prof.mode else "")
+        facts = ModelFacts.from_bundle(self.bundle)
+        options = Options.for_run(self.vision_backend, self.n_gpu_layers, self.sequential, facts, self.vision_precision)
+        result = plan_streams(prof, facts, streams, rate_hz, None, answer_tokens, options)
+        if result.chosen_m is None:
+            raise PlanError(f"{result.reason} on {name}",
+                            "ask for a lower rate, fewer streams, or pass m (--tokens)")
+        c = next(c for c in result.candidates if c.m == result.chosen_m)
+        chosen = self.check_tokens(c.m)  # the candidates never pass the bundle's max_tokens
+        predicted = {"streams": streams, "rate_hz": c.rate_hz, "cycle_ms": c.cycle_ms, "memory_mb": c.memory_mb,
+                     "target_rate_hz": rate_hz, "answer_tokens": answer_tokens, "reason": result.reason}
+        return TokenChoice(chosen, name, predicted)
 
     def resolve_m(self, m: int | None, max_new_tokens: int = 128) -> int:
         """m as given (checked), or the planner's choice when None: the one meaning of m=None."""
@@ -157,7 +182,7 @@ class _Caches:
         conversations of `reserve` positions each beyond the visual prefix, half of it on the host."""
         conv = self.conversation_positions(reserve)
         if budget_bytes is None:  # the context holds twice `parallel` conversations, the host as much again
-            budget_bytes = (len(self.prefix_ids) + 4 * self.parallel * conv) * self.position_bytes
+            budget_bytes = default_cache_budget(self.position_bytes, len(self.prefix_ids), conv, self.parallel)
         plan = plan_cache(int(budget_bytes), self.position_bytes, conv, self.parallel, len(self.prefix_ids))
         with self._sched_lock:
             if self._scheduler is not None and plan != self._cache_plan:

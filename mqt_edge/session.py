@@ -34,7 +34,7 @@ from .checks import DEFAULT_CONFIDENCE, check_confidence, check_sampling
 from .errors import ClosedError, InputError, TokensError
 from .image import ImageInput
 
-QUESTION_RESERVE = 512  # context a session keeps for question + answer, beyond its visual prefix
+from .costs import QUESTION_RESERVE  # noqa: F401 (defined in costs: the planner sizes the context with it too)
 
 
 def _ms(seconds: float) -> float:

@@ -62,6 +62,10 @@ class Watch:
     question: a string, or a function of the Frame giving the question for it (None: skip the frame,
       not encoded, counted in `skipped`); with several streams, also a mapping of names to those.
     m: a fixed number of visual tokens, or None for the planner's m on `profile` (default: auto-detect).
+    rate: with m None, the answers per second each stream needs: the planner then picks the largest m
+      at which all the streams together sustain it (`plan_streams`, one m for all, the answer planned
+      at `max_new_tokens` tokens); without it, the single-request choice. The choice and its
+      prediction are logged once and kept in `plan`.
     refine / confidence: per frame, grow to m=`refine` when the first token's probability is below
       `confidence` (as `mqt-edge run --refine`).
     overlap: encode the next frame on a second thread while the LLM decodes (None: `overlap_wins`);
@@ -78,7 +82,8 @@ class Watch:
     """
 
     def __init__(self, pipe: Pipeline, frames: Sources | Mapping[str, Sources], question: Question | Mapping,
-                 *, m: int | None = None, profile: str | None = None, refine: int | None = None,
+                 *, m: int | None = None, rate: float | None = None, profile: str | None = None,
+                 refine: int | None = None,
                  confidence: float = DEFAULT_CONFIDENCE, overlap: bool | None = None,
                  vision_threads: int | None = None, llm_threads: int | None = None, keep_all: bool = False,
                  on_error: Callable[[Frame, MQTEdgeError], None] | None = None, max_new_tokens: int = 32,
@@ -87,7 +92,8 @@ class Watch:
         questions = _questions(question, sources)
         check_sampling(max_new_tokens, temperature, top_p, seed)
         gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        self.m, predicted = choose_tokens(pipe, m, profile, max_new_tokens)
+        self.m, predicted = _choose(pipe, m, rate, profile, max_new_tokens, len(sources))
+        self.plan: dict | None = None if predicted is None else {"m": self.m} | predicted
         if refine is not None and pipe.check_tokens(refine) <= self.m:
             raise InputError(f"refine={refine} is not above m = {self.m}", "refine to a larger m, or pass None")
         ask = Ask(self.m, predicted, refine, check_confidence(confidence), gen)
@@ -217,6 +223,25 @@ def _own_runner(pipe: Pipeline, threads: int | None):
     if threads is None or not backend_info(vision.backend).threads or threads == pipe.threads:
         return None
     return make_vision(pipe.bundle, vision.backend, threads, vision.precision).activate()
+
+
+def _choose(pipe: Pipeline, m: int | None, rate: float | None, profile: str | None, max_new_tokens: int,
+            streams: int) -> tuple[int, dict | None]:
+    """m and the planner's prediction (None when m is given); a planned m is logged here, once."""
+    if rate is not None and m is not None:
+        raise InputError(f"both m={m} and rate={rate}", "give m, or a rate for the planner to choose m by")
+    if isinstance(rate, bool):
+        raise InputError(f"rate {rate!r}", "give the answers per second each stream needs, a number above 0")
+    if rate is None:
+        m, predicted = choose_tokens(pipe, m, profile, max_new_tokens)
+        what = "one request"
+    else:
+        choice = pipe.choose_stream_tokens(streams, rate, max_new_tokens, profile)
+        m, predicted = choice.m, {"profile": choice.profile} | choice.predicted
+        what = f"{streams} stream(s) at {rate:g} answers/s each"
+    if predicted is not None:
+        log.info("m = %d for %s on %s: %s", m, what, predicted["profile"], predicted.get("reason", ""))
+    return m, predicted
 
 
 def choose_tokens(pipe: Pipeline, m: int | None, profile: str | None, max_new_tokens: int) -> tuple[int, dict | None]:

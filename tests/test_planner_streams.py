@@ -89,6 +89,11 @@ def test_plan_prints_the_digits_that_decide_a_fit():
     assert f"{mem:,.1f}" in r.stdout and f"{limit:,.1f} MB" in r.stdout, r.stdout
 
 
-def test_every_frame_pays_its_own_vision_and_prefill(gpu):
+def test_every_frame_pays_its_own_vision_and_the_frames_prefill_together(gpu):
+    from mqt_edge.profiles.planner import QUESTION_TOKENS, Options, terms
+
     # a one-token answer has no decode steps: the cycle is the frames' work alone
-    assert stream_cycle_ms(gpu, FACTS, 16, 4, 1) == pytest.approx(4 * stream_cycle_ms(gpu, FACTS, 16, 1, 1))
+    one = terms(gpu, FACTS, 16, Options())
+    four = terms(gpu, FACTS, 16, Options(), prefill=4 * (16 + QUESTION_TOKENS))
+    assert stream_cycle_ms(gpu, FACTS, 16, 4, 1) == pytest.approx(4 * (one["vision"] + one["mqt"]) + four["prefill"])
+    assert one["prefill"] < four["prefill"] <= 4 * one["prefill"]  # one batch reads the weights once

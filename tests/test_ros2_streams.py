@@ -90,3 +90,23 @@ def test_refusals_are_limited_per_kind_and_report_what_they_held_back():
                      "last line]"]
     assert published[-1] == refuse.counts == {"image_encoding": 5, "query": 1} and len(published) == 6
     assert refuse.held_back() == {} and refuse.total == 6
+
+
+def test_m_unset_and_a_rate_plan_one_m_for_every_topic(default_bundle):
+    from test_watch_plan import NEW, planned, rate_for
+
+    from mqt_edge.pipeline import Pipeline
+
+    with Pipeline.load(default_bundle, threads=1) as p:
+        rate = rate_for(p, 2, 16)
+        assert planned(p, 1, rate) > 16  # planning for one topic would give a larger m
+    h = Harness(default_bundle, image_topics=("left", "right"), max_new_tokens=NEW, profile="cpu", rate=rate,
+                query=Q, overlap="off")
+    try:
+        assert h.vlm.plan["m"] == 16 and h.vlm.plan["streams"] == 2
+        h.pubs["left"][0].publish(image_msg(RED, stamp=1))
+        h.pubs["right"][0].publish(image_msg(BLUE, stamp=1))
+        h.wait(lambda: {i["stream"] for i in h.infos} == {"left", "right"}, "answers from both streams")
+        assert all(i["m"] == 16 and i["predicted"]["streams"] == 2 for i in h.infos), h.infos
+    finally:
+        h.close()

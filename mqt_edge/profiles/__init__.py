@@ -87,6 +87,8 @@ class Calibration:
     vision_precision: str = "fp32"  # of the vision graph measured: fp32 | int8
     # ((n sequences, total decode tokens/s), ...) with one llama_decode per step; () when not measured
     batch_tok_s: tuple = ()
+    # ((positions, ms), ...): the median prefill of one request at each calibrated m; () when not measured
+    prefill_points: tuple = ()
 
 
 DATASHEET = ("total_gb", "usable_gb", "bandwidth_gbs", "fp16_tflops", "int8_tops", "cpu_cores", "cpu_gflops")
@@ -161,11 +163,11 @@ def _build(cls, data: dict, section: str, text: str, where: str):
                 raise ProfileError(f"{where}: [{section}] is missing '{name}'", "add it (see the built-in profiles)")
             continue
         v = data[name]
-        if str(f.type) == "tuple":  # calibration's batch_tok_s: [[n, tokens/s], ...]
+        if str(f.type) == "tuple":  # calibration's batch_tok_s, prefill_points: [[x, y], ...]
             if not (isinstance(v, list) and all(isinstance(p, list) and len(p) == 2 and all(
                     isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in p) for p in v)):
                 raise ProfileError(f"{where}, line {_line_of(text, name, section)}: '{name}' is {v!r}",
-                                   "give pairs of [sequences, tokens/s], both above 0")
+                                   "give pairs of numbers, both above 0 (e.g. [[1, 12.5], [2, 20.0]])")
             values[name] = tuple(tuple(p) for p in v)
             continue
         want = {"float": float, "int": int, "bool": bool, "str": str}[str(f.type)]

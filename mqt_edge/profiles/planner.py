@@ -17,7 +17,8 @@ import math
 import os
 from dataclasses import asdict, dataclass, replace
 
-from ..costs import llm_param_count, mqt_flops, vision_cost
+from ..costs import (QUESTION_RESERVE, default_cache_budget, llm_param_count, mqt_flops, plan_cache, position_bytes,
+                     vision_cost)
 from ..errors import InputError, MQTEdgeError
 from ..quants import QUANTS, check_vision_precision
 from ..backends import backend_info
@@ -119,6 +120,7 @@ class Options:
     gpu_layers: int | None = None  # None: all layers (the profile's llm_on_gpu); clamped to 0..layers
     max_new_tokens: int = 128
     vision_precision: str = "auto"  # run --vision-precision: auto (int8 on a CPU when the bundle has it) | fp32 | int8
+    parallel: int = 1  # requests (streams) the pipeline's shared context is sized for (Pipeline.load parallel=)
 
     @classmethod
     def for_run(cls, vision_backend: str | None, n_gpu_layers: int | None, sequential: bool,
@@ -140,6 +142,8 @@ class Options:
             parts.append(f"{self.gpu_layers} of {facts.layers} LLM layers on the GPU")
         if self.vision_precision != "auto":
             parts.append(f"{self.vision_precision} vision")
+        if self.parallel > 1:
+            parts.append(f"a context for {self.parallel} requests")
         return ", ".join(parts) or "default"
 
 
@@ -176,7 +180,18 @@ def _file_pages_kept(profile: Profile) -> bool:
 
 
 def _kv_bytes(f: ModelFacts, m: int, o: Options) -> int:
-    return _n_ctx(f, m, o) * f.layers * 2 * f.kv_heads * f.head_dim * 2  # f16 K and V
+    """KV one request reads per decode step: its own positions, f16 K and V."""
+    return _n_ctx(f, m, o) * f.layers * 2 * f.kv_heads * f.head_dim * 2
+
+
+def _context_bytes(f: ModelFacts, o: Options) -> int:
+    """KV the runtime allocates, and llama.cpp zeroes, at start: the shared context of the pipeline's
+    default cache plan (Pipeline.configure_cache), two conversations at their longest (the prompt
+    head, the largest m, QUESTION_RESERVE) per request it is sized for, whatever m a request uses."""
+    pos = position_bytes(f.layers, f.kv_heads, f.head_dim, f.quant == "f32")
+    conv = min(f.context_length, f.prompt_tokens + f.max_tokens + QUESTION_RESERVE)
+    budget = default_cache_budget(pos, f.prompt_tokens, conv, o.parallel)
+    return plan_cache(budget, pos, conv, o.parallel, f.prompt_tokens).context_bytes
 
 
 def _vision_on_gpu(profile: Profile, o: Options) -> bool:
@@ -211,7 +226,7 @@ def memory_breakdown(profile: Profile, f: ModelFacts, m: int, o: Options) -> dic
     parts = {
         "llm_weights": f.llm_bytes * on_budget,
         "llm_file_pages": f.llm_bytes if _file_pages_kept(profile) else 0,
-        "kv_cache": _kv_bytes(f, m, o) * on_budget,
+        "kv_cache": _context_bytes(f, o) * on_budget,
         "compute_buffers": 4 * 512 * (f.vocab + 8 * f.hidden),  # llama.cpp: logits + activations of a ubatch
         "vision_weights": (_vision_bytes(profile, f, o) + f.mqt_bytes) * vision_counted,  # MQT graph: fp32
         "vision_activations": (4 * (f.patches + 1) * f.vision_width * 8
@@ -237,8 +252,9 @@ def _gpu_frac(o: Options, f: ModelFacts) -> float:
 HOST_BANDWIDTH_GBS = 50.0  # a discrete GPU's host: CPU-side LLM layers stream weights from DDR
 
 
-def _analytic(profile: Profile, f: ModelFacts, m: int, o: Options) -> dict[str, float]:
-    """Roofline terms in ms: vision, mqt, prefill, decode (per token)."""
+def _analytic(profile: Profile, f: ModelFacts, m: int, o: Options, prefill: int | None = None) -> dict[str, float]:
+    """Roofline terms in ms: vision, mqt, prefill (of `prefill` positions in one batch; default one
+    request's), decode (per token)."""
     mem, comp, eff = profile.memory, profile.compute, profile.efficiency
     gpu = profile.kind != "cpu"
     kv_bytes = _kv_bytes(f, m, o)
@@ -252,7 +268,7 @@ def _analytic(profile: Profile, f: ModelFacts, m: int, o: Options) -> dict[str, 
         "vision": _roofline_ms(v_flops, vision_w, v_tf, bw, v_eff, eff.bandwidth),
         "mqt": _roofline_ms(f.mqt_flops_image + m * f.mqt_flops_token, f.mqt_bytes, v_tf, bw, v_eff, eff.bandwidth),
     }
-    n_prefill = _n_prefill(m)
+    n_prefill = _n_prefill(m) if prefill is None else prefill
     on_gpu = gpu and profile.prefer.llm_on_gpu
     frac = _gpu_frac(o, f) if on_gpu else 0.0
     host_bw = bw if (mem.unified or not gpu) else HOST_BANDWIDTH_GBS
@@ -273,29 +289,46 @@ def predict(profile: Profile, f: ModelFacts, m: int, o: Options) -> tuple[float,
     return memory_mb, ttft, total
 
 
-def terms(profile: Profile, f: ModelFacts, m: int, o: Options) -> dict[str, float]:
-    """Milliseconds of one request's stages at m: vision (with a sequential reload), mqt, prefill,
-    and decode per token of one sequence; calibrated when the profile has measurements."""
-    t = _analytic(profile, f, m, o)
+def terms(profile: Profile, f: ModelFacts, m: int, o: Options, prefill: int | None = None) -> dict[str, float]:
+    """Milliseconds of one request's stages at m: vision (with a sequential reload), mqt, prefill
+    (of `prefill` positions in one batch; default the request's m + question), and decode per
+    token of one sequence; calibrated when the profile has measurements."""
+    n_prefill = _n_prefill(m) if prefill is None else prefill
+    t = _analytic(profile, f, m, o, n_prefill)
     cal = profile.calibration
     if cal is not None:
         # Measured terms, scaled to this model; the options scale them as the roofline would.
         # (the vision graph's precision as calibrated: an fp32 measurement predicts an int8 run)
         base = _analytic(profile, f, m, Options(max_new_tokens=o.max_new_tokens,
-                                                vision_precision=cal.vision_precision))
+                                                vision_precision=cal.vision_precision), n_prefill)
         ratio = lambda k: t[k] / base[k] if base[k] > 0 else 1.0  # noqa: E731
         scale_v = f.vision_flops / cal.vision_flops
-        n_prefill = _n_prefill(m)
         t = {
             "vision": cal.vision_ms * scale_v * ratio("vision"),
             "mqt": (cal.mqt_ms_fixed + cal.mqt_ms_per_token * m) * scale_v * ratio("mqt"),
-            "prefill": (cal.prefill_ms_fixed + cal.prefill_ms_per_token * n_prefill * f.llm_params / cal.llm_params)
-            * ratio("prefill"),
+            "prefill": _calibrated_prefill_ms(cal, n_prefill, f.llm_params / cal.llm_params) * ratio("prefill"),
             "decode": cal.decode_ms_per_token * f.llm_bytes / cal.llm_bytes * ratio("decode"),
         }
     if o.sequential_load:  # the vision graph is loaded again for each new image
         t["vision"] += 1000 * _vision_bytes(profile, f, o) / (VISION_RELOAD_GBS * 1e9)
     return t
+
+
+def _calibrated_prefill_ms(cal, positions: int, params_ratio: float) -> float:
+    """One batch of `positions` rows, from the calibration: through its measured points when it has
+    them, else its fitted line. The points matter because the cost per position falls as the batch
+    grows (the matmuls reuse each weight over more rows): on the bench preset's q4_k_m on a 2-core
+    CPU, 13 positions took 430 ms and 267 took 5.4 s, and a straight line through all of them put
+    570 ms into its fixed term, over-predicting small m by 20%. Scaled to another model by its
+    parameters; beyond the last point, the last segment's slope."""
+    pts = sorted(dict(cal.prefill_points).items())
+    if not pts:
+        return cal.prefill_ms_fixed + cal.prefill_ms_per_token * positions * params_ratio
+    curve = [(0, 0.0)] + pts
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if positions <= x1:
+            break
+    return params_ratio * (y0 + (positions - x0) * (y1 - y0) / (x1 - x0))
 
 
 @dataclass
@@ -452,7 +485,7 @@ def batch_speedup(profile: Profile, n: int) -> float:
 @dataclass(frozen=True)
 class StreamCandidate:
     m: int
-    cycle_ms: float  # one answer for every stream: N x (vision + MQT + prefill) + batched decode
+    cycle_ms: float  # one answer for every stream: N x (vision + MQT) + one prefill of N frames + batched decode
     rate_hz: float  # answers per second per stream that this m sustains
     latency_ms: float  # a frame's wait, at worst: the whole cycle
     memory_mb: float
@@ -479,12 +512,16 @@ class StreamPlan:
 
 def stream_cycle_ms(profile: Profile, f: ModelFacts, m: int, streams: int, answer_tokens: int,
                     o: Options | None = None) -> float:
-    """Milliseconds to answer every stream once at m. Vision, MQT and prefill run per frame, one
-    after another (one CPU, one context); the answers' tokens after the first decode together, one
-    llama_decode per step carrying one token of each stream."""
-    t = terms(profile, f, m, o or Options())
+    """Milliseconds to answer every stream once at m: vision and MQT per frame, one after another;
+    the frames' prefills in one batch; then the answers' tokens after the first, one llama_decode
+    per step carrying one token of each stream. Nothing overlaps: on a CPU vision and the LLM's
+    steps take turns for the cores (cores.py), and vision goes first, so the LLM's work waits while
+    the frames encode and the scheduler then prefills the waiting frames together."""
+    o = o or Options()
+    t = terms(profile, f, m, o)
+    prefill = terms(profile, f, m, o, streams * _n_prefill(m))["prefill"]
     step_ms = t["decode"] * streams / batch_speedup(profile, streams)
-    return streams * (t["vision"] + t["mqt"] + t["prefill"]) + max(answer_tokens - 1, 0) * step_ms
+    return streams * (t["vision"] + t["mqt"]) + prefill + max(answer_tokens - 1, 0) * step_ms
 
 
 def plan_streams(profile: Profile, facts: ModelFacts, streams: int, rate_hz: float | None = None,
@@ -521,8 +558,8 @@ def plan_streams(profile: Profile, facts: ModelFacts, streams: int, rate_hz: flo
 def _stream_candidate(profile, facts, m, streams, o, rate_hz, latency_ms, mem_limit) -> StreamCandidate:
     cycle = stream_cycle_ms(profile, facts, m, streams, o.max_new_tokens, o)
     rate = 1000.0 / cycle
-    # every stream's sequence holds its own KV in the one context
-    mem = memory_breakdown(profile, facts, m, o)["total_mb"] + (streams - 1) * _kv_bytes(facts, m, o) / 2**20
+    # the pipeline's one context is sized for every stream (Pipeline.load parallel=streams)
+    mem = memory_breakdown(profile, facts, m, replace(o, parallel=streams))["total_mb"]
     meets = ((rate_hz is None or rate >= rate_hz) and (latency_ms is None or cycle <= latency_ms)
              and mem <= mem_limit and _n_ctx(facts, m, o) <= facts.context_length)
     return StreamCandidate(m, round(cycle, 2), round(rate, 4), round(cycle, 2), round(mem, 1), meets)

@@ -11,7 +11,8 @@ and, shared by all streams:
   refused         std_msgs/String: JSON {kind: count} of refused input, sent on each refusal (latched)
 
 A standing query (parameter `query`) is answered continuously on every stream as frames allow, at
-most `rate` times a second, or on every `every_n`-th frame. Each stream answers on a thread of its
+most `rate` times a second, or on every `every_n`-th frame. With `m` unset and a `rate`, one m for
+every stream comes from the planner's `plan_streams` at start (`plan`, logged once). Each stream answers on a thread of its
 own (`Stream`, a `Watch` on a one-slot mailbox) over the one shared `Pipeline`, so callbacks only
 convert and store frames, and several cameras' answers run at the same time.
 
@@ -45,7 +46,7 @@ class NodeOptions:
 
     bundle: str = str(DEFAULT_BUNDLE)
     image_topics: tuple[str, ...] = ("image",)  # one stream per topic (and its /compressed), one Pipeline
-    m: int = 0  # fixed number of visual tokens; 0: the planner's m on `profile`
+    m: int = 0  # fixed number of visual tokens; 0: the planner's m on `profile` (for every stream at `rate` when set)
     profile: str = ""  # device profile for the planner ("" : auto)
     refine: int = 0  # refine to this m when the first token is not confident (0: never)
     confidence: float = 0.5
@@ -105,13 +106,32 @@ class MqtEdgeNode:
         self.node.create_subscription(String, "query", self._on_query, 10)
         self.pipe = Pipeline.load(o.bundle, profile=o.profile or None, vision_backend=o.vision_backend,
                                   n_gpu_layers=o.n_gpu_layers, threads=o.threads or None)
-        self.streams = {t: Stream(t, self.pipe, lambda: self.options, self._publish, self.refusals, self.log).start()
+        self.plan = self._plan_streams(o)
+        planned = self.plan["m"] if self.plan else None
+        self.streams = {t: Stream(t, self.pipe, lambda: self.options, self._publish, self.refusals, self.log,
+                                  planned).start()
                         for t in o.image_topics}
         self.node.add_on_set_parameters_callback(self._on_parameters)
         standing = f", standing query {o.query!r}" if o.query else ""
         if self.node.context.ok():  # not after a signal during the load: rosout is gone then
             self.log.info(f"ready: bundle {o.bundle}, streams {', '.join(o.image_topics)}, "
-                          f"m {o.m or 'from the planner'}{standing}")
+                          f"m {o.m or planned or 'from the planner'}{standing}")
+
+    def _plan_streams(self, o: NodeOptions) -> dict | None:
+        """With m unset and a rate, one m for every image topic from the planner (`plan_streams`):
+        the largest at which they all get `rate` answers/s. Made once at start, at the start-up rate."""
+        if o.m or not o.rate:
+            return None
+        try:
+            choice = self.pipe.choose_stream_tokens(len(o.image_topics), o.rate, o.max_new_tokens, o.profile or None)
+        except BaseException:
+            self.pipe.close()
+            self.node.destroy_node()
+            raise
+        plan = {"m": choice.m, "profile": choice.profile} | choice.predicted
+        self.log.info(f"m = {choice.m} for {len(o.image_topics)} stream(s) at {o.rate:g} answers/s each on "
+                      f"{choice.profile}: {plan['reason']}")
+        return plan
 
     def _declare(self, options: NodeOptions) -> NodeOptions:
         """Each option is a ROS parameter whose default is the value given (CLI or caller)."""
@@ -179,7 +199,7 @@ class MqtEdgeNode:
                 "frame_id": a.meta["frame_id"], "question": a.question, "m": ans.m,
                 "first_token_prob": ans.first_token_prob, "timings_ms": ans.timings_ms, "stream_ms": a.timings_ms,
                 "dropped": a.dropped, "token_ids": ans.token_ids, "refined_from": ans.refined_from,
-                "predicted": ans.predicted, "refused": self.refusals.counts}
+                "predicted": ans.predicted or self.plan, "refused": self.refusals.counts}
         with self._publishing:
             self.answer_pub.publish(self._String(data=ans.answer))
             self.info_pub.publish(self._String(data=json.dumps(info)))

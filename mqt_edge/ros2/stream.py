@@ -22,13 +22,15 @@ class Stream:
     """Frames of one image topic in, `WatchAnswer`s out through `publish(stream, answer)`.
 
     options: a function giving the node's current options (the live ones may change while it runs);
-    refuse: `Refusals`-like, called with (kind, message); log: a ROS logger (error, warning)."""
+    refuse: `Refusals`-like, called with (kind, message); log: a ROS logger (error, warning);
+    m: the node's planned m, used while the option m is 0."""
 
     def __init__(self, name: str, pipe: Any, options: Callable[[], Any], publish: Callable[[Stream, Any], None],
-                 refuse: Callable[[str, str], Any], log: Any) -> None:
+                 refuse: Callable[[str, str], Any], log: Any, m: int | None = None) -> None:
         from ..watch import Latest
 
         self.name, self.pipe, self.options, self.publish = name, pipe, options, publish
+        self.planned_m = m  # the node's m for all its streams when the option m is unset (None: per request)
         self.refuse, self.log = refuse, log
         self._Latest = Latest
         self.mailbox = Latest()
@@ -90,7 +92,7 @@ class Stream:
         from ..watch import Watch
 
         o = self.options()
-        return Watch(self.pipe, self.mailbox, self._question, m=o.m or None, profile=o.profile or None,
+        return Watch(self.pipe, self.mailbox, self._question, m=o.m or self.planned_m, profile=o.profile or None,
                      refine=o.refine or None, confidence=o.confidence, overlap=OVERLAP[o.overlap],
                      vision_threads=o.vision_threads or None, llm_threads=o.llm_threads or None,
                      max_new_tokens=o.max_new_tokens, temperature=o.temperature,
