@@ -12,7 +12,8 @@ So threads are handed out, never oversubscribed:
   while vision holds every thread;
 - a prefill goes first, then vision, then decoding: a request whose image is encoded gets its
   first token before the next image starts (with four requests at once, the first answers after one
-  image's time, not four), and the decoding streams lose one step's worth of time per frame;
+  image's time, not four); the decoding streams pause while an image is encoded, which costs
+  the batch less than the stalls of running both at once;
 - after an image's prefill the same request's question follows within milliseconds (a second job
   from its thread): vision waits a moment for it (`hold`), or the question would queue behind a
   whole image.
