@@ -97,12 +97,15 @@ class Server(Process):
             cmd += ["--threads", str(threads)]
         self.launch(cmd + (extra or []), cwd=tree, env=dict(os.environ, PYTHONPATH=str(tree)))
 
-async def one(client: httpx.AsyncClient, url: str, seed: int, m: int, new: int) -> tuple[float, int, float]:
-    """(TTFT s, completion tokens, wall s) of one streaming request."""
-    body = {"model": "bench", "max_tokens": new, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, "mqt": {"m": m},
+async def one(client: httpx.AsyncClient, url: str, seed: int, m: int, new: int,
+              mqt: bool = True) -> tuple[float, int, float]:
+    """(TTFT s, completion tokens, wall s) of one streaming request. mqt=False: a plain OpenAI body
+    (no `model`, no `mqt` field), for llama-server."""
+    body = {"max_tokens": new, "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": [{"type": "text", "text": "What color is the circle?"},
                                                       {"type": "image_url", "image_url": {"url": image_url(seed)}}]}]}
+    if mqt:
+        body |= {"model": "bench", "mqt": {"m": m}}
     t0, ttft, tokens = time.perf_counter(), None, 0
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as r:
         if r.status_code != 200:
@@ -118,13 +121,13 @@ async def one(client: httpx.AsyncClient, url: str, seed: int, m: int, new: int) 
     return ttft or 0.0, tokens, time.perf_counter() - t0
 
 
-async def burst(url: str, seeds: list[int], m: int, new: int, concurrent: bool) -> dict:
+async def burst(url: str, seeds: list[int], m: int, new: int, concurrent: bool, mqt: bool = True) -> dict:
     async with httpx.AsyncClient() as client:
         t0 = time.perf_counter()
         if concurrent:
-            got = await asyncio.gather(*(one(client, url, s, m, new) for s in seeds))
+            got = await asyncio.gather(*(one(client, url, s, m, new, mqt) for s in seeds))
         else:
-            got = [await one(client, url, s, m, new) for s in seeds]
+            got = [await one(client, url, s, m, new, mqt) for s in seeds]
         wall = time.perf_counter() - t0
     return {"tok_s": sum(g[1] for g in got) / wall, "answers_s": len(seeds) / wall, "ttft": [g[0] for g in got],
             "tokens": sum(g[1] for g in got)}

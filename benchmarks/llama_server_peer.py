@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hashlib
 import json
 import shutil
@@ -26,13 +27,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from batch_serve import ROOT, Process, Server, burst, free_port, image_url, pct  # noqa: E402
+from batch_serve import ROOT, Process, Server, burst, free_port, pct  # noqa: E402
 
 SDIST = "llama-cpp-python==0.3.36"
 CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_SERVER=ON", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
@@ -99,45 +99,12 @@ class LlamaServer(Process):
     """llama-server as a subprocess on 127.0.0.1 and a free port; ready when /health answers 200."""
 
     def __init__(self, binary: Path, gguf: Path, mmproj: Path, slots: int, ctx_per_slot: int, threads: int) -> None:
-        self.port, self.label, self.burst = free_port(), f"llama-server -np {slots}", peer_burst
+        self.port, self.label, self.burst = free_port(), f"llama-server -np {slots}", functools.partial(burst, mqt=False)
         self.cmd = [str(binary), "-m", str(gguf), "--mmproj", str(mmproj), "-np", str(slots), "-cb",
                     "-c", str(slots * ctx_per_slot), "-t", str(threads), "-tb", str(threads),
                     "--no-jinja", "--chat-template", "vicuna", "--host", "127.0.0.1", "--port", str(self.port),
                     "--no-webui"]
         self.launch(self.cmd)
-
-
-async def peer_one(client: httpx.AsyncClient, url: str, seed: int, m: int, new: int) -> tuple[float, int, float]:
-    """batch_serve.one for llama-server: TTFT is its first chunk with a choice.
-
-    llama-server sends that chunk (the role, with `timings.prompt_n` filled) once the first token is
-    sampled; the random weights' tokens often decode to no text, so the first content would be late.
-    """
-    body = {"max_tokens": new, "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": [{"type": "text", "text": "What color is the circle?"},
-                                                      {"type": "image_url", "image_url": {"url": image_url(seed)}}]}]}
-    t0, ttft, tokens = time.perf_counter(), None, 0
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"{r.status_code}: {(await r.aread())[:300]!r}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if ttft is None and chunk.get("choices"):
-                ttft = time.perf_counter() - t0
-    return ttft or 0.0, tokens, time.perf_counter() - t0
-
-
-async def peer_burst(url: str, seeds: list[int], m: int, new: int, concurrent: bool = True) -> dict:
-    async with httpx.AsyncClient() as client:
-        t0 = time.perf_counter()
-        got = await asyncio.gather(*(peer_one(client, url, s, m, new) for s in seeds))
-        wall = time.perf_counter() - t0
-    return {"tok_s": sum(g[1] for g in got) / wall, "answers_s": len(seeds) / wall, "ttft": [g[0] for g in got],
-            "tokens": sum(g[1] for g in got)}
 
 
 def measure(servers: dict, levels: list[int], rounds: int, m: int, new: int) -> dict:
