@@ -78,11 +78,9 @@ class CoreShare:
         try:
             yield
         finally:
-            with self._cv:
+            with self._cv:  # a re-entrant lock: hold() takes it again
                 self._vision -= want
-                # this image's prefill is about to be submitted: let it go before the next image
-                self._hold_until = max(self._hold_until, time.monotonic() + FOLLOWUP_S)
-                self._cv.notify_all()
+                self.hold(FOLLOWUP_S)  # this image's prefill comes next: it goes before the next image
 
     def hold(self, seconds: float) -> None:
         """Keep vision waiting for up to `seconds`, or until the next urgent step starts."""
