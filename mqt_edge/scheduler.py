@@ -204,6 +204,11 @@ class CellBook:
             seq.spans.append(_Span(seq.n_past, seq.n_past + n, {seq}))
         self.count += n
 
+    def restored(self, seq: Sequence, n: int) -> None:
+        """seq's positions 0..n-1 came back from the host: all its own cells, the head included."""
+        seq.spans = [_Span(0, n, {seq})]
+        self.count += n
+
     def cut(self, seq: Sequence, keep: int) -> None:
         """seq lets go of its positions from `keep` on; a cell another sequence holds stays counted."""
         for span in [s for s in seq.spans if s.start < keep < s.end]:
@@ -284,8 +289,7 @@ class SequencePool:
             self.free_ids.append(seq.id)
             seq.id = None
             return False
-        seq.spans = [_Span(0, seq.n_past, {seq})]
-        self.book.count += seq.n_past
+        self.book.restored(seq, seq.n_past)
         self.parked_bytes -= seq.parked.size
         seq.parked = None
         return True
@@ -395,8 +399,7 @@ class SequencePool:
             raise MQTEdgeError("no room in the context to copy the conversation",
                                "send the request again, or raise --cache-mb")
         self.ctx.seq_rm(dst.id, n, -1)
-        dst.spans = [_Span(0, n, {dst})]
-        self.book.count += n
+        self.book.restored(dst, n)
 
 
 class _Batches:
