@@ -77,15 +77,12 @@ class _Policy:
             return TokenChoice(self.check_tokens(m))
         import dataclasses
 
-        from .profiles import load_profile
-        from .profiles.planner import ModelFacts, Options, PlanError, plan
+        from .profiles.planner import PlanError, plan
 
-        prof = self.device_profile() if profile is None else load_profile(profile, self.mode)
-        name = prof.name + (f" ({prof.mode})" if prof.mode else "")
+        prof, name = self._profile(profile)
         if m is not None:
             return TokenChoice(self.check_tokens(m), name)
-        facts = ModelFacts.from_bundle(self.bundle)
-        options = Options.for_run(self.vision_backend, self.n_gpu_layers, self.sequential, facts, self.vision_precision)
+        facts, options = self._run_facts()
         options = dataclasses.replace(options, parallel=self.parallel)  # the context is sized for `parallel`
         result = plan(prof, facts, ttft_ms, memory_mb, max_new_tokens, options)
         if result.chosen_m is None:
@@ -96,18 +93,29 @@ class _Policy:
         predicted = {"memory_mb": c.memory_mb, "ttft_ms": c.ttft_ms, "total_ms": c.total_ms, "reason": result.reason}
         return TokenChoice(result.chosen_m, name, predicted)
 
+    def _profile(self, profile: str | None) -> tuple:
+        """(the profile to plan on, its name as answers show it)."""
+        from .profiles import load_profile
+
+        prof = self.device_profile() if profile is None else load_profile(profile, self.mode)
+        return prof, prof.name + (f" ({prof.mode})" if prof.mode else "")
+
+    def _run_facts(self) -> tuple:
+        """(the bundle's facts, this pipeline's run options) for the planner."""
+        from .profiles.planner import ModelFacts, Options
+
+        facts = ModelFacts.from_bundle(self.bundle)
+        return facts, Options.for_run(self.vision_backend, self.n_gpu_layers, self.sequential, facts,
+                                      self.vision_precision)
+
     def choose_stream_tokens(self, streams: int, rate_hz: float, answer_tokens: int = 32,
                              profile: str | None = None) -> TokenChoice:
         """m for `streams` streams sharing this pipeline, each answered `rate_hz` times a second: the
         planner's `plan_streams` on this device (`profile` overrides the pipeline's). One m for all
         streams; `predicted` holds the plan's per-stream rate, cycle and memory."""
-        from .profiles import load_profile
-        from .profiles.planner import ModelFacts, Options, PlanError, plan_streams
+        from .profiles.planner import PlanError, plan_streams
 
-        prof = self.device_profile() if profile is None else load_profile(profile, self.mode)
-        name = prof.name + (f" ({prof.mode})" if prof.mode else "")
-        facts = ModelFacts.from_bundle(self.bundle)
-        options = Options.for_run(self.vision_backend, self.n_gpu_layers, self.sequential, facts, self.vision_precision)
+        (prof, name), (facts, options) = self._profile(profile), self._run_facts()
         result = plan_streams(prof, facts, streams, rate_hz, None, answer_tokens, options)
         if result.chosen_m is None:
             raise PlanError(f"{result.reason} on {name}",
