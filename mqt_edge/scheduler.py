@@ -237,7 +237,45 @@ class CellBook:
             seq.spans.insert(seq.spans.index(span) + 1, tail)
 
 
-class SequencePool:
+class _Forks:
+    """A second conversation about a cached image (SequencePool's half for forks): the parent's
+    cells shared in the context, or its parked bytes copied from the host. Expects the pool's ctx,
+    book, open, room and on_forget."""
+
+    def fork(self, src: Sequence, dst: Sequence, n: int) -> None:
+        """Open `dst` holding `src`'s first `n` positions, `src` untouched: its cells shared in the
+        context when it is resident, else its parked bytes restored into `dst` and cut to `n`."""
+        if src.closed or (not src.resident and src.parked is None):
+            raise ClosedError("this conversation was dropped from the cache", "start it again")
+        src.busy += 1  # not parked to free an id for dst: sharing its cells beats a host copy
+        try:
+            self.open(dst)
+        except MQTEdgeError:
+            src.busy -= 1
+            self.open(dst)  # src was the only idle sequence: it goes to the host, dst copies from there
+        else:
+            src.busy -= 1
+        try:
+            if src.resident:
+                self.ctx.seq_cp(src.id, dst.id, dst.n_past, n)
+                self.book.share(src, dst, dst.n_past, n)
+            else:
+                self._fork_parked(src, dst, n)
+        except BaseException:
+            self.on_forget(dst)
+            raise
+        dst.n_past = n
+
+    def _fork_parked(self, src: Sequence, dst: Sequence, n: int) -> None:
+        self.ctx.seq_rm(dst.id, 0, -1)  # the restored cells replace the shared head's
+        if not self.room(src.n_past, keep=dst) or not self.ctx.seq_restore(dst.id, src.parked):
+            raise MQTEdgeError("no room in the context to copy the conversation",
+                               "send the request again, or raise --cache-mb")
+        self.ctx.seq_rm(dst.id, n, -1)
+        self.book.restored(dst, n)
+
+
+class SequencePool(_Forks):
     """The memory side of the scheduler: sequence ids, the context's cells (one pool, unified), and the
     host's parked sequences. Only the loop thread calls it."""
 
@@ -369,40 +407,51 @@ class SequencePool:
         self.reserved -= job.reserved
         job.reserved = 0
 
-    def fork(self, src: Sequence, dst: Sequence, n: int) -> None:
-        """Open `dst` holding `src`'s first `n` positions, `src` untouched: its cells shared in the
-        context when it is resident, else its parked bytes restored into `dst` and cut to `n`."""
-        if src.closed or (not src.resident and src.parked is None):
-            raise ClosedError("this conversation was dropped from the cache", "start it again")
-        src.busy += 1  # not parked to free an id for dst: sharing its cells beats a host copy
-        try:
-            self.open(dst)
-        except MQTEdgeError:
-            src.busy -= 1
-            self.open(dst)  # src was the only idle sequence: it goes to the host, dst copies from there
+
+class _Endings:
+    """How jobs and sequences end (the Scheduler's half that fails, finishes and forgets them), and
+    what cores.py asks of the loop. Expects the Scheduler's pool, _waiting, _prefill, _decoding and
+    _commands."""
+
+    def _shutdown(self) -> None:
+        exc = ClosedError("the pipeline is closed", "load the bundle again (Pipeline.load)")
+        for run in self._commands:
+            run()
+        for job in list(self._waiting) + list(self._prefill) + self._decoding:
+            job._fail(exc)
+
+    def _urgent(self) -> bool:
+        """Whether the next step prefills (a first token waits on it); read from cores.py's wait."""
+        return bool(self._waiting or self._prefill)
+
+    def _forget(self, seq: Sequence) -> None:
+        seq.closed = True
+        if seq not in self.pool.seqs:
+            return
+        for job in [j for j in self._waiting if j.seq is seq]:
+            self._waiting.remove(job)
+            self._finish(job, ClosedError("this session is closed", "start a new one"))
+        self.pool.discard(seq)
+
+    def _finish(self, job: Job, exc: BaseException | None = None) -> None:
+        seq = job.seq
+        if job in self._prefill:
+            self._prefill.remove(job)
+        if job in self._decoding:
+            self._decoding.remove(job)
+        self.pool.release(job)
+        seq.busy -= 1
+        seq.used = next(_order)
+        if exc is not None:
+            job._fail(exc)
         else:
-            src.busy -= 1
-        try:
-            if src.resident:
-                self.ctx.seq_cp(src.id, dst.id, dst.n_past, n)
-                self.book.share(src, dst, dst.n_past, n)
-            else:
-                self._fork_parked(src, dst, n)
-        except BaseException:
-            self.on_forget(dst)
-            raise
-        dst.n_past = n
-
-    def _fork_parked(self, src: Sequence, dst: Sequence, n: int) -> None:
-        self.ctx.seq_rm(dst.id, 0, -1)  # the restored cells replace the shared head's
-        if not self.room(src.n_past, keep=dst) or not self.ctx.seq_restore(dst.id, src.parked):
-            raise MQTEdgeError("no room in the context to copy the conversation",
-                               "send the request again, or raise --cache-mb")
-        self.ctx.seq_rm(dst.id, n, -1)
-        self.book.restored(dst, n)
+            job.prefilled.set()
+            job._put(None)
+        if seq.closed and not seq.busy and seq in self.pool.seqs:
+            self._forget(seq)
 
 
-class _Batches:
+class _Batches(_Endings):
     """How the loop builds each step's batches and hands their logits back (the Scheduler's half that
     talks to llama.cpp every step). Expects the Scheduler's ctx, pool, n_batch, _prefill, _decoding
     and _finish."""
@@ -508,14 +557,6 @@ class _Batches:
     def _has_work(self) -> bool:
         return bool(self._closing or self._commands or self._waiting or self._prefill
                     or any(not j.gen.paused or j.cancelled for j in self._decoding))
-
-
-    def _shutdown(self) -> None:
-        exc = ClosedError("the pipeline is closed", "load the bundle again (Pipeline.load)")
-        for run in self._commands:
-            run()
-        for job in list(self._waiting) + list(self._prefill) + self._decoding:
-            job._fail(exc)
 
 
     def _admit(self) -> None:
@@ -694,33 +735,3 @@ class Scheduler(_Batches):
                 for job in list(self._prefill) + self._decoding:
                     self._finish(job, exc)
         self._shutdown()
-
-    def _urgent(self) -> bool:
-        """Whether the next step prefills (a first token waits on it); read from cores.py's wait."""
-        return bool(self._waiting or self._prefill)
-
-    def _forget(self, seq: Sequence) -> None:
-        seq.closed = True
-        if seq not in self.pool.seqs:
-            return
-        for job in [j for j in self._waiting if j.seq is seq]:
-            self._waiting.remove(job)
-            self._finish(job, ClosedError("this session is closed", "start a new one"))
-        self.pool.discard(seq)
-
-    def _finish(self, job: Job, exc: BaseException | None = None) -> None:
-        seq = job.seq
-        if job in self._prefill:
-            self._prefill.remove(job)
-        if job in self._decoding:
-            self._decoding.remove(job)
-        self.pool.release(job)
-        seq.busy -= 1
-        seq.used = next(_order)
-        if exc is not None:
-            job._fail(exc)
-        else:
-            job.prefilled.set()
-            job._put(None)
-        if seq.closed and not seq.busy and seq in self.pool.seqs:
-            self._forget(seq)
