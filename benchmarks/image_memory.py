@@ -18,8 +18,6 @@ import argparse
 import base64
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from batch_serve import Process, free_port  # noqa: E402
 
 SIZES = {"1 MP": (1155, 866), "16 MP": (4619, 3464), "64 MP": (9237, 6928)}  # 4:3, 64 MP just under the limit
 
@@ -73,12 +74,6 @@ def library_case(path: Path) -> dict:
     return json.loads(r.stdout)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _proc_mb(pid: int, key: str) -> int:
     text = Path(f"/proc/{pid}/status").read_text()
     return next(int(line.split()[1]) // 1024 for line in text.splitlines() if line.startswith(key))
@@ -87,40 +82,29 @@ def _proc_mb(pid: int, key: str) -> int:
 def server_case(path: Path, bundle: str) -> dict:
     import httpx
 
-    port = _free_port()
-    cmd = [sys.executable, "-m", "mqt_edge", "serve", "--bundle", bundle, "--port", str(port),
-           "--max-body-mb", "64", "--model-name", "m", "--max-new-tokens", "4"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    srv = Process()
+    srv.port, srv.label = free_port(), "mqt-edge serve"
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            return {"error": "the server did not become healthy in 120 s"}
+        srv.launch([sys.executable, "-m", "mqt_edge", "serve", "--bundle", bundle, "--port", str(srv.port),
+                    "--max-body-mb", "64", "--model-name", "m", "--max-new-tokens", "4"])
+    except RuntimeError as exc:  # exited or never healthy: a row that says so
+        return {"error": str(exc)}
+    try:
         kind = "jpeg" if path.suffix == ".jpg" else "png"
         image_url = f"data:image/{kind};base64," + base64.b64encode(path.read_bytes()).decode()
         body = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": [
             {"type": "text", "text": "What color is the circle?"},
             {"type": "image_url", "image_url": {"url": image_url}}]}]}
-        base = _proc_mb(proc.pid, "VmRSS")
+        pid = srv.proc.pid
+        base = _proc_mb(pid, "VmRSS")
         t = time.perf_counter()
-        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=300)
+        r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=300)
         seconds = time.perf_counter() - t
         time.sleep(2)
-        return {"status": r.status_code, "base_mb": base, "peak_mb": _proc_mb(proc.pid, "VmHWM"),
-                "after_mb": _proc_mb(proc.pid, "VmRSS"), "seconds": round(seconds, 2)}
+        return {"status": r.status_code, "base_mb": base, "peak_mb": _proc_mb(pid, "VmHWM"),
+                "after_mb": _proc_mb(pid, "VmRSS"), "seconds": round(seconds, 2)}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        srv.stop()
 
 
 def main() -> None:
