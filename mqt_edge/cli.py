@@ -131,9 +131,9 @@ def export_cmd(
         screen = err
     from .exporters.job import INTERRUPTED
 
-    def on_sigint(_sig, _frame):
-        INTERRUPTED.set()  # seen at the next stage boundary even if this raise is swallowed
-        raise KeyboardInterrupt
+    def on_sigint(_sig, frame):
+        INTERRUPTED.set()  # seen at the next stage boundary even if no raise reaches the export
+        interrupt_unless_finalizing(frame)
 
     signal.signal(signal.SIGINT, on_sigint)
     try:
@@ -156,6 +156,17 @@ class ExportInterrupted(MQTEdgeError):
     """Ctrl-C during an export: the staging directory is gone and --out untouched."""
 
     exit_code = 130
+
+
+def interrupt_unless_finalizing(frame) -> None:
+    """Raise KeyboardInterrupt where the signal landed, unless that is inside a `__del__`: Python
+    swallows an exception there and prints its traceback ("Exception ignored in ..."), so the
+    interrupted export is left to its next stage boundary (exporters.job.INTERRUPTED)."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return
+        frame = frame.f_back
+    raise KeyboardInterrupt
 
 
 def _export_with_progress(export, opts, screen: Console):

@@ -114,3 +114,26 @@ def test_gpu_layers_on_this_llama_cpp_in_a_real_process(shipped_bundle):
     r = cli("run", SHAPES, CIRCLE, "--bundle", str(shipped_bundle), "--n-gpu-layers", "1")
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "without GPU offload" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_an_interrupt_never_raises_inside_a_finalizer():
+    # Ctrl-C during export: a KeyboardInterrupt raised inside __del__ is swallowed by Python and its
+    # traceback printed ("Exception ignored in ..."); the export stops at its next stage instead
+    import sys
+
+    from mqt_edge.cli import interrupt_unless_finalizing
+
+    seen = []
+
+    class Finalized:
+        def __del__(self):
+            try:
+                interrupt_unless_finalizing(sys._getframe())
+                seen.append("no raise")
+            except KeyboardInterrupt:
+                seen.append("raised")
+
+    Finalized()  # collected at once: __del__ runs here
+    assert seen == ["no raise"]
+    with pytest.raises(KeyboardInterrupt):
+        interrupt_unless_finalizing(sys._getframe())
