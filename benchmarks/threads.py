@@ -9,9 +9,10 @@ Each configuration is (threads, busy, wait):
   the measurement and killed after it), as ROS nodes and perception do on a robot;
 - wait: how idle threads wait. `spin` is the libraries' default (MQT_EDGE_SPIN=on): llama-cpp-python's
   wheels build ggml with OpenMP, whose barriers spin (libgomp's default spin count) before sleeping,
-  and onnxruntime's intra-op pool spins too. `passive` (mqt-edge's default since issue 24) sets
-  OMP_WAIT_POLICY=PASSIVE (libgomp sleeps at once) and onnxruntime's
-  `session.intra_op.allow_spinning` = 0. (ggml's own threadpool `poll` level only
+  and onnxruntime's intra-op pool spins too. `passive` (mqt-edge's default from issue 24 to issue 22)
+  sets OMP_WAIT_POLICY=PASSIVE (libgomp sleeps at once) and onnxruntime's
+  `session.intra_op.allow_spinning` = 0. `short` (the default now) is passive with GOMP_SPINCOUNT=1000:
+  libgomp spins about 10 us at a barrier before it sleeps. (ggml's own threadpool `poll` level only
   applies to builds without OpenMP; `llama_print_system_info` says which: OPENMP = 1.)
 
 Every configuration runs in a fresh process (libgomp reads its environment once, when it loads).
@@ -42,7 +43,7 @@ def configs(cores: int) -> list[tuple[int, int, str]]:
     out = []
     for busy in (0, 1):
         for t in threads:
-            out += [(t, busy, "spin")] + ([(t, busy, "passive")] if t > 1 else [])
+            out += [(t, busy, "spin")] + ([(t, busy, "passive"), (t, busy, "short")] if t > 1 else [])
     return out
 
 
@@ -73,17 +74,23 @@ def child(bundle: str, threads: int, wait: str, requests: int, m: int, decode: i
             ttft.append(t["ttft"])
             vision.append(t["vision"])
             prefill.append(t["prefill"])
-        ctx = pipe.llm.context(len(pipe.prefix_ids) + decode + 8, threads=threads)
-        try:
-            ctx.feed_tokens(list(pipe.prefix_ids))
-            token = int(ctx.logits().argmax())
-            t0 = time.perf_counter()
-            for _ in range(decode):
-                ctx.feed_tokens([token])
+
+        def decode_rate() -> float:
+            ctx = pipe.llm.context(len(pipe.prefix_ids) + decode + 8, threads=threads)
+            try:
+                ctx.feed_tokens(list(pipe.prefix_ids))
                 token = int(ctx.logits().argmax())
-            tok_s = decode / (time.perf_counter() - t0)
-        finally:
-            ctx.close()
+                t0 = time.perf_counter()
+                for _ in range(decode):
+                    ctx.feed_tokens([token])
+                    token = int(ctx.logits().argmax())
+                return decode / (time.perf_counter() - t0)
+            finally:
+                ctx.close()
+
+        # on the scheduler's thread, as the pipeline decodes: a second calling thread would get a
+        # libgomp pool of its own and throttled barriers (mqt_edge/scheduler.py)
+        tok_s = pipe.scheduler.call(decode_rate)
         return {"ttft": statistics.median(ttft), "vision": statistics.median(vision),
                 "prefill": statistics.median(prefill), "decode_tok_s": tok_s, "backends": pipe.backends}
 
@@ -103,9 +110,11 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 def run_one(bundle: str, cfg: tuple[int, int, str], args) -> dict:
     threads, busy, wait = cfg
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "MQT_EDGE_SPIN")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MQT_EDGE_SPIN")}
     if wait == "passive":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
+    elif wait == "short":
+        pass  # mqt-edge's default: quiet_waits() sets OMP_WAIT_POLICY=PASSIVE and GOMP_SPINCOUNT=SHORT_SPIN
     else:  # the libraries' own spinning, which mqt-edge turns off unless MQT_EDGE_SPIN=on
         env["MQT_EDGE_SPIN"] = "on"
     cmd = [sys.executable, __file__, "--child", "--bundle", bundle, "--threads", str(threads), "--wait", wait,

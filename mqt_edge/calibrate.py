@@ -66,7 +66,9 @@ def measure(bundle_dir: str, runs: int = 2, threads: int | None = None) -> Calib
         manifest = pipe.bundle.manifest
         precision = pipe.vision.precision  # the graph the timings were measured on
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the batch's own context
-        batch = measure_batched(pipe.llm, pipe.threads)
+        # on the scheduler's loop thread, where the pipeline's own decodes run: one more calling
+        # thread would give libgomp a second worker pool and throttle its barriers (scheduler.py)
+        batch = pipe.scheduler.call(lambda: measure_batched(pipe.llm, pipe.threads))
     t = lambda a, k: a.timings_ms[k]  # noqa: E731
     mqt_fixed, mqt_slope = line_fit([m for m, _ in rows], [t(a, "mqt") for _, a in rows])
     prefill_fixed, prefill_slope = line_fit([a.prefilled for _, a in rows], [t(a, "prefill") for _, a in rows])

@@ -19,6 +19,13 @@ DEFAULT_MODEL = Path(__file__).parent / "assets" / "default-model"
 # TTFT 3-15x longer on shared cores (docs/benchmarks.md, "Threads on a busy CPU").
 SPIN_ENV = "MQT_EDGE_SPIN"
 
+# How long a waiting llama.cpp thread spins before it sleeps, in libgomp's spins (it estimates 100000
+# a millisecond): about 10 us. With OpenMP every ggml barrier (several per layer) is an OpenMP barrier,
+# so sleeping at once costs a futex wake at each: a lone decode of the bench preset ran 22 steps/s
+# sleeping, 36 with this spin and 34 with libgomp's default spin, and with one core taken by another
+# process 19, 15 and 2 (docs/benchmarks.md, "Threads on a busy CPU").
+SHORT_SPIN = 1000
+
 # Other processes' share of the cores, in cores, from which `doctor` says to pass fewer threads:
 # one whole core's worth of the 1-minute load average.
 BUSY_CORES = 1.0
@@ -51,8 +58,11 @@ def spinning() -> bool:
 
 
 def quiet_waits() -> None:
-    """Make llama.cpp's OpenMP threads sleep when they wait (OMP_WAIT_POLICY=PASSIVE), unless
-    MQT_EDGE_SPIN=on or the user set OMP_WAIT_POLICY. libgomp reads its environment once, when it
-    loads, so this runs before llama.cpp's libraries are first loaded."""
-    if not spinning():
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    """Make llama.cpp's OpenMP threads spin only briefly when they wait, then sleep
+    (OMP_WAIT_POLICY=PASSIVE with GOMP_SPINCOUNT=SHORT_SPIN), unless MQT_EDGE_SPIN=on or the user set
+    either variable. libgomp reads its environment once, when it loads, so this runs before
+    llama.cpp's libraries are first loaded."""
+    if spinning() or "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = str(SHORT_SPIN)

@@ -622,15 +622,25 @@ class Scheduler(_Batches):
         self.steps = self.rows = self.max_rows = 0
         self._followup = False
         self.head_len = 0
+        self._thread = threading.Thread(target=self._loop, name="mqt-scheduler", daemon=True)
+        self._thread.start()
+        # Every llama.cpp call runs on the loop thread, the head's too: libgomp keeps a pool of
+        # worker threads per calling thread, and once its threads outnumber the cores its barriers
+        # stop spinning (docs/runtime.md, "Threads"), which made a lone decode 1.4x slower here.
         if head_cache and head_ids:  # the prompt before <image>, computed once
-            for start in range(0, len(head_ids), n_batch):
-                chunk = head_ids[start:start + n_batch]
-                self.ctx.decode_tokens([(0, start + i, t, False) for i, t in enumerate(chunk)])
+            try:
+                self.call(self._prefill_head)
+            except BaseException:
+                self.close()
+                raise
             self.head_len = len(head_ids)
         self.pool = SequencePool(self.ctx, self.n_ctx, n_seq, self.head_len, self.head_ids, self.host_bytes,
                                  self._forget)
-        self._thread = threading.Thread(target=self._loop, name="mqt-scheduler", daemon=True)
-        self._thread.start()
+
+    def _prefill_head(self) -> None:
+        for start in range(0, len(self.head_ids), self.n_batch):
+            chunk = self.head_ids[start:start + self.n_batch]
+            self.ctx.decode_tokens([(0, start + i, t, False) for i, t in enumerate(chunk)])
 
     # -- calls from any thread -----------------------------------------------------------------------
     def open(self, droppable: bool = False) -> Sequence:
@@ -734,4 +744,20 @@ class Scheduler(_Batches):
                 log.error("batch failed: %s", exc)
                 for job in list(self._prefill) + self._decoding:
                     self._finish(job, exc)
+            except Exception as exc:  # a bug: its callers get an error instead of waiting forever
+                log.exception("the scheduler's step failed")
+                self._fail_all(MQTEdgeError(f"the scheduler failed: {type(exc).__name__}: {exc}",
+                                            "report this with the output of `mqt-edge doctor`"))
         self._shutdown()
+
+    def _fail_all(self, exc: MQTEdgeError) -> None:
+        """Fail every job the loop holds; a job whose own ending fails is still failed."""
+        for job in list(self._waiting) + list(self._prefill) + self._decoding:
+            try:
+                if job in self._waiting:
+                    self._waiting.remove(job)
+                self._finish(job, exc)
+            except Exception:  # its books may be what broke
+                job._fail(exc)
+        self._prefill.clear()
+        self._decoding.clear()

@@ -174,3 +174,53 @@ def test_a_reply_signals_its_first_token_before_any_text(tiny4):
         out = c.reply(Q, max_new_tokens=6, on_piece=calls.append)
     assert calls[0] == "" and "" not in calls[1:]
     assert "".join(calls).strip() == out.text
+
+
+def test_a_failing_step_fails_its_requests_and_the_loop_serves_the_next(tiny_f32_bundle, monkeypatch):
+    """A bug in a step (here: the context raising something unexpected) reaches the waiting caller as
+    an MQTEdgeError instead of leaving it waiting on a dead loop thread."""
+    from mqt_edge.errors import MQTEdgeError
+
+    with Pipeline.load(tiny_f32_bundle, threads=1, parallel=2) as pipe:
+        sched, im = pipe.scheduler, scene(seed=3)
+        good = sched.ctx.decode_tokens
+        calls = {"n": 0}
+
+        def broken(rows):
+            calls["n"] += 1
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(sched.ctx, "decode_tokens", broken)
+        box = {}
+        t = threading.Thread(target=lambda: box.setdefault("r", _try(lambda: pipe.ask(im, Q, m=4, max_new_tokens=4))))
+        t.start()
+        t.join(60)
+        assert not t.is_alive(), "the caller is still waiting on a failed step"
+        assert isinstance(box["r"], MQTEdgeError) and "boom" in str(box["r"]) and calls["n"] >= 1
+        monkeypatch.setattr(sched.ctx, "decode_tokens", good)
+        assert len(pipe.ask(scene(seed=4), Q, m=4, max_new_tokens=4).token_ids) == 4
+
+
+def _try(fn):
+    try:
+        return fn()
+    except Exception as exc:  # the test looks at it
+        return exc
+
+
+def test_every_llama_cpp_decode_runs_on_the_loop_thread(tiny_f32_bundle, monkeypatch):
+    """libgomp keeps a worker pool per calling thread; a second one throttles every barrier's spin
+    (a lone decode 1.4x slower on the bench preset), so the prompt head, requests and the calibration's
+    batched decode all run on the scheduler's thread."""
+    from mqt_edge.calibrate import measure_batched
+    from mqt_edge.runtimes.llama import SharedContext
+
+    seen = []
+    for name in ("decode_tokens", "decode_embeddings"):
+        real = getattr(SharedContext, name)
+        monkeypatch.setattr(SharedContext, name, lambda self, rows, _real=real: (
+            seen.append(threading.current_thread().name), _real(self, rows))[1])
+    with Pipeline.load(tiny_f32_bundle, threads=1, parallel=2) as pipe:
+        pipe.ask(scene(seed=5), Q, m=4, max_new_tokens=3)
+        pipe.scheduler.call(lambda: measure_batched(pipe.llm, 1, steps=2))
+    assert seen and set(seen) == {"mqt-scheduler"}, sorted(set(seen))

@@ -1,6 +1,7 @@
-"""Idle worker threads sleep rather than spin by default (defaults.py; docs/benchmarks.md, "Threads on
-a busy CPU"): OMP_WAIT_POLICY=PASSIVE for llama.cpp's OpenMP threads, no intra-op spinning for
-onnxruntime. MQT_EDGE_SPIN=on gives the libraries' own behaviour back."""
+"""Idle worker threads spin only briefly, then sleep, by default (defaults.py; docs/benchmarks.md,
+"Threads on a busy CPU"): OMP_WAIT_POLICY=PASSIVE with GOMP_SPINCOUNT=1000 for llama.cpp's OpenMP
+threads, no intra-op spinning for onnxruntime. MQT_EDGE_SPIN=on gives the libraries' own behaviour
+back, and a user's OMP_WAIT_POLICY or GOMP_SPINCOUNT stands."""
 
 import os
 import subprocess
@@ -11,20 +12,23 @@ import pytest
 from mqt_edge.bundle import Bundle
 from mqt_edge.runtimes.onnxruntime import OnnxRuntimeVision
 
-CODE = "import os; from mqt_edge.runtimes import llama; llama._lib(); print(os.environ.get('OMP_WAIT_POLICY'))"
+CODE = ("import os; from mqt_edge.runtimes import llama; llama._lib(); "
+        "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")
 
 
 def _policy_after_loading_llama(**env) -> str:
-    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "MQT_EDGE_SPIN")}
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MQT_EDGE_SPIN")}
     r = subprocess.run([sys.executable, "-c", CODE], env=clean | env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()
 
 
-def test_llama_cpp_threads_wait_passively_unless_told():
-    assert _policy_after_loading_llama() == "PASSIVE"
-    assert _policy_after_loading_llama(MQT_EDGE_SPIN="on") == "None"  # libgomp's own default
-    assert _policy_after_loading_llama(OMP_WAIT_POLICY="active") == "active"  # the user's choice stands
+def test_llama_cpp_threads_spin_briefly_then_sleep_unless_told():
+    assert _policy_after_loading_llama() == "PASSIVE 1000"
+    assert _policy_after_loading_llama(MQT_EDGE_SPIN="on") == "None None"  # libgomp's own default
+    assert _policy_after_loading_llama(OMP_WAIT_POLICY="active") == "active None"  # the user's choice stands
+    assert _policy_after_loading_llama(OMP_WAIT_POLICY="PASSIVE") == "PASSIVE None"  # sleeping at once
+    assert _policy_after_loading_llama(GOMP_SPINCOUNT="50000") == "None 50000"
 
 
 def _spinning_entry(sess) -> str | None:
