@@ -420,6 +420,18 @@ class _Endings:
         for job in list(self._waiting) + list(self._prefill) + self._decoding:
             job._fail(exc)
 
+    def _fail_all(self, exc: MQTEdgeError) -> None:
+        """Fail every job the loop holds; a job whose own ending fails is still failed."""
+        for job in list(self._waiting) + list(self._prefill) + self._decoding:
+            try:
+                if job in self._waiting:
+                    self._waiting.remove(job)
+                self._finish(job, exc)
+            except Exception:  # its books may be what broke
+                job._fail(exc)
+        self._prefill.clear()
+        self._decoding.clear()
+
     def _urgent(self) -> bool:
         """Whether the next step prefills (a first token waits on it); read from cores.py's wait."""
         return bool(self._waiting or self._prefill)
@@ -486,6 +498,11 @@ class _Batches(_Endings):
             for job, n, want in owners:
                 self._advance(job, n, next(logits) if want else None)
         self._embeddings()
+
+    def _prefill_head(self) -> None:
+        for start in range(0, len(self.head_ids), self.n_batch):
+            chunk = self.head_ids[start:start + self.n_batch]
+            self.ctx.decode_tokens([(0, start + i, t, False) for i, t in enumerate(chunk)])
 
     def _embeddings(self) -> None:
         parts, owners, room = [], [], self._embed_limit
@@ -637,11 +654,6 @@ class Scheduler(_Batches):
         self.pool = SequencePool(self.ctx, self.n_ctx, n_seq, self.head_len, self.head_ids, self.host_bytes,
                                  self._forget)
 
-    def _prefill_head(self) -> None:
-        for start in range(0, len(self.head_ids), self.n_batch):
-            chunk = self.head_ids[start:start + self.n_batch]
-            self.ctx.decode_tokens([(0, start + i, t, False) for i, t in enumerate(chunk)])
-
     # -- calls from any thread -----------------------------------------------------------------------
     def open(self, droppable: bool = False) -> Sequence:
         """A new sequence holding the prompt head (shared cells), resident."""
@@ -749,15 +761,3 @@ class Scheduler(_Batches):
                 self._fail_all(MQTEdgeError(f"the scheduler failed: {type(exc).__name__}: {exc}",
                                             "report this with the output of `mqt-edge doctor`"))
         self._shutdown()
-
-    def _fail_all(self, exc: MQTEdgeError) -> None:
-        """Fail every job the loop holds; a job whose own ending fails is still failed."""
-        for job in list(self._waiting) + list(self._prefill) + self._decoding:
-            try:
-                if job in self._waiting:
-                    self._waiting.remove(job)
-                self._finish(job, exc)
-            except Exception:  # its books may be what broke
-                job._fail(exc)
-        self._prefill.clear()
-        self._decoding.clear()
