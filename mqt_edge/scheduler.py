@@ -50,6 +50,12 @@ _order = itertools.count()
 # request (nobody decoding) still prefills in full batches.
 PREFILL_WHILE_DECODING = 64
 
+# How long the loop waits, after handing out a step's tokens, for the callers reading them to take
+# them and come back, before it starts the next step: a caller's Python running during a decode takes
+# a core from one of llama.cpp's threads, and every barrier waits on that thread. Waiting made a step
+# of 4 streams 1.2x faster here (docs/benchmarks.md); a slower caller costs each step this much at most.
+SETTLE_S = 0.003
+
 
 class Sequence:
     """One conversation's positions in the shared context (resident) or on the host (parked)."""
@@ -114,6 +120,8 @@ class Job:
         self.done = False  # the loop let go of it
         self._queue: deque[int | None] = deque()
         self._cv = threading.Condition()
+        self.reader = False  # a caller is reading tokens()
+        self._back = False  # ... and waits in it for the next token
         self.reserved = 0  # cells still reserved for it (need less what it has fed)
 
     # -- the caller's side ---------------------------------------------------------------------------
@@ -124,16 +132,23 @@ class Job:
 
     def tokens(self):
         """Resume the paused generation and yield its token ids until it ends."""
-        self.seq.scheduler._resume(self)
-        while True:
-            with self._cv:
-                self._cv.wait_for(lambda: self._queue)
-                item = self._queue.popleft()
-            if item is None:
-                if self.error is not None:
-                    raise self.error
-                return
-            yield item
+        self.reader = True  # the loop waits a moment for this reader between steps (SETTLE_S)
+        try:
+            self.seq.scheduler._resume(self)
+            while True:
+                with self._cv:
+                    self._back = True  # back for the next token: the loop may start its next step
+                    self._cv.notify_all()
+                    self._cv.wait_for(lambda: self._queue)
+                    self._back = False
+                    item = self._queue.popleft()
+                if item is None:
+                    if self.error is not None:
+                        raise self.error
+                    return
+                yield item
+        finally:
+            self.reader = False
 
     def cancel(self) -> None:
         """Stop at the next step and wait until the loop lets go of the sequence; the tokens
@@ -149,6 +164,12 @@ class Job:
             self.done = self.done or item is None
             self._queue.append(item)
             self._cv.notify_all()
+
+    def _settle(self, until: float) -> None:
+        """Wait (until `until`, monotonic) for the caller to take its token and come back for the next."""
+        with self._cv:
+            self._cv.wait_for(lambda: self.done or not self.reader or (self._back and not self._queue),
+                              until - time.monotonic())
 
     def _fail(self, exc: BaseException) -> None:
         self.error = exc
@@ -409,8 +430,8 @@ class SequencePool(_Forks):
 
 
 class _Endings:
-    """How jobs and sequences end (the Scheduler's half that fails, finishes and forgets them), and
-    what cores.py asks of the loop. Expects the Scheduler's pool, _waiting, _prefill, _decoding and
+    """How jobs and sequences end (the Scheduler's half that fails, finishes and forgets them), how
+    the loop lets callers take their tokens, and what cores.py asks of the loop. Expects the Scheduler's pool, _waiting, _prefill, _decoding and
     _commands."""
 
     def _shutdown(self) -> None:
@@ -431,6 +452,13 @@ class _Endings:
                 job._fail(exc)
         self._prefill.clear()
         self._decoding.clear()
+
+    def _settle(self) -> None:
+        """Let the readers take this step's tokens before the next step (up to SETTLE_S)."""
+        until = time.monotonic() + SETTLE_S
+        for job in self._handed:
+            job._settle(until)
+        self._handed.clear()
 
     def _urgent(self) -> bool:
         """Whether the next step prefills (a first token waits on it); read from cores.py's wait."""
@@ -566,6 +594,8 @@ class _Batches(_Endings):
             self._finish(job)
             return
         job._put(g.last)
+        if job.reader:
+            self._handed.append(job)
         g.emitted += 1
         if g.emitted >= g.max_new:
             self._finish(job)
@@ -638,12 +668,12 @@ class Scheduler(_Batches):
         self._closing = False
         self.steps = self.rows = self.max_rows = 0
         self._followup = False
+        self._handed: list[Job] = []  # jobs whose reader was handed a token this step
         self.head_len = 0
         self._thread = threading.Thread(target=self._loop, name="mqt-scheduler", daemon=True)
         self._thread.start()
-        # Every llama.cpp call runs on the loop thread, the head's too: libgomp keeps a pool of
-        # worker threads per calling thread, and once its threads outnumber the cores its barriers
-        # stop spinning (docs/runtime.md, "Threads"), which made a lone decode 1.4x slower here.
+        # Every llama.cpp call runs on the loop thread, the head's too: a second calling thread gets a
+        # libgomp pool of its own, which throttles every barrier's spin (docs/runtime.md, "Threads").
         if head_cache and head_ids:  # the prompt before <image>, computed once
             try:
                 self.call(self._prefill_head)
@@ -752,6 +782,7 @@ class Scheduler(_Batches):
                 if self._followup:  # an image was prefilled: its question comes next, before other vision
                     self._followup = False
                     self.cores.hold(FOLLOWUP_S)
+                self._settle()
             except MQTEdgeError as exc:  # llama.cpp refused a batch: fail what was in it, keep serving
                 log.error("batch failed: %s", exc)
                 for job in list(self._prefill) + self._decoding:

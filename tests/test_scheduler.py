@@ -224,3 +224,31 @@ def test_every_llama_cpp_decode_runs_on_the_loop_thread(tiny_f32_bundle, monkeyp
         pipe.ask(scene(seed=5), Q, m=4, max_new_tokens=3)
         pipe.scheduler.call(lambda: measure_batched(pipe.llm, 1, steps=2))
     assert seen and set(seen) == {"mqt-scheduler"}, sorted(set(seen))
+
+
+def test_the_next_step_waits_for_a_caller_taking_its_token(tiny_f32_bundle, monkeypatch):
+    """A caller's own work per token runs between steps, not on the cores of the next decode: the
+    loop starts a step only once the callers that were waiting have taken their tokens (up to
+    SETTLE_S; raised here so a loaded machine cannot make the test flaky)."""
+    import time
+
+    from mqt_edge import scheduler as sched_mod
+
+    monkeypatch.setattr(sched_mod, "SETTLE_S", 0.25)
+    with Pipeline.load(tiny_f32_bundle, threads=1, parallel=2) as pipe:
+        sched = pipe.scheduler
+        starts = []
+        real = sched.ctx.decode_tokens
+        monkeypatch.setattr(sched.ctx, "decode_tokens", lambda rows: (starts.append(time.monotonic()), real(rows))[1])
+        seq = sched.open()
+        job = sched.submit(seq, sched.head_len, [("ids", pipe.llm.tokenize("Hello there", False))], max_new=12)
+        job.wait_prefill()
+        taken = []
+        for _ in job.tokens():
+            time.sleep(0.01)  # the caller's work on this token (the GIL is free meanwhile)
+            taken.append(time.monotonic())
+        seq.close()
+    # step k feeds token k (the 12th is not fed); token 0 came with the prefill, before the caller waited
+    feeds = starts[-(len(taken) - 1):]
+    waited = sum(feeds[k] >= taken[k] for k in range(1, len(taken) - 1))
+    assert len(taken) == 12 and waited >= len(taken) - 3, (waited, len(taken))
