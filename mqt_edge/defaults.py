@@ -21,9 +21,9 @@ SPIN_ENV = "MQT_EDGE_SPIN"
 
 # How long a waiting llama.cpp thread spins before it sleeps, in libgomp's spins (it estimates 100000
 # a millisecond): about 10 us. With OpenMP every ggml barrier (several per layer) is an OpenMP barrier,
-# so sleeping at once costs a futex wake at each: a lone decode of the bench preset ran 22 steps/s
-# sleeping, 36 with this spin and 34 with libgomp's default spin, and with one core taken by another
-# process 19, 15 and 2 (docs/benchmarks.md, "Threads on a busy CPU").
+# so sleeping at once costs a futex wake at each: the bench preset decoded 22.0 tok/s sleeping, 31.0
+# with this spin and 35.1 with libgomp's default spin, and with one core taken by another process
+# 19.5, 15.4 and 9.4 (docs/benchmarks.md, "Threads on a busy CPU").
 SHORT_SPIN = 1000
 
 # Other processes' share of the cores, in cores, from which `doctor` says to pass fewer threads:
