@@ -132,8 +132,11 @@ def export_cmd(
     from .exporters.job import INTERRUPTED
 
     def on_sigint(_sig, frame):
+        again = INTERRUPTED.is_set()
         INTERRUPTED.set()  # seen at the next stage boundary even if no raise reaches the export
-        interrupt_unless_finalizing(frame)
+        if not again and screen.is_terminal and unsafe_to_interrupt(frame):
+            screen.print("stopping after this stage (Ctrl-C again stops now)", highlight=False)
+        interrupt_unless_finalizing(frame, defer_native=not again)
 
     signal.signal(signal.SIGINT, on_sigint)
     try:
@@ -158,10 +161,28 @@ class ExportInterrupted(MQTEdgeError):
     exit_code = 130
 
 
-def interrupt_unless_finalizing(frame) -> None:
-    """Raise KeyboardInterrupt where the signal landed, unless that is inside a `__del__`: Python
-    swallows an exception there and prints its traceback ("Exception ignored in ..."), so the
-    interrupted export is left to its next stage boundary (exporters.job.INTERRUPTED)."""
+# Where a KeyboardInterrupt must not be raised: an import (a C extension's init, such as onnx's
+# pybind11 module, half done: the process crashed with SIGSEGV or SIGABRT and no message, the export
+# silencing fd 2; seen in CI with Ctrl-C at the start of an export) and Python code that torch calls
+# from C++ while it traces and exports (an exception may cross a C++ frame that cannot throw).
+_UNSAFE_FILES = ("<frozen importlib.", f"{os.sep}torch{os.sep}")
+
+
+def unsafe_to_interrupt(frame) -> bool:
+    while frame is not None:
+        if any(part in frame.f_code.co_filename for part in _UNSAFE_FILES):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def interrupt_unless_finalizing(frame, defer_native: bool = False) -> None:
+    """Raise KeyboardInterrupt where the signal landed, unless that is inside a `__del__` (Python
+    swallows an exception there and prints its traceback, "Exception ignored in ...") or, with
+    `defer_native`, inside an import or torch's code (`unsafe_to_interrupt`): the interrupted export
+    is then left to its next stage boundary (exporters.job.INTERRUPTED)."""
+    if defer_native and unsafe_to_interrupt(frame):
+        return
     while frame is not None:
         if frame.f_code.co_name == "__del__":
             return

@@ -137,3 +137,28 @@ def test_an_interrupt_never_raises_inside_a_finalizer():
     assert seen == ["no raise"]
     with pytest.raises(KeyboardInterrupt):
         interrupt_unless_finalizing(sys._getframe())
+
+
+def test_a_first_interrupt_inside_an_import_or_torch_waits_for_the_stage_boundary():
+    # torch runs Python from C++ while it traces and exports, and an import may be inside a C
+    # extension's init: a KeyboardInterrupt raised there can crash the process (seen in CI). The first Ctrl-C there is left to the next stage
+    # boundary; a second one (defer_native=False) raises where it lands.
+    import os
+    import sys
+
+    from mqt_edge.cli import interrupt_unless_finalizing
+
+    scope: dict = {"interrupt": interrupt_unless_finalizing, "sys": sys}
+    fake = os.path.join(os.sep, "site-packages", "torch", "onnx", "fake_exporter.py")
+    exec(compile("def forward(defer):\n    interrupt(sys._getframe(), defer_native=defer)\n", fake, "exec"), scope)
+    scope["forward"](True)  # deferred: no raise
+    with pytest.raises(KeyboardInterrupt):
+        scope["forward"](False)
+    # the same inside an import: a C extension's init interrupted half way crashed the process
+    exec(compile("def create_module(defer):\n    interrupt(sys._getframe(), defer_native=defer)\n",
+                 "<frozen importlib._bootstrap_external>", "exec"), scope)
+    scope["create_module"](True)
+    with pytest.raises(KeyboardInterrupt):
+        scope["create_module"](False)
+    with pytest.raises(KeyboardInterrupt):  # outside torch a first Ctrl-C still stops at once
+        interrupt_unless_finalizing(sys._getframe(), defer_native=True)
