@@ -33,6 +33,10 @@ from contextlib import contextmanager
 # How long vision waits, after an image is encoded or prefilled, for the same request's next LLM
 # job: its thread submits it within milliseconds; the wait ends as soon as that job's step starts.
 FOLLOWUP_S = 0.05
+# A decode step that started inside that wait can outlast it (60-90 ms with 2-4 streams here), and
+# the request's thread needs the loop between steps to open its sequence: so the wait starts again
+# when such a step ends, up to this long after the image in all.
+HOLD_MAX_S = 0.5
 
 
 class CoreShare:
@@ -46,6 +50,7 @@ class CoreShare:
         self._vision_waiting = 0
         self._llm_busy = False
         self._hold_until = 0.0  # vision waits until then (monotonic), or until an urgent step starts
+        self._hold_from = 0.0  # when that wait began
         # Whether the LLM has prefill work (a first token waits on it): set by the scheduler.
         self.urgent: Callable[[], bool] = lambda: False
 
@@ -86,7 +91,10 @@ class CoreShare:
         """Keep vision waiting for up to `seconds`, or until the next urgent step starts."""
         if self.total is not None:
             with self._cv:
-                self._hold_until = max(self._hold_until, time.monotonic() + seconds)
+                now = time.monotonic()
+                if self._held() <= 0:
+                    self._hold_from = now
+                self._hold_until = max(self._hold_until, now + seconds)
                 self._cv.notify_all()
 
     def wake(self) -> None:
@@ -111,6 +119,7 @@ class CoreShare:
                 self._cv.wait(self._held() if self._held() > 0 else None)
             if now_urgent:
                 self._hold_until = 0.0
+            held = self._held() > 0  # this step runs inside vision's wait for a follow-up
             self._llm_busy = True
             free = self.total - self._vision
         try:
@@ -118,4 +127,7 @@ class CoreShare:
         finally:
             with self._cv:
                 self._llm_busy = False
+                if held and self._hold_until > 0:  # no urgent step has ended the wait: it starts again
+                    self._hold_until = max(self._hold_until,
+                                           min(time.monotonic() + FOLLOWUP_S, self._hold_from + HOLD_MAX_S))
                 self._cv.notify_all()

@@ -153,3 +153,38 @@ def test_a_prefill_that_arrives_during_a_step_goes_before_the_waiting_image():
     for t in threads:
         t.join(5)
     assert order == ["decode", "prefill", "image"], order
+
+
+def test_a_step_that_outlasts_the_follow_up_wait_starts_it_again():
+    """After an image, vision waits FOLLOWUP_S for that request's LLM work; a decode step that began
+    inside the wait and outlasted it must not let the next image jump ahead of that request, whose
+    thread needs the loop between steps. Seen with 4 requests at once: the 3rd request's prefill
+    came after the 4th image."""
+    from mqt_edge.cores import FOLLOWUP_S
+
+    share, events = CoreShare(2), []
+    with share.vision(2):
+        pass  # an image: the follow-up wait starts
+    started = threading.Event()
+
+    def next_image():
+        started.wait()
+        with share.vision(2):
+            events.append(("vision", time.monotonic()))
+
+    t = threading.Thread(target=next_image)
+    t.start()
+    with share.llm():  # a decode step inside the wait, longer than it
+        started.set()
+        time.sleep(3 * FOLLOWUP_S)
+    step_end = time.monotonic()
+    time.sleep(FOLLOWUP_S / 5)  # the request's thread, back after the step: its prefill is urgent now
+    share.urgent = lambda: True
+    share.wake()
+    with share.llm():
+        events.append(("prefill", time.monotonic()))
+    share.urgent = lambda: False
+    share.wake()
+    t.join(5)
+    assert [k for k, _ in events] == ["prefill", "vision"], events
+    assert events[0][1] - step_end < 2 * FOLLOWUP_S
