@@ -431,19 +431,23 @@ class SequencePool(_Forks):
 
 class _Endings:
     """How jobs and sequences end (the Scheduler's half that fails, finishes and forgets them), how
-    the loop lets callers take their tokens, and what cores.py asks of the loop. Expects the Scheduler's pool, _waiting, _prefill, _decoding and
-    _commands."""
+    the loop lets callers take their tokens, and what cores.py asks of the loop. Expects the
+    Scheduler's pool, _waiting, _prefill, _decoding, _handed and _commands."""
+
+    def _held_jobs(self) -> list[Job]:
+        """Every job the loop holds: waiting, prefilling, decoding."""
+        return list(self._waiting) + list(self._prefill) + self._decoding
 
     def _shutdown(self) -> None:
         exc = ClosedError("the pipeline is closed", "load the bundle again (Pipeline.load)")
         for run in self._commands:
             run()
-        for job in list(self._waiting) + list(self._prefill) + self._decoding:
+        for job in self._held_jobs():
             job._fail(exc)
 
     def _fail_all(self, exc: MQTEdgeError) -> None:
         """Fail every job the loop holds; a job whose own ending fails is still failed."""
-        for job in list(self._waiting) + list(self._prefill) + self._decoding:
+        for job in self._held_jobs():
             try:
                 if job in self._waiting:
                     self._waiting.remove(job)
