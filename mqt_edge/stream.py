@@ -80,7 +80,8 @@ class Stream:
             self.mailbox, self.source = Latest(keep_all), iter(frames)
         self.skipped = self.answered = self.failed = 0
         self.error: BaseException | None = None  # what ended the stream early
-        self.started_at: float | None = None
+        self.started_at: float | None = None  # the first frame taken
+        self.first_at: float | None = None  # the first answer done
         self.last_at: float | None = None
 
     def read(self, stop: threading.Event) -> None:
@@ -139,6 +140,7 @@ class Stream:
             answer = s.answer(job.question, refine_to=ask.refine, confidence=ask.confidence, **ask.gen)
         answer.predicted = ask.predicted
         done = self.last_at = time.perf_counter()
+        self.first_at = self.first_at or done
         self.answered += 1
         ms = lambda a, b: round(1000 * (b - a), 2)  # noqa: E731
         timings = {"wait": ms(job.frame.arrived, job.taken), "encode": round(1000 * sum(job.encoded.seconds), 2),
@@ -147,8 +149,12 @@ class Stream:
                            self.name)
 
     def stats(self) -> dict:
+        """answers_per_s: the steady rate, answers after the first over the time between the first and
+        the last answer (from the first frame instead, the first answer's latency would count as one
+        more cycle); None before a second answer. seconds: first frame taken to last answer."""
         seconds = (self.last_at - self.started_at) if self.started_at and self.last_at else 0.0
-        rate = round((self.answered - 1) / seconds, 3) if self.answered > 1 and seconds else None
+        span = (self.last_at - self.first_at) if self.first_at and self.last_at else 0.0
+        rate = round((self.answered - 1) / span, 3) if self.answered > 1 and span else None
         return {"frames": self.mailbox.received, "answered": self.answered, "dropped": self.mailbox.dropped,
                 "skipped": self.skipped, "failed": self.failed, "seconds": round(seconds, 3), "answers_per_s": rate}
 

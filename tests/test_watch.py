@@ -170,3 +170,16 @@ def test_watch_refines_through_the_librarys_step_and_checks_its_arguments(pipe):
     for bad, message in ((dict(confidence=-1), "confidence=-1"), (dict(seed=-1), "seed=-1")):
         with pytest.raises(InputError, match=message):
             Watch(pipe, [EXAMPLE], Q, m=4, **bad)
+
+
+def test_answers_per_s_is_the_steady_rate_between_the_first_and_last_answer():
+    from mqt_edge.stream import Stream
+
+    s = Stream(None, None, [], Q, None, False, None)
+    assert s.stats()["answers_per_s"] is None  # nothing answered yet
+    # first frame taken at 100 s, answers done at 105, 107, 109, 111: one every 2 s once running
+    s.started_at, s.first_at, s.last_at, s.answered = 100.0, 105.0, 111.0, 4
+    stats = s.stats()
+    assert stats["answers_per_s"] == 0.5 and stats["seconds"] == 11.0, stats
+    s.first_at, s.answered = 111.0, 1  # one answer: no rate yet
+    assert s.stats()["answers_per_s"] is None
