@@ -393,6 +393,16 @@ def test_metrics_count_requests_hits_and_m(srv):
     assert httpx.get(srv.url + "/metrics", timeout=T).status_code == 401
 
 
+def test_a_second_first_question_about_a_cached_image_counts_as_a_fork(srv):
+    url = variant_url("fork-count")  # an image no other test sent
+    forks = httpx.get(srv.url + "/health", timeout=T).json()["cache"]["forks"]
+    counted = srv.metric("mqt_session_forks_total")
+    for q in (Q, "How many shapes are there?"):  # two clients, one image, different first questions
+        assert srv.post(chat(url) | {"messages": [user(q, url)]}).status_code == 200
+    assert httpx.get(srv.url + "/health", timeout=T).json()["cache"]["forks"] == forks + 1
+    assert srv.metric("mqt_session_forks_total") == counted + 1
+
+
 # -- the CLI, on a base install ---------------------------------------------------------------------------
 
 def test_cli_serve_runs_without_torch(bundle):

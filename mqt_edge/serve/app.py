@@ -164,7 +164,7 @@ def _health(state: _State):
                       "position_bytes": held.position_bytes, "context_positions": held.n_ctx,
                       "positions_used": held.cells_used, "in_context": held.resident, "on_host": held.parked,
                       "host_bytes": held.parked_bytes, "image_bytes": engine.pipe.scheduler.images.bytes,
-                      "idle": engine.cache.idle, "dropped": held.drops}}
+                      "idle": engine.cache.idle, "dropped": held.drops, "forks": engine.cache.forks}}
 
 
 def _model_card(state: _State) -> dict:

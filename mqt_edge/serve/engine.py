@@ -54,7 +54,7 @@ class Engine:
         self._slots: asyncio.Semaphore | None = None
         self._waiting = 0
         self._loader: threading.Thread | None = None
-        self._dropped = 0  # conversations the scheduler dropped, as counted so far
+        self._counted = {"evictions": 0, "forks": 0}  # the cache's counts as the metrics have them
 
     # -- lifetime --------------------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -123,14 +123,20 @@ class Engine:
             self._slots.release()
             self.metrics.busy_slots.dec()
             self.metrics.cached_sessions.set(self.cache.idle)
-            dropped, self._dropped = self.cache.evictions - self._dropped, self.cache.evictions
-            if dropped > 0:
-                self.metrics.evictions.inc(dropped)
+            for name in self._counted:
+                self._count(name)
 
         fut.add_done_callback(done)
         timer = loop.call_later(max(0.0, deadline - time.monotonic()), cancel.set, "timeout")
         fut.add_done_callback(lambda _f: timer.cancel())
         return fut
+
+    def _count(self, name: str) -> None:
+        """The cache's `name` count (evictions, forks) since the last call onto the counter of that name."""
+        now = getattr(self.cache, name)
+        if now > self._counted[name]:
+            getattr(self.metrics, name).inc(now - self._counted[name])
+        self._counted[name] = now
 
     def _work(self, ask: policy.Ask, emit: Callable[[str], None], cancel: Cancel) -> policy.Outcome:
         if cancel.flag.is_set():  # gave up while queued

@@ -27,6 +27,8 @@ class Metrics:
         self.cache_hits = Counter("mqt_image_cache_hits", "Requests that continued a cached session", registry=r)
         self.cache_misses = Counter("mqt_image_cache_misses", "Requests that encoded their image", registry=r)
         self.evictions = Counter("mqt_session_evictions", "Cached sessions evicted for room", registry=r)
+        self.forks = Counter("mqt_session_forks", "Conversations started from another's cached image and turns",
+                             registry=r)
         self.cached_sessions = Gauge("mqt_cached_sessions", "Sessions in the cache (idle and in use)", registry=r)
         self.cancelled = Counter("mqt_cancelled", "Generations stopped by a disconnect or timeout", ["reason"],
                                  registry=r)
