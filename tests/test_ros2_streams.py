@@ -110,3 +110,31 @@ def test_m_unset_and_a_rate_plan_one_m_for_every_topic(default_bundle):
         assert all(i["m"] == 16 and i["predicted"]["streams"] == 2 for i in h.infos), h.infos
     finally:
         h.close()
+
+
+def test_a_new_rate_plans_m_again_and_a_rate_no_m_meets_is_refused(default_bundle):
+    from rclpy.parameter import Parameter
+    from test_watch_plan import NEW, planned, rate_for
+
+    from mqt_edge.pipeline import Pipeline
+
+    with Pipeline.load(default_bundle, threads=1) as p:
+        fast, slow = rate_for(p, 2, 16), rate_for(p, 2, 64)
+        assert planned(p, 2, fast) == 16 and planned(p, 2, slow) == 64
+    h = Harness(default_bundle, image_topics=("left", "right"), max_new_tokens=NEW, profile="cpu", rate=fast,
+                query=Q, overlap="off")
+    try:
+        assert h.vlm.plan["m"] == 16
+        (too_fast,) = h.vlm.node.set_parameters([Parameter("rate", value=1e6)])
+        assert not too_fast.successful and "lower rate" in too_fast.reason, too_fast.reason
+        assert h.vlm.plan["m"] == 16 and h.vlm.options.rate == fast  # the refused rate changed nothing
+        (ok,) = h.vlm.node.set_parameters([Parameter("rate", value=slow)])
+        assert ok.successful and h.vlm.plan["m"] == 64 and h.vlm.plan["target_rate_hz"] == slow
+        for stamp in range(1, 4):  # the watches end and start again at the new m: frames until both answer
+            h.pubs["left"][0].publish(image_msg(RED, stamp=stamp))
+            h.pubs["right"][0].publish(image_msg(BLUE, stamp=stamp))
+            time.sleep(0.3)
+        h.wait(lambda: {i["stream"] for i in h.infos if i["m"] == 64} == {"left", "right"}, "answers at the new m")
+        assert all(i["predicted"]["m"] == 64 for i in h.infos if i["m"] == 64), h.infos
+    finally:
+        h.close()

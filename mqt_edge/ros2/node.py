@@ -12,9 +12,10 @@ and, shared by all streams:
 
 A standing query (parameter `query`) is answered continuously on every stream as frames allow, at
 most `rate` times a second, or on every `every_n`-th frame. With `m` unset and a `rate`, one m for
-every stream comes from the planner's `plan_streams` at start (`plan`, logged once). Each stream answers on a thread of its
-own (`Stream`, a `Watch` on a one-slot mailbox) over the one shared `Pipeline`, so callbacks only
-convert and store frames, and several cameras' answers run at the same time.
+every stream comes from the planner's `plan_streams` at start and whenever `rate` changes (`plan`,
+logged). Each stream answers on a thread of its own (`Stream`, a `Watch` on a one-slot mailbox) over
+the one shared `Pipeline`, so callbacks only convert and store frames, and several cameras' answers
+run at the same time.
 
 rclpy is imported when the node starts, never at import time of mqt_edge.
 """
@@ -106,7 +107,12 @@ class MqtEdgeNode:
         self.node.create_subscription(String, "query", self._on_query, 10)
         self.pipe = Pipeline.load(o.bundle, profile=o.profile or None, vision_backend=o.vision_backend,
                                   n_gpu_layers=o.n_gpu_layers, threads=o.threads or None)
-        self.plan = self._plan_streams(o)
+        try:
+            self.plan = self._plan_streams(o)
+        except BaseException:
+            self.pipe.close()
+            self.node.destroy_node()
+            raise
         planned = self.plan["m"] if self.plan else None
         self.streams = {t: Stream(t, self.pipe, lambda: self.options, self._publish, self.refusals, self.log,
                                   planned).start()
@@ -119,15 +125,10 @@ class MqtEdgeNode:
 
     def _plan_streams(self, o: NodeOptions) -> dict | None:
         """With m unset and a rate, one m for every image topic from the planner (`plan_streams`):
-        the largest at which they all get `rate` answers/s. Made once at start, at the start-up rate."""
+        the largest at which they all get `rate` answers/s. Made at start, and again when `rate` changes."""
         if o.m or not o.rate:
             return None
-        try:
-            choice = self.pipe.choose_stream_tokens(len(o.image_topics), o.rate, o.max_new_tokens, o.profile or None)
-        except BaseException:
-            self.pipe.close()
-            self.node.destroy_node()
-            raise
+        choice = self.pipe.choose_stream_tokens(len(o.image_topics), o.rate, o.max_new_tokens, o.profile or None)
         plan = {"m": choice.m, "profile": choice.profile} | choice.predicted
         self.log.info(f"m = {choice.m} for {len(o.image_topics)} stream(s) at {o.rate:g} answers/s each on "
                       f"{choice.profile}: {plan['reason']}")
@@ -185,9 +186,14 @@ class MqtEdgeNode:
             options.check()
             if options.query:
                 check_question(options.query)
+            plan = self._plan_streams(options) if options.rate != self.options.rate else self.plan
         except (MQTEdgeError, TypeError, ValueError) as exc:
             return SetParametersResult(successful=False, reason=str(exc))
         self.options = options
+        if plan is not self.plan:  # a new rate with m unset: every stream's next watch takes the new m
+            self.plan = plan
+            for stream in self.streams.values():
+                stream.replan(plan["m"] if plan else None)
         return SetParametersResult(successful=True)
 
     # -- out ------------------------------------------------------------------------------------

@@ -116,6 +116,17 @@ class Stream:
                 self.mailbox = self._Latest()  # the old watch closed its mailbox
                 if self._stop.is_set():  # close() ran in between and closed the old one
                     self.mailbox.close()
+                with self._lock:
+                    latest = self.latest if self.queries else None
+                if latest is not None:  # a query waits: the new watch answers it about the newest frame
+                    self.mailbox.put(*latest)
+
+    def replan(self, m: int | None) -> None:
+        """The node's new planned m (its `rate` changed): the watch in progress ends once its answer in
+        flight is out, and the next one answers at m."""
+        if m != self.planned_m:
+            self.planned_m = m
+            self.mailbox.close()
 
     def close(self) -> None:
         """Ask the thread to stop (it ends once its answer in flight, if any, is out)."""
