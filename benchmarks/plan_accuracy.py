@@ -7,11 +7,13 @@
    --base cpu` (DIR: `--out-dir`, default a new temporary directory; nothing is written into B).
 2. TTFT at m = 2, 16, 256: the planner's vision + MQT + prefill against the median of `--runs`
    `Pipeline.ask` calls, each on a new image (the pipeline caches encoded images), m interleaved
-   round by round; `Answer.timings_ms` per stage beside it.
+   round by round; `Answer.timings_ms` per stage beside it. The planner is given the question's own
+   length, as `Pipeline.answer` gives it; the prediction for a typical 16-id question (what
+   `mqt-edge plan` assumes) is printed beside the stages.
 3. Peak memory at each m: the planner's `memory_breakdown` against the peak RSS (VmHWM) of a fresh
    process that loads the bundle and answers one question at that m.
-4. Streams: `mqt-edge plan --streams 4 --rate R` (R: `--rate`, default just under the planned rate
-   at m = 16) against a `Watch` over 4 synthetic 30 fps cameras at the chosen m for `--seconds`
+4. Streams: the streams planner (`Watch(..., rate=R)`'s, with its question's length; R: `--rate`,
+   default just under the planned rate at m = 16) against a `Watch` over 4 synthetic 30 fps cameras at the chosen m for `--seconds`
    (as benchmarks/watch_bench.py runs them): answers per second per stream.
 
 The load average (1 minute) is printed next to every figure: the machine may be shared.
@@ -58,26 +60,28 @@ def calibrated_profile(args) -> str:
     return str(out)
 
 
-def planner(profile_path: str, pipe):
+def planner(profile_path: str, pipe, question: str):
+    """The profile, the bundle's facts and the run's options, with `question`'s length (what
+    `Pipeline.answer` and a `Watch` with that question plan with)."""
     from mqt_edge.profiles import load_profile
     from mqt_edge.profiles.planner import ModelFacts, Options
 
     profile, facts = load_profile(profile_path), ModelFacts.from_bundle(pipe.bundle)
     opts = Options.for_run(pipe.vision_backend, pipe.n_gpu_layers, pipe.sequential, facts, pipe.vision_precision)
-    return profile, facts, opts
+    return profile, facts, replace(opts, question_tokens=len(pipe.question_ids(question)))
 
 
 def ttft_rows(args, profile_path: str) -> tuple[list[dict], object]:
     """Measured TTFT per m (median of --runs, m interleaved) beside the planner's terms."""
     from mqt_edge.image import sample_images
     from mqt_edge.pipeline import Pipeline
-    from mqt_edge.profiles.planner import terms
+    from mqt_edge.profiles.planner import QUESTION_TOKENS, terms
 
     images = iter(sample_images(1 + args.runs * len(MS), seed=101))
     seen: dict[int, list] = {m: [] for m in MS}
     loads = []
     with Pipeline.load(args.bundle) as pipe:
-        profile, facts, opts = planner(profile_path, pipe)
+        profile, facts, opts = planner(profile_path, pipe, QUESTION)
         pipe.ask(next(images), QUESTION, m=1, max_new_tokens=2)  # warm-up
         for _ in range(args.runs):
             for m in MS:
@@ -86,9 +90,12 @@ def ttft_rows(args, profile_path: str) -> tuple[list[dict], object]:
     rows = []
     for m in MS:
         t = terms(profile, facts, m, opts)
+        typical = terms(profile, facts, m, replace(opts, question_tokens=QUESTION_TOKENS))  # `mqt-edge plan`'s
         med = {k: statistics.median(a.timings_ms[k] for a in seen[m])
                for k in ("preprocess", "vision", "mqt", "prefill", "ttft")}
         rows.append({"m": m, "predicted": t["vision"] + t["mqt"] + t["prefill"], "measured": med["ttft"],
+                     "predicted_typical_question": typical["vision"] + typical["mqt"] + typical["prefill"],
+                     "question_tokens": opts.question_tokens,
                      "stages_predicted": {k: round(t[k], 1) for k in ("vision", "mqt", "prefill")},
                      "stages_measured": med, "prefilled": seen[m][0].prefilled,
                      "runs": [a.timings_ms["ttft"] for a in seen[m]], "load": round(statistics.mean(loads), 2)})
@@ -155,7 +162,7 @@ def streams_row(args, profile_path: str) -> dict:
     from mqt_edge.watch import Watch
 
     with Pipeline.load(args.bundle, parallel=STREAMS) as pipe:
-        profile, facts, opts = planner(profile_path, pipe)
+        profile, facts, opts = planner(profile_path, pipe, Q)
         rate = args.rate
         if rate is None:  # just under the planned rate at m = 16: the plan chooses m = 16
             probe = plan_streams(profile, facts, STREAMS, 1e-9, answer_tokens=args.answer_tokens, options=opts)
@@ -198,14 +205,17 @@ def report(args, profile_path: str, ttft: list, mem: list, streams: dict) -> Non
     s = streams
     print(f"| answers/s per stream, 4 streams | {s['m']} | {s['predicted']:.3f} | {s['measured']:.3f} | "
           f"{err(s['predicted'], s['measured'])} | {s['load']} |")
-    print(f"\nstreams: `mqt-edge plan --profile {profile_path} --bundle {args.bundle} --streams {STREAMS} --rate "
-          f"{s['rate']} --answer-tokens {args.answer_tokens}` chose m = {s['m']} (cycle {s['cycle_ms']:,.0f} ms); "
+    print(f"\nstreams: the streams planner on {profile_path} ({STREAMS} streams at {s['rate']} answers/s, "
+          f"{args.answer_tokens} answer tokens, the question's own length) chose m = {s['m']} "
+          f"(cycle {s['cycle_ms']:,.0f} ms); "
           f"measured {s['answers']} answers in {s['seconds']} s (steady {s['steady']:.3f}/s per stream), "
           f"{s['answer_tokens']:.1f} tokens per answer, median latency {s['latency_ms']:,.0f} ms; inside vision + MQT "
           f"{s['vision_s']} s, inside llama_decode {s['llm_s']} s ({s['steps']} steps, {s['rows']} rows)")
     for r in ttft:
         print(f"TTFT m={r['m']}: stages predicted {r['stages_predicted']}, measured {r['stages_measured']}, "
-              f"prefilled {r['prefilled']} positions, runs {r['runs']}")
+              f"prefilled {r['prefilled']} positions, runs {r['runs']}; predicted for the question's "
+              f"{r['question_tokens']} ids, {r['predicted_typical_question']:,.0f} ms for a typical 16 "
+              f"({err(r['predicted_typical_question'], r['measured'])})")
     for r in mem:
         print(f"memory m={r['m']}: predicted parts {r['parts']}; measured {r['rss']}")
 

@@ -67,9 +67,11 @@ class _Policy:
         return self._device_profile
 
     def choose_tokens(self, m: int | None = None, max_new_tokens: int = 128, ttft_ms: float | None = None,
-                      memory_mb: float | None = None, profile: str | None = None) -> TokenChoice:
+                      memory_mb: float | None = None, profile: str | None = None,
+                      question: str | None = None) -> TokenChoice:
         """m for one request: `m` when given, else the planner's choice for this device
-        (`profile` overrides the pipeline's for this call)."""
+        (`profile` overrides the pipeline's for this call; `question`, when known, is prefilled at its
+        own length instead of a typical one)."""
         check_limit("ttft_ms", ttft_ms)
         check_limit("memory_mb", memory_mb)
         check_sampling(max_new_tokens, 0.0, 1.0)
@@ -83,7 +85,8 @@ class _Policy:
         if m is not None:
             return TokenChoice(self.check_tokens(m), name)
         facts, options = self._run_facts()
-        options = dataclasses.replace(options, parallel=self.parallel)  # the context is sized for `parallel`
+        options = dataclasses.replace(options, parallel=self.parallel,  # the context is sized for `parallel`
+                                      **self._question_tokens(question))
         result = plan(prof, facts, ttft_ms, memory_mb, max_new_tokens, options)
         if result.chosen_m is None:
             tip = result.suggestions[0]
@@ -109,13 +112,17 @@ class _Policy:
                                       self.vision_precision)
 
     def choose_stream_tokens(self, streams: int, rate_hz: float, answer_tokens: int = 32,
-                             profile: str | None = None) -> TokenChoice:
+                             profile: str | None = None, question: str | None = None) -> TokenChoice:
         """m for `streams` streams sharing this pipeline, each answered `rate_hz` times a second: the
-        planner's `plan_streams` on this device (`profile` overrides the pipeline's). One m for all
-        streams; `predicted` holds the plan's per-stream rate, cycle and memory."""
+        planner's `plan_streams` on this device (`profile` overrides the pipeline's; `question` as in
+        `choose_tokens`). One m for all streams; `predicted` holds the plan's per-stream rate, cycle and
+        memory."""
+        import dataclasses
+
         from .profiles.planner import PlanError, plan_streams
 
         (prof, name), (facts, options) = self._profile(profile), self._run_facts()
+        options = dataclasses.replace(options, **self._question_tokens(question))
         result = plan_streams(prof, facts, streams, rate_hz, None, answer_tokens, options)
         if result.chosen_m is None:
             raise PlanError(f"{result.reason} on {name}",
@@ -125,6 +132,10 @@ class _Policy:
         predicted = {"streams": streams, "rate_hz": c.rate_hz, "cycle_ms": c.cycle_ms, "memory_mb": c.memory_mb,
                      "target_rate_hz": rate_hz, "answer_tokens": answer_tokens, "reason": result.reason}
         return TokenChoice(chosen, name, predicted)
+
+    def _question_tokens(self, question: str | None) -> dict:
+        """The planner's `question_tokens` for a known question (a checked one), else nothing."""
+        return {} if question is None else {"question_tokens": len(self.question_ids(question))}
 
     def resolve_m(self, m: int | None, max_new_tokens: int = 128) -> int:
         """m as given (checked), or the planner's choice when None: the one meaning of m=None."""
@@ -141,7 +152,7 @@ class _Policy:
         confidence = check_confidence(confidence)
         check_question(question)
         check_refine(refine_to, m, self.max_tokens)
-        choice = self.choose_tokens(m, gen["max_new_tokens"], ttft_ms, memory_mb)
+        choice = self.choose_tokens(m, gen["max_new_tokens"], ttft_ms, memory_mb, question=question)
         reserve = self.reserve_for(question, gen["max_new_tokens"])
         with self.look(image, m=choice.m, reserve=reserve, refinable=refine_to is not None) as session:
             result = session.answer(question, refine_to=refine_to, confidence=confidence, on_piece=on_piece, **gen)

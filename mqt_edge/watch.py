@@ -92,7 +92,7 @@ class Watch:
         questions = _questions(question, sources)
         check_sampling(max_new_tokens, temperature, top_p, seed)
         gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        self.m, predicted = _choose(pipe, m, rate, profile, max_new_tokens, len(sources))
+        self.m, predicted = _choose(pipe, m, rate, profile, max_new_tokens, len(sources), _longest(pipe, questions))
         self.plan: dict | None = None if predicted is None else {"m": self.m} | predicted
         if refine is not None and pipe.check_tokens(refine) <= self.m:
             raise InputError(f"refine={refine} is not above m = {self.m}", "refine to a larger m, or pass None")
@@ -225,18 +225,25 @@ def _own_runner(pipe: Pipeline, threads: int | None):
     return make_vision(pipe.bundle, vision.backend, threads, vision.precision).activate()
 
 
+def _longest(pipe: Pipeline, questions: dict) -> str | None:
+    """The fixed question with the most ids, for the planner's prefill; None when any is a function."""
+    if not all(isinstance(q, str) for q in questions.values()):
+        return None
+    return max(questions.values(), key=lambda q: len(pipe.question_ids(q)))
+
+
 def _choose(pipe: Pipeline, m: int | None, rate: float | None, profile: str | None, max_new_tokens: int,
-            streams: int) -> tuple[int, dict | None]:
+            streams: int, question: str | None = None) -> tuple[int, dict | None]:
     """m and the planner's prediction (None when m is given); a planned m is logged here, once."""
     if rate is not None and m is not None:
         raise InputError(f"both m={m} and rate={rate}", "give m, or a rate for the planner to choose m by")
     if isinstance(rate, bool):
         raise InputError(f"rate {rate!r}", "give the answers per second each stream needs, a number above 0")
     if rate is None:
-        m, predicted = choose_tokens(pipe, m, profile, max_new_tokens)
+        m, predicted = choose_tokens(pipe, m, profile, max_new_tokens, question)
         what = "one request"
     else:
-        choice = pipe.choose_stream_tokens(streams, rate, max_new_tokens, profile)
+        choice = pipe.choose_stream_tokens(streams, rate, max_new_tokens, profile, question)
         m, predicted = choice.m, {"profile": choice.profile} | choice.predicted
         what = f"{streams} stream(s) at {rate:g} answers/s each"
     if predicted is not None:
@@ -244,10 +251,11 @@ def _choose(pipe: Pipeline, m: int | None, rate: float | None, profile: str | No
     return m, predicted
 
 
-def choose_tokens(pipe: Pipeline, m: int | None, profile: str | None, max_new_tokens: int) -> tuple[int, dict | None]:
+def choose_tokens(pipe: Pipeline, m: int | None, profile: str | None, max_new_tokens: int,
+                  question: str | None = None) -> tuple[int, dict | None]:
     """m for every frame: a fixed `m`, else the planner's for `profile` (auto: this device),
     through the Pipeline's one policy; the prediction is returned for the answers."""
     if m is not None:
         return pipe.check_tokens(m), None
-    choice = pipe.choose_tokens(None, max_new_tokens, profile=profile)
+    choice = pipe.choose_tokens(None, max_new_tokens, profile=profile, question=question)
     return choice.m, {"profile": choice.profile} | choice.predicted

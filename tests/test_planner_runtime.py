@@ -59,6 +59,12 @@ def test_prefill_goes_through_the_measured_points():
     assert terms(calibrated(()), FACTS, 2, o)["prefill"] == pytest.approx(569.0 + 17.27 * (2 + QUESTION_TOKENS))
 
 
+def test_a_known_question_is_prefilled_at_its_own_length():
+    p = calibrated()
+    assert terms(p, FACTS, 2, Options(question_tokens=11))["prefill"] == pytest.approx(430.0)  # 13 positions
+    assert terms(p, FACTS, 2, Options())["prefill"] > 430.0  # a typical question is longer
+
+
 def test_a_cycle_prefills_the_streams_frames_in_one_batch():
     p = calibrated()
     t = terms(p, FACTS, 16, Options())

@@ -78,3 +78,22 @@ def test_a_rate_nothing_meets_is_one_line(pipe):
     with pytest.raises(MQTEdgeError) as e:
         Watch(pipe, {"a": [FRAME], "b": [FRAME]}, Q, rate=1e9, profile="cpu")
     assert "nothing meets" in str(e.value) and "lower rate" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_planner_prefills_a_known_question_at_its_own_length(pipe, monkeypatch):
+    """`answer`, a Watch and the streams planner count the request's question ids, not a typical 16."""
+    from mqt_edge.profiles import planner
+
+    seen = []
+    for name, at in (("plan", 5), ("plan_streams", 6)):  # where each takes its Options
+        real = getattr(planner, name)
+        monkeypatch.setattr(planner, name, lambda *a, _real=real, _at=at, **k: seen.append(
+            (k.get("options") or a[_at]).question_tokens) or _real(*a, **k))
+    long_q = "Describe every shape in this picture, its colour, its size and where it lies, in one long sentence."
+    pipe.answer(FRAME, long_q, max_new_tokens=NEW)
+    with Watch(pipe, {"a": [FRAME], "b": [FRAME]}, {"a": Q, "b": long_q}, rate=1e-3, max_new_tokens=NEW) as w:
+        list(w)
+    with Watch(pipe, [FRAME], lambda f: Q, max_new_tokens=NEW) as w:  # a question function: a typical length
+        list(w)
+    n = len(pipe.question_ids(long_q))
+    assert n > planner.QUESTION_TOKENS and seen == [n, n, planner.QUESTION_TOKENS], seen

@@ -121,6 +121,7 @@ class Options:
     max_new_tokens: int = 128
     vision_precision: str = "auto"  # run --vision-precision: auto (int8 on a CPU when the bundle has it) | fp32 | int8
     parallel: int = 1  # requests (streams) the pipeline's shared context is sized for (Pipeline.load parallel=)
+    question_tokens: int = QUESTION_TOKENS  # the question's ids after the visual tokens, when the request's are known
 
     @classmethod
     def for_run(cls, vision_backend: str | None, n_gpu_layers: int | None, sequential: bool,
@@ -164,11 +165,12 @@ def _n_ctx(f: ModelFacts, m: int, o: Options) -> int:
     return f.prompt_tokens + m + QUESTION_TOKENS + o.max_new_tokens
 
 
-def _n_prefill(m: int) -> int:
-    """Positions a request prefills: its m visual tokens and the question. The prompt head (system
-    prompt + "USER: ") is prefilled once per context and copied into each sequence's KV
+def _n_prefill(m: int, o: Options) -> int:
+    """Positions a request prefills: its m visual tokens and the question (`o.question_tokens`: the
+    request's own when the caller knows it, else a typical 16). The prompt head (system prompt +
+    "USER: ") is prefilled once per context and copied into each sequence's KV
     (llama_memory_seq_cp), so it costs no prefill per request."""
-    return m + QUESTION_TOKENS
+    return m + o.question_tokens
 
 
 def _file_pages_kept(profile: Profile) -> bool:
@@ -268,7 +270,7 @@ def _analytic(profile: Profile, f: ModelFacts, m: int, o: Options, prefill: int 
         "vision": _roofline_ms(v_flops, vision_w, v_tf, bw, v_eff, eff.bandwidth),
         "mqt": _roofline_ms(f.mqt_flops_image + m * f.mqt_flops_token, f.mqt_bytes, v_tf, bw, v_eff, eff.bandwidth),
     }
-    n_prefill = _n_prefill(m) if prefill is None else prefill
+    n_prefill = _n_prefill(m, o) if prefill is None else prefill
     on_gpu = gpu and profile.prefer.llm_on_gpu
     frac = _gpu_frac(o, f) if on_gpu else 0.0
     host_bw = bw if (mem.unified or not gpu) else HOST_BANDWIDTH_GBS
@@ -293,7 +295,7 @@ def terms(profile: Profile, f: ModelFacts, m: int, o: Options, prefill: int | No
     """Milliseconds of one request's stages at m: vision (with a sequential reload), mqt, prefill
     (of `prefill` positions in one batch; default the request's m + question), and decode per
     token of one sequence; calibrated when the profile has measurements."""
-    n_prefill = _n_prefill(m) if prefill is None else prefill
+    n_prefill = _n_prefill(m, o) if prefill is None else prefill
     t = _analytic(profile, f, m, o, n_prefill)
     cal = profile.calibration
     if cal is not None:
@@ -519,7 +521,7 @@ def stream_cycle_ms(profile: Profile, f: ModelFacts, m: int, streams: int, answe
     the frames encode and the scheduler then prefills the waiting frames together."""
     o = o or Options()
     t = terms(profile, f, m, o)
-    prefill = terms(profile, f, m, o, streams * _n_prefill(m))["prefill"]
+    prefill = terms(profile, f, m, o, streams * _n_prefill(m, o))["prefill"]
     step_ms = t["decode"] * streams / batch_speedup(profile, streams)
     return streams * (t["vision"] + t["mqt"]) + prefill + max(answer_tokens - 1, 0) * step_ms
 

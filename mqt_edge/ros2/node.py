@@ -128,7 +128,8 @@ class MqtEdgeNode:
         the largest at which they all get `rate` answers/s. Made at start, and again when `rate` changes."""
         if o.m or not o.rate:
             return None
-        choice = self.pipe.choose_stream_tokens(len(o.image_topics), o.rate, o.max_new_tokens, o.profile or None)
+        choice = self.pipe.choose_stream_tokens(len(o.image_topics), o.rate, o.max_new_tokens, o.profile or None,
+                                                o.query or None)
         plan = {"m": choice.m, "profile": choice.profile} | choice.predicted
         self.log.info(f"m = {choice.m} for {len(o.image_topics)} stream(s) at {o.rate:g} answers/s each on "
                       f"{choice.profile}: {plan['reason']}")
