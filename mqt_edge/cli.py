@@ -97,7 +97,7 @@ def export_cmd(
     model: Optional[str] = typer.Argument(None, help="MQT-LLaVA checkpoint directory or hub id (default: the shipped model)."),
     out: Path = typer.Option(DEFAULT_BUNDLE, "--out", "-o", help="Bundle directory to write."),
     max_tokens: Optional[int] = typer.Option(None, help="Largest m the bundle serves (default: the model's M)."),
-    quant: str = typer.Option("q4_k_m", help="LLM weights: f32 | f16 | q8_0 | q5_k_m | q4_k_m."),
+    quant: str = typer.Option("q4_k_m", help="LLM weights: f32 | f16 | q8_0 | q5_k_m | q4_k_m | q4_0."),
     vision_tower: Optional[str] = typer.Option(None, help="CLIP directory overriding mm_vision_tower."),
     tensorrt: bool = typer.Option(False, "--tensorrt", help="Also build TensorRT engines (on the target GPU)."),
     optimize: int = typer.Option(0, help="ONNX Runtime optimisation of the vision graph: 0, 1, 2 or 99."),

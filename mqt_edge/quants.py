@@ -56,6 +56,10 @@ QUANTS: dict[str, Quant] = {
         Quant("q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0", 8.5, min_top1=0.9, max_kl=0.01),
         Quant("q5_k_m", "LLAMA_FTYPE_MOSTLY_Q5_K_M", 5.7, min_top1=0.8, max_kl=0.05),
         Quant("q4_k_m", "LLAMA_FTYPE_MOSTLY_Q4_K_M", 4.85, min_top1=0.7, max_kl=0.1),
+        # q4_0 (output.weight stays q6_K, as llama-quantize leaves it): on x86 CPUs llama.cpp repacks
+        # every q4_0 matrix for multi-row products, so several streams batch better than with q4_k_m,
+        # whose q6_K share is not repacked (docs/export.md, "Choosing the LLM's quant")
+        Quant("q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0", 4.63, min_top1=0.7, max_kl=0.1),
     )
 }
 

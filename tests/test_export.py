@@ -480,3 +480,13 @@ def test_the_gguf_pass_rules_sit_with_their_thresholds():
     assert not QUANTS["q4_k_m"].judge(dict(q))["pass"]
     r = QUANTS["q4_k_m"].judge(dict(q), enforced=False)
     assert r["pass"] and r["enforced"] is False and r["thresholds"] == {"max_kl": 0.1, "min_top1": 0.7}
+
+
+def test_every_quant_names_a_llama_cpp_file_type():
+    import llama_cpp
+
+    from mqt_edge.quants import QUANTS
+
+    assert "q4_0" in QUANTS  # the CPU quant that batches best (docs/export.md)
+    for q in QUANTS.values():
+        assert isinstance(getattr(llama_cpp, q.ftype, None), int), q.ftype

@@ -117,7 +117,7 @@ FORMATS: dict[str, Format] = {
                Step("onnx_quant", "build"), Step("onnx_quant", "check"), when=_int8),
         Format("gguf", "llm-f32.gguf or llm-f16.gguf", "the LLaMA for llama.cpp, converted unquantised", _GGUF,
                "export", Step("gguf_llm", "build"), Step("gguf_llm", "check")),
-        Format("quantize", "llm-<quant>.gguf", "llama.cpp's quantisation: q8_0, q5_k_m, q4_k_m", _GGUF, "export",
+        Format("quantize", "llm-<quant>.gguf", "llama.cpp's quantisation: q8_0, q5_k_m, q4_k_m, q4_0", _GGUF, "export",
                Step("gguf_llm", "build_quantised"), Step("gguf_llm", "check_quantised"),
                when=lambda opts: get_quant(opts.quant).quantised),
         Format("int8_answers", "(a check only)", "int8 vision's greedy answers against fp32's, through the GGUF",
