@@ -78,7 +78,7 @@ MANIFEST_SCHEMA: dict = {
                | {"prefix_tokens": ("int", False)}, True),
     "special_tokens": ({"bos": ("int", True), "eos": ("int_list", True)}, False),
     "llm": (_INTS("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab", "context_length",
-                  "params", "bytes") | {"quant": ("str", True)}, True),
+                  "params", "bytes") | {"quant": ("str", True), "tensor_bytes": ("dict", False)}, True),
     "vision": (_INTS("flops", "params", "patches", "feature_dim") | {k: ("int", False) for k in ("layers_run", "image_size")}
                | {"int8": ("dict", False)}, True),
     "mqt": (_INTS("flops_per_image", "flops_per_token") | {k: ("int", False) for k in (
@@ -234,6 +234,7 @@ class LLMFacts:
     params: int
     quant: str  # a QUANTS name: the GGUF's weight type
     bytes: int  # of the GGUF
+    tensor_bytes: dict | None = None  # the GGUF's tensor bytes by ggml type ("Q4_K": ..., "Q6_K": ...)
 
 
 @dataclass(frozen=True, kw_only=True)

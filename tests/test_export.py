@@ -140,6 +140,8 @@ def test_q4_k_m_loads_and_generates(q4_bundle):
     assert m["llm"]["quant"] == "q4_k_m" and q4_bundle.path("llm").name == "llm-q4_k_m.gguf"
     assert m["parity"]["gguf_f32"]["pass"]  # the conversion is gated before quantisation
     assert "kl" in m["parity"]["gguf_q4_k_m"] and "top1" in m["parity"]["gguf_q4_k_m"]
+    tensors = m["llm"]["tensor_bytes"]  # the GGUF's bytes by type, for the planner's repacked copy
+    assert "F32" in tensors and 0 < sum(tensors.values()) < m["llm"]["bytes"], tensors  # the header is the rest
     llm = plain_llama(q4_bundle.path("llm"), n_ctx=128, verbose=False)
     out = llm.create_completion("What color is", max_tokens=6, temperature=0)
     assert out["usage"]["completion_tokens"] > 0

@@ -71,3 +71,22 @@ def test_a_cycle_prefills_the_streams_frames_in_one_batch():
     batch = terms(p, FACTS, 16, Options(), prefill=4 * (16 + QUESTION_TOKENS))["prefill"]
     assert stream_cycle_ms(p, FACTS, 16, 4, 1) == pytest.approx(4 * (t["vision"] + t["mqt"]) + batch)
     assert batch < 4 * t["prefill"]  # on the measured curve, one batch of 128 costs less than 4 of 32
+
+
+def test_on_a_cpu_only_the_repacked_types_count_twice(monkeypatch):
+    """The file's pages hold every weight; llama.cpp's x86 repack copies only some types beside them."""
+    import mqt_edge.profiles.planner as planner
+
+    monkeypatch.setattr(planner.platform, "machine", lambda: "x86_64")
+    monkeypatch.delenv("MQT_EDGE_EXTRA_BUFFERS", raising=False)
+    cpu, mb = load_profile("cpu"), 1024 * 1024
+    parts = lambda f: memory_breakdown(cpu, f, 16, Options())  # noqa: E731
+    own = parts(replace(FACTS, llm_repacked_bytes=300 * mb))  # a bundle's manifest: its GGUF's own bytes
+    assert own["llm_weights"] == 300.0 and own["llm_file_pages"] == round(FACTS.llm_bytes / mb, 1)
+    assert parts(FACTS)["llm_weights"] == round(FACTS.llm_bytes * 0.77 / mb, 1)  # a preset: q4_k_m's share
+    q8 = ModelFacts.from_preset("bench", "q8_0")
+    assert parts(q8)["llm_weights"] == 0.0 and parts(q8)["llm_file_pages"] == round(q8.llm_bytes / mb, 1)
+    monkeypatch.setattr(planner.platform, "machine", lambda: "aarch64")  # ARM repacks more: all of it
+    assert parts(q8)["llm_weights"] == round(q8.llm_bytes / mb, 1)
+    monkeypatch.setenv("MQT_EDGE_EXTRA_BUFFERS", "off")  # no repack: the file's pages alone
+    assert parts(q8)["llm_file_pages"] == 0 and parts(q8)["llm_weights"] == round(q8.llm_bytes / mb, 1)

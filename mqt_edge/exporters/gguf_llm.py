@@ -128,6 +128,16 @@ def _add_tensors(w, gguf, reader: WeightReader, config: dict, float_type: str) -
     return params
 
 
+def tensor_bytes(path: Path) -> dict[str, int]:
+    """The GGUF's tensor bytes by ggml type name, for the manifest (the planner counts the CPU's
+    repacked copy from them)."""
+    gguf = require("gguf", "export")
+    out: dict[str, int] = {}
+    for t in gguf.GGUFReader(path).tensors:
+        out[t.tensor_type.name] = out.get(t.tensor_type.name, 0) + int(t.n_bytes)
+    return out
+
+
 def quantize(src: Path, dst: Path, quant: Quant, threads: int | None = None) -> None:
     """llama.cpp's own quantiser (llama_model_quantize), as `llama-quantize` runs it."""
     llama_cpp = require("llama_cpp", "cpu")

@@ -129,6 +129,8 @@ def _tupled(d: dict) -> dict:
 def job_manifest(job: ExportJob) -> Manifest:
     """The bundle's manifest: every artifact's entry (sha256 of the staged file) and what the
     runtime, the planner and `mqt-edge info` read."""
+    from .gguf_llm import tensor_bytes  # gguf_llm imports this module
+
     opts, raw, ckpt = job.opts, job.raw, job.ckpt
     artifacts = {role: artifact_entry(job.tmp, rel) for role, rel in job.artifacts.items()} | job.entries
     heads = int(raw["num_attention_heads"])
@@ -136,7 +138,8 @@ def job_manifest(job: ExportJob) -> Manifest:
                    kv_heads=int(raw.get("num_key_value_heads") or heads), head_dim=int(raw["hidden_size"]) // heads,
                    intermediate=int(raw["intermediate_size"]), vocab=job.gguf["vocab"],
                    context_length=int(raw.get("max_position_embeddings", 4096)), params=job.gguf["params"],
-                   quant=job.quant.name, bytes=artifacts["llm"].bytes)
+                   quant=job.quant.name, bytes=artifacts["llm"].bytes,
+                   tensor_bytes=tensor_bytes(job.path("llm")))
     source = {"model": str(opts.model), "path": str(ckpt.resolve()),
               "config_sha256": hashlib.sha256((ckpt / "config.json").read_bytes()).hexdigest(),
               "synth": raw.get("mqt_edge_synth")}

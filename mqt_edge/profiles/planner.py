@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 from dataclasses import asdict, dataclass, replace
 
 from ..costs import (QUESTION_RESERVE, default_cache_budget, llm_param_count, mqt_flops, plan_cache, position_bytes,
                      vision_cost)
 from ..errors import InputError, MQTEdgeError
-from ..quants import QUANTS, check_vision_precision
+from ..quants import CPU_REPACKED, QUANTS, check_vision_precision
 from ..backends import backend_info
 from . import Profile
 
@@ -67,6 +68,7 @@ class ModelFacts:
     prompt_tokens: int = PROMPT_TOKENS
     accuracy: tuple = ()  # ((m, accuracy), ...) from `mqt-edge eval`, when the bundle has it
     vision_int8_bytes: int = 0  # vision-int8.onnx's size; 0: the bundle has no int8 vision graph
+    llm_repacked_bytes: int | None = None  # the GGUF's bytes in CPU_REPACKED types; None: by the quant's share
 
     @classmethod
     def from_bundle(cls, bundle) -> ModelFacts:
@@ -83,6 +85,8 @@ class ModelFacts:
             mqt_flops_image=mqt.flops_per_image, mqt_flops_token=mqt.flops_per_token,
             max_tokens=m.max_tokens, prompt_tokens=m.prompt.prefix_tokens or PROMPT_TOKENS,
             accuracy=acc, vision_int8_bytes=int8.total_bytes if int8 else 0,
+            llm_repacked_bytes=None if llm.tensor_bytes is None else sum(
+                n for kind, n in llm.tensor_bytes.items() if kind in CPU_REPACKED),
         )
 
     @classmethod
@@ -174,11 +178,24 @@ def _n_prefill(m: int, o: Options) -> int:
 
 
 def _file_pages_kept(profile: Profile) -> bool:
-    """On a CPU, llama.cpp's repack (extra buffer types) copies the weights into anonymous memory
-    and the mmapped GGUF pages stay resident beside it, so the weights count twice in RSS.
-    MQT_EDGE_EXTRA_BUFFERS=off loads without repack (the name is runtimes/llama.py's; not imported,
-    so planning needs no llama_cpp)."""
+    """On a CPU, llama.cpp's repack (extra buffer types) copies the weights of some types into
+    anonymous memory and the mmapped GGUF pages stay resident beside it, so those weights count
+    twice in RSS (`_repacked_bytes`). MQT_EDGE_EXTRA_BUFFERS=off loads without repack (the name is
+    runtimes/llama.py's; not imported, so planning needs no llama_cpp)."""
     return profile.kind == "cpu" and os.environ.get("MQT_EDGE_EXTRA_BUFFERS", "auto").lower() != "off"
+
+
+def _repacked_bytes(f: ModelFacts) -> float:
+    """The repacked copy: the GGUF's bytes in the types the CPU backend repacks (quants.CPU_REPACKED;
+    the rest is used from the file's pages), from the bundle's manifest, else the quant's usual share.
+    On the 7B of the release's shapes at q4_k_m: 3,013 of 3,892 MiB (q6_K is not repacked). On an
+    ARM CPU, which repacks more types (q5_K, q6_K, q8_0 with i8mm or dotprod), all of them count."""
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return f.llm_bytes
+    if f.llm_repacked_bytes is not None:
+        return f.llm_repacked_bytes
+    q = QUANTS.get(f.quant)
+    return f.llm_bytes * (q.repacked if q else 1.0)
 
 
 def _kv_bytes(f: ModelFacts, m: int, o: Options) -> int:
@@ -226,7 +243,8 @@ def memory_breakdown(profile: Profile, f: ModelFacts, m: int, o: Options) -> dic
     on_budget = 1.0 if (profile.memory.unified or not gpu) else gpu_frac
     vision_counted = not (gpu and not profile.memory.unified and o.vision_on_cpu)
     parts = {
-        "llm_weights": f.llm_bytes * on_budget,
+        # on a CPU with repack: the file's pages (all of it) and the repacked copy of some types
+        "llm_weights": (_repacked_bytes(f) if _file_pages_kept(profile) else f.llm_bytes) * on_budget,
         "llm_file_pages": f.llm_bytes if _file_pages_kept(profile) else 0,
         "kv_cache": _context_bytes(f, o) * on_budget,
         "compute_buffers": 4 * 512 * (f.vocab + 8 * f.hidden),  # llama.cpp: logits + activations of a ubatch
