@@ -13,8 +13,9 @@
 3. Peak memory at each m: the planner's `memory_breakdown` against the peak RSS (VmHWM) of a fresh
    process that loads the bundle and answers one question at that m.
 4. Streams: the streams planner (`Watch(..., rate=R)`'s, with its question's length; R: `--rate`,
-   default just under the planned rate at m = 16) against a `Watch` over 4 synthetic 30 fps cameras at the chosen m for `--seconds`
-   (as benchmarks/watch_bench.py runs them): answers per second per stream.
+   default just under the planned rate at m = 16) against a `Watch` over 4 synthetic 30 fps
+   cameras at the chosen m for `--seconds` (as benchmarks/watch_bench.py runs them): answers per
+   second per stream.
 
 The load average (1 minute) is printed next to every figure: the machine may be shared.
 """

@@ -25,7 +25,7 @@ class Quant:
     name: str
     ftype: str  # llama.cpp's LLAMA_FTYPE_*
     bits: float  # average bits per weight, for size estimates (q4_k_m: 668 MB for the 1.10B bench LLM)
-    repacked: float  # share of the file's bytes in CPU_REPACKED types, for a model whose GGUF is not at hand
+    repacked: float = 0.0  # share of the file's bytes in CPU_REPACKED types, for a model whose GGUF is not at hand
     # parity thresholds against transformers' fp32 logits (see docs/export.md)
     max_rel_err: float | None = None
     min_top1: float = 1.0
