@@ -138,3 +138,32 @@ def test_a_new_rate_plans_m_again_and_a_rate_no_m_meets_is_refused(default_bundl
         assert all(i["predicted"]["m"] == 64 for i in h.infos if i["m"] == 64), h.infos
     finally:
         h.close()
+
+
+def test_a_start_up_rate_no_m_meets_is_one_error_and_frees_the_node(default_bundle, monkeypatch):
+    import os
+    import random
+
+    import rclpy
+
+    from mqt_edge.errors import MQTEdgeError
+    from mqt_edge.pipeline import Pipeline
+    from mqt_edge.ros2.node import MqtEdgeNode, NodeOptions
+
+    closed = []
+    real_close = Pipeline.close
+    monkeypatch.setattr(Pipeline, "close", lambda self: closed.append(self) or real_close(self))
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=random.Random(os.getpid()).randint(100, 200))
+    try:
+        with pytest.raises(MQTEdgeError, match="lower rate"):
+            MqtEdgeNode(NodeOptions(bundle=str(default_bundle), image_topics=("a", "b"), threads=1, rate=1e6,
+                                    query=Q), context=context)
+        assert len(closed) == 1  # the model it loaded is freed
+        probe = rclpy.create_node("probe", context=context)
+        try:
+            assert "mqt_edge" not in probe.get_node_names()  # and it left the graph
+        finally:
+            probe.destroy_node()
+    finally:
+        rclpy.try_shutdown(context=context)

@@ -22,12 +22,13 @@ rclpy is imported when the node starts, never at import time of mqt_edge.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import threading
 import time
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Iterator
 
 from ..bundle import DEFAULT_BUNDLE
 from ..errors import InputError, MQTEdgeError, require
@@ -107,12 +108,8 @@ class MqtEdgeNode:
         self.node.create_subscription(String, "query", self._on_query, 10)
         self.pipe = Pipeline.load(o.bundle, profile=o.profile or None, vision_backend=o.vision_backend,
                                   n_gpu_layers=o.n_gpu_layers, threads=o.threads or None)
-        try:
+        with _undone_on_error(self.pipe, self.node):  # a rate no m meets: one line, nothing left behind
             self.plan = self._plan_streams(o)
-        except BaseException:
-            self.pipe.close()
-            self.node.destroy_node()
-            raise
         planned = self.plan["m"] if self.plan else None
         self.streams = {t: Stream(t, self.pipe, lambda: self.options, self._publish, self.refusals, self.log,
                                   planned).start()
@@ -232,6 +229,17 @@ class MqtEdgeNode:
         else:
             self.log.warning(f"an answer was still running after {CLOSE_WAIT_S} s; leaving it to the process exit")
         self.node.destroy_node()
+
+
+@contextlib.contextmanager
+def _undone_on_error(pipe: Any, node: Any) -> Iterator[None]:
+    """Free the model and leave the ROS graph when start-up fails after the model loaded."""
+    try:
+        yield
+    except BaseException:
+        pipe.close()
+        node.destroy_node()
+        raise
 
 
 def _subscribe(node: Any, msg_type: Any, topic: str, callback: Any, qos: Any) -> None:
