@@ -532,16 +532,17 @@ class StreamPlan:
 
 def stream_cycle_ms(profile: Profile, f: ModelFacts, m: int, streams: int, answer_tokens: int,
                     o: Options | None = None) -> float:
-    """Milliseconds to answer every stream once at m: vision and MQT per frame, one after another;
-    the frames' prefills in one batch; then the answers' tokens after the first, one llama_decode
-    per step carrying one token of each stream. Nothing overlaps: on a CPU vision and the LLM's
-    steps take turns for the cores (cores.py), and vision goes first, so the LLM's work waits while
-    the frames encode and the scheduler then prefills the waiting frames together."""
+    """Milliseconds to answer every stream once at m: each frame's vision, MQT and prefill, one frame
+    after another; then the answers' tokens after the first, one llama_decode per step carrying one
+    token of each stream. Nothing overlaps: on a CPU vision and the LLM's steps take turns for the
+    cores (cores.py), and after an image vision waits for that request's prefill before the next
+    image, so each frame prefills on its own, not in one batch with the others (measured on the
+    bench preset: 2 prefill steps per answer, and a model that batched the frames' prefills
+    over-predicted the rate by 10 to 21%)."""
     o = o or Options()
     t = terms(profile, f, m, o)
-    prefill = terms(profile, f, m, o, streams * _n_prefill(m, o))["prefill"]
     step_ms = t["decode"] * streams / batch_speedup(profile, streams)
-    return streams * (t["vision"] + t["mqt"]) + prefill + max(answer_tokens - 1, 0) * step_ms
+    return streams * (t["vision"] + t["mqt"] + t["prefill"]) + max(answer_tokens - 1, 0) * step_ms
 
 
 def plan_streams(profile: Profile, facts: ModelFacts, streams: int, rate_hz: float | None = None,
