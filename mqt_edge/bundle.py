@@ -44,7 +44,7 @@ ARTIFACT_NAMES = re.compile(r"^(vision(-ort|-int8)?\.onnx|mqt\.onnx)(\.data)?$|^
 
 # -- the manifest's schema: (type, required) per key; a table so a new key is one row ----------------
 # Types: "int" (not bool), "num" (finite int or float), "str", "bool", "int_list" (ints >= 0, any
-# length), "shapes" (name -> a shape: ints >= 0 and axis names), "dict" / "list" (free-form records
+# length), "counts" (name -> an int >= 0), "shapes" (name -> a shape: ints >= 0 and axis names), "dict" / "list" (free-form records
 # the runtime only displays), a nested table, or [table] (a list of such records). Unknown keys and
 # wrong types are refused.
 def _ints(n: int) -> tuple[str, int]:
@@ -78,7 +78,7 @@ MANIFEST_SCHEMA: dict = {
                | {"prefix_tokens": ("int", False)}, True),
     "special_tokens": ({"bos": ("int", True), "eos": ("int_list", True)}, False),
     "llm": (_INTS("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab", "context_length",
-                  "params", "bytes") | {"quant": ("str", True), "tensor_bytes": ("dict", False)}, True),
+                  "params", "bytes") | {"quant": ("str", True), "tensor_bytes": ("counts", False)}, True),
     "vision": (_INTS("flops", "params", "patches", "feature_dim") | {k: ("int", False) for k in ("layers_run", "image_size")}
                | {"int8": ("dict", False)}, True),
     "mqt": (_INTS("flops_per_image", "flops_per_token") | {k: ("int", False) for k in (
@@ -106,6 +106,7 @@ _KINDS: dict[str, Callable[[object], bool]] = {
     "dict": lambda v: isinstance(v, dict), "list": lambda v: isinstance(v, list),
     "sha256": lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None,
     "int_list": lambda v: isinstance(v, list) and all(_is_count(x) for x in v),
+    "counts": lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_count(n) for k, n in v.items()),
     # One axis of a shape: a fixed size, or the name of a dynamic axis ("batch", "m").
     "shape": lambda v: isinstance(v, list) and all(_is_count(x) or (isinstance(x, str) and x) for x in v),
 }
@@ -152,6 +153,7 @@ def schema_errors(data: object, schema: dict = MANIFEST_SCHEMA, where: str = "")
 _KIND_NAMES = {"int": "an integer >= 0", "num": "a finite number", "str": "a string", "bool": "true/false",
                "dict": "an object", "list": "a list", "sha256": "64 hex digits", "ints": "a list of integers",
                "nums": "a list of numbers", "int_list": "a list of integers >= 0",
+               "counts": "an object of integers >= 0",
                "shape": "a shape (a list of sizes >= 0 and axis names)"}
 
 

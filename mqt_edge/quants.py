@@ -16,7 +16,8 @@ MIN_DECIDED = 0.5  # share of positions an unquantised file's top-1 check must r
 # ggml types llama.cpp's CPU backend repacks into an anonymous copy for multi-row products on x86 with
 # AVX2 (ggml/src/ggml-cpu/repack.cpp, ggml_repack_get_optimal_repack_type, in the llama.cpp that
 # llama-cpp-python 0.3.36 vendors). Other types (q6_K, q5_K, q8_0, f16) are used from the mmapped file.
-# ARM CPUs with i8mm or dotprod repack q5_K, q6_K and q8_0 too; not modelled.
+# ARM CPUs with i8mm or dotprod repack q5_K, q6_K and q8_0 too: there the planner counts every weight
+# twice (profiles/planner.py, _repacked_bytes).
 CPU_REPACKED = frozenset({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"})
 
 

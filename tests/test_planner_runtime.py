@@ -90,3 +90,15 @@ def test_on_a_cpu_only_the_repacked_types_count_twice(monkeypatch):
     assert parts(q8)["llm_weights"] == round(q8.llm_bytes / mb, 1)
     monkeypatch.setenv("MQT_EDGE_EXTRA_BUFFERS", "off")  # no repack: the file's pages alone
     assert parts(q8)["llm_file_pages"] == 0 and parts(q8)["llm_weights"] == round(q8.llm_bytes / mb, 1)
+
+
+def test_a_long_known_question_counts_in_the_context_check():
+    """The context must hold the prompt, m, the question's own ids and the answer."""
+    from mqt_edge.profiles.planner import plan
+
+    cpu = load_profile("cpu")
+    room = FACTS.context_length - FACTS.prompt_tokens - 128  # what m and the question may take
+    fits = lambda q: {c.m for c in plan(cpu, FACTS, 1e9, 1e9, 128, Options(question_tokens=q)).candidates  # noqa: E731
+                      if c.fits}
+    assert 256 in fits(16)
+    assert 256 not in fits(room - 255) and 144 in fits(room - 255)  # 256 + the question overflows by one

@@ -166,7 +166,7 @@ def _roofline_ms(flops: float, nbytes: float, tflops: float, gbs: float, eff_c: 
 
 
 def _n_ctx(f: ModelFacts, m: int, o: Options) -> int:
-    return f.prompt_tokens + m + QUESTION_TOKENS + o.max_new_tokens
+    return f.prompt_tokens + m + o.question_tokens + o.max_new_tokens
 
 
 def _n_prefill(m: int, o: Options) -> int:
