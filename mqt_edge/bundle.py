@@ -44,9 +44,9 @@ ARTIFACT_NAMES = re.compile(r"^(vision(-ort|-int8)?\.onnx|mqt\.onnx)(\.data)?$|^
 
 # -- the manifest's schema: (type, required) per key; a table so a new key is one row ----------------
 # Types: "int" (not bool), "num" (finite int or float), "str", "bool", "int_list" (ints >= 0, any
-# length), "counts" (name -> an int >= 0), "shapes" (name -> a shape: ints >= 0 and axis names), "dict" / "list" (free-form records
-# the runtime only displays), a nested table, or [table] (a list of such records). Unknown keys and
-# wrong types are refused.
+# length), "counts" (name -> an int >= 0), "shapes" (name -> a shape: ints >= 0 and axis names),
+# "dict" / "list" (free-form records the runtime only displays), a nested table, or [table] (a list
+# of such records). Unknown keys and wrong types are refused.
 def _ints(n: int) -> tuple[str, int]:
     return ("ints", n)
 
