@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -77,16 +77,14 @@ class _Policy:
         check_sampling(max_new_tokens, 0.0, 1.0)
         if m is not None and profile is None and self.profile is None and self._device_profile is None:
             return TokenChoice(self.check_tokens(m))
-        import dataclasses
-
         from .profiles.planner import PlanError, plan
 
         prof, name = self._profile(profile)
         if m is not None:
             return TokenChoice(self.check_tokens(m), name)
         facts, options = self._run_facts()
-        options = dataclasses.replace(options, parallel=self.parallel,  # the context is sized for `parallel`
-                                      **self._question_tokens(question))
+        options = replace(options, parallel=self.parallel,  # the context is sized for `parallel`
+                          **self._question_tokens(question))
         result = plan(prof, facts, ttft_ms, memory_mb, max_new_tokens, options)
         if result.chosen_m is None:
             tip = result.suggestions[0]
@@ -117,12 +115,10 @@ class _Policy:
         planner's `plan_streams` on this device (`profile` overrides the pipeline's; `question` as in
         `choose_tokens`). One m for all streams; `predicted` holds the plan's per-stream rate, cycle and
         memory."""
-        import dataclasses
-
         from .profiles.planner import PlanError, plan_streams
 
         (prof, name), (facts, options) = self._profile(profile), self._run_facts()
-        options = dataclasses.replace(options, **self._question_tokens(question))
+        options = replace(options, **self._question_tokens(question))
         result = plan_streams(prof, facts, streams, rate_hz, None, answer_tokens, options)
         if result.chosen_m is None:
             raise PlanError(f"{result.reason} on {name}",

@@ -59,10 +59,10 @@ class Quant:
 QUANTS: dict[str, Quant] = {
     q.name: q
     for q in (
-        Quant("f32", "LLAMA_FTYPE_ALL_F32", 32.0, 0.0, max_rel_err=2e-3, min_top1=1.0),
-        Quant("f16", "LLAMA_FTYPE_MOSTLY_F16", 16.0, 0.0, max_rel_err=1e-2, min_top1=0.95),
-        Quant("q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0", 8.5, 0.0, min_top1=0.9, max_kl=0.01),
-        Quant("q5_k_m", "LLAMA_FTYPE_MOSTLY_Q5_K_M", 5.7, 0.0, min_top1=0.8, max_kl=0.05),
+        Quant("f32", "LLAMA_FTYPE_ALL_F32", 32.0, max_rel_err=2e-3, min_top1=1.0),
+        Quant("f16", "LLAMA_FTYPE_MOSTLY_F16", 16.0, max_rel_err=1e-2, min_top1=0.95),
+        Quant("q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0", 8.5, min_top1=0.9, max_kl=0.01),
+        Quant("q5_k_m", "LLAMA_FTYPE_MOSTLY_Q5_K_M", 5.7, min_top1=0.8, max_kl=0.05),
         # repacked: q4_K's share of q4_k_m's bytes was 0.771 on the bench LLM and 0.774 on the 7B
         Quant("q4_k_m", "LLAMA_FTYPE_MOSTLY_Q4_K_M", 4.85, 0.77, min_top1=0.7, max_kl=0.1),
         # q4_0 (output.weight stays q6_K, as llama-quantize leaves it): on x86 CPUs llama.cpp repacks

@@ -92,7 +92,7 @@ class Watch:
         questions = _questions(question, sources)
         check_sampling(max_new_tokens, temperature, top_p, seed)
         gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        self.m, predicted = _choose(pipe, m, rate, profile, max_new_tokens, len(sources), _longest(pipe, questions))
+        self.m, predicted = _choose(pipe, m, rate, profile, max_new_tokens, len(sources), questions)
         self.plan: dict | None = None if predicted is None else {"m": self.m} | predicted
         if refine is not None and pipe.check_tokens(refine) <= self.m:
             raise InputError(f"refine={refine} is not above m = {self.m}", "refine to a larger m, or pass None")
@@ -233,12 +233,13 @@ def _longest(pipe: Pipeline, questions: dict) -> str | None:
 
 
 def _choose(pipe: Pipeline, m: int | None, rate: float | None, profile: str | None, max_new_tokens: int,
-            streams: int, question: str | None = None) -> tuple[int, dict | None]:
+            streams: int, questions: dict) -> tuple[int, dict | None]:
     """m and the planner's prediction (None when m is given); a planned m is logged here, once."""
     if rate is not None and m is not None:
         raise InputError(f"both m={m} and rate={rate}", "give m, or a rate for the planner to choose m by")
     if isinstance(rate, bool):
         raise InputError(f"rate {rate!r}", "give the answers per second each stream needs, a number above 0")
+    question = None if m is not None else _longest(pipe, questions)  # tokenised only when planning
     if rate is None:
         m, predicted = choose_tokens(pipe, m, profile, max_new_tokens, question)
         what = "one request"

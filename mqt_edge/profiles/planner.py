@@ -242,10 +242,10 @@ def memory_breakdown(profile: Profile, f: ModelFacts, m: int, o: Options) -> dic
     # Discrete GPU: the budget is VRAM; CPU-side parts (vision on CPU, CPU layers) live in host RAM.
     on_budget = 1.0 if (profile.memory.unified or not gpu) else gpu_frac
     vision_counted = not (gpu and not profile.memory.unified and o.vision_on_cpu)
+    paged = _file_pages_kept(profile)  # on a CPU with repack: the whole file's pages, and the repacked copy
     parts = {
-        # on a CPU with repack: the file's pages (all of it) and the repacked copy of some types
-        "llm_weights": (_repacked_bytes(f) if _file_pages_kept(profile) else f.llm_bytes) * on_budget,
-        "llm_file_pages": f.llm_bytes if _file_pages_kept(profile) else 0,
+        "llm_weights": (_repacked_bytes(f) if paged else f.llm_bytes) * on_budget,
+        "llm_file_pages": f.llm_bytes if paged else 0,
         "kv_cache": _context_bytes(f, o) * on_budget,
         "compute_buffers": 4 * 512 * (f.vocab + 8 * f.hidden),  # llama.cpp: logits + activations of a ubatch
         "vision_weights": (_vision_bytes(profile, f, o) + f.mqt_bytes) * vision_counted,  # MQT graph: fp32
